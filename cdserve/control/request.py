@@ -1,0 +1,175 @@
+"""The control request (DESIGN.md), the server's control defaults and limits, and their resolution.
+
+A client sends a partial `ControlRequest`; `resolve_control` fills omitted fields from the
+server's `ControlConfig` and checks every value against the scorer's heads and the limits,
+raising `InvalidRequestError` that names the parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cdserve.errors import InvalidRequestError
+
+Mode = Literal["none", "token", "block", "best_of_n"]
+Selection = Literal["argmax", "sample"]
+
+# Which explicitly given fields make sense in which mode (weights always do: they define the
+# combined value reported with every output).
+_FIELDS_BY_MODE: dict[str, set[str]] = {
+    "none": {"weights"},
+    "token": {"weights", "strength", "top_k"},
+    "block": {"weights", "strength", "block_size", "num_candidates", "selection"},
+    "best_of_n": {"weights", "strength", "num_candidates", "selection"},
+}
+
+
+class ControlRequest(BaseModel):
+    """Per-request steering, sent as `extra_body={"control": {...}}`. Omitted fields take the
+    server's defaults (see `GET /v1/scorers`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode | None = Field(None, description="none: plain decoding; token: reweight each next-token "
+                              "distribution; block: keep the best of num_candidates blocks of "
+                              "block_size tokens; best_of_n: keep the best of num_candidates whole answers.")
+    weights: dict[str, float] | None = Field(None, description="Weight per scorer head; heads left out weigh 0.")
+    strength: float | None = Field(None, description="token: logits + strength * sum_h w_h Q_h. "
+                                   "block/best_of_n with selection=sample: softmax(strength * value).")
+    top_k: int | None = Field(None, description="token mode: steer among the base model's top_k tokens "
+                              "(0: the whole vocabulary).")
+    block_size: int | None = Field(None, description="block mode: tokens per block (M).")
+    num_candidates: int | None = Field(None, description="block/best_of_n: candidates per selection (K or N).")
+    selection: Selection | None = Field(None, description="block/best_of_n: argmax, or sample by "
+                                        "softmax(strength * value).")
+
+
+class ControlConfig(BaseModel):
+    """Server-side control defaults and limits. Validated at start-up against the scorer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Mode = Field("none", description="Default mode when a request sends no control.")
+    weights: dict[str, float] = Field(default_factory=dict,
+                                      description="Default head weights (empty: 1.0 on the first head).")
+    strength: float = Field(2.0, ge=0, description="Default strength.")
+    top_k: int = Field(20, ge=0, description="Default top_k for token mode.")
+    block_size: int = Field(8, ge=1, description="Default block size M.")
+    num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
+    selection: Selection = "argmax"
+    max_strength: float = Field(100.0, gt=0, description="Largest strength a request may ask for.")
+    max_abs_weight: float = Field(100.0, gt=0, description="Largest |weight| a request may ask for.")
+    max_top_k: int = Field(1000, ge=1, description="Largest top_k (0, the whole vocabulary, is always allowed).")
+    max_block_size: int = Field(64, ge=1, description="Largest block_size.")
+    max_num_candidates: int = Field(16, ge=1, description="Largest num_candidates.")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "ControlConfig":
+        for name, limit in (("strength", "max_strength"), ("top_k", "max_top_k"),
+                            ("block_size", "max_block_size"), ("num_candidates", "max_num_candidates")):
+            if getattr(self, name) > getattr(self, limit):
+                raise ValueError(f"control default {name}={getattr(self, name)} exceeds "
+                                 f"{limit}={getattr(self, limit)}: raise the limit or lower the default")
+        return self
+
+    def default_weights(self, heads: list[str]) -> dict[str, float]:
+        return dict(self.weights) if self.weights else {heads[0]: 1.0}
+
+    def check_heads(self, heads: list[str]) -> None:
+        """Start-up check: default weights must name the scorer's heads."""
+        unknown = sorted(set(self.weights) - set(heads))
+        if unknown:
+            raise ValueError(f"control default weights name unknown heads {unknown}; "
+                             f"the scorer has {heads}")
+
+
+@dataclass(frozen=True)
+class ResolvedControl:
+    """A fully specified, validated control setting. `weights` follows the scorer's head order."""
+
+    mode: str
+    weights: tuple[float, ...]
+    strength: float
+    top_k: int
+    block_size: int
+    num_candidates: int
+    selection: str
+
+    @property
+    def candidates(self) -> int:
+        """Sequences decoded per choice: K for block/best_of_n, 1 otherwise."""
+        return self.num_candidates if self.mode in ("block", "best_of_n") else 1
+
+    def extra_args(self) -> dict[str, Any]:
+        """A plain dict (for vLLM's SamplingParams.extra_args)."""
+        return {"mode": self.mode, "weights": list(self.weights), "strength": self.strength,
+                "top_k": self.top_k}
+
+
+def parse_control(raw: Any) -> ControlRequest:
+    """Parse a raw `control` object, mapping pydantic errors to InvalidRequestError."""
+    if raw is None:
+        return ControlRequest()
+    if isinstance(raw, ControlRequest):
+        return raw
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("control", f"must be an object, got {type(raw).__name__}")
+    try:
+        return ControlRequest.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise InvalidRequestError(f"control.{loc}" if loc else "control", err["msg"]) from None
+
+
+def _finite(param: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise InvalidRequestError(param, f"must be a finite number, got {value}")
+    return float(value)
+
+
+def _within(param: str, value: float, lo: float, hi: float, hint: str = "") -> None:
+    if not lo <= value <= hi:
+        raise InvalidRequestError(param, f"must be between {lo} and {hi}, got {value}{hint}")
+
+
+def resolve_control(raw: Any, config: ControlConfig, heads: list[str]) -> ResolvedControl:
+    """Validate a client's control object against the scorer's heads and the server's limits."""
+    req = parse_control(raw)
+    given = req.model_fields_set - {"mode"}
+    mode = req.mode or config.mode
+    allowed = _FIELDS_BY_MODE[mode]
+    for name in sorted(given):
+        if getattr(req, name) is not None and name not in allowed:
+            raise InvalidRequestError(f"control.{name}", f"does not apply to mode '{mode}' "
+                                      f"(fields for this mode: {sorted(allowed)})")
+
+    weights = req.weights if req.weights is not None else config.default_weights(heads)
+    for name, w in weights.items():
+        param = f"control.weights.{name}"
+        if name not in heads:
+            raise InvalidRequestError(param, f"unknown head '{name}'; this scorer has heads {heads}")
+        _within(param, _finite(param, w), -config.max_abs_weight, config.max_abs_weight)
+
+    strength = _finite("control.strength", req.strength if req.strength is not None else config.strength)
+    _within("control.strength", strength, 0.0, config.max_strength)
+    selection = req.selection or config.selection
+    if req.strength is not None and mode in ("block", "best_of_n") and selection != "sample":
+        raise InvalidRequestError("control.strength", "only applies to block/best_of_n with "
+                                  "selection='sample' (argmax ignores it)")
+
+    top_k = req.top_k if req.top_k is not None else config.top_k
+    if top_k != 0:
+        _within("control.top_k", top_k, 1, config.max_top_k, " (0 means the whole vocabulary)")
+    block_size = req.block_size if req.block_size is not None else config.block_size
+    _within("control.block_size", block_size, 1, config.max_block_size)
+    num_candidates = req.num_candidates if req.num_candidates is not None else config.num_candidates
+    _within("control.num_candidates", num_candidates, 1, config.max_num_candidates)
+
+    return ResolvedControl(mode=mode, weights=tuple(float(weights.get(h, 0.0)) for h in heads),
+                           strength=strength, top_k=int(top_k), block_size=int(block_size),
+                           num_candidates=int(num_candidates), selection=selection)
