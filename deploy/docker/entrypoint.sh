@@ -9,6 +9,8 @@
 #   CDSERVE_MODEL_REVISION / CDSERVE_SCORER_REVISION   a branch, tag or commit (default main)
 #   HF_TOKEN                     for gated or private repos
 #
+# `cdserve-entrypoint fetch-only` fetches and exits (a Kubernetes Job filling a volume).
+#
 # Without these the server takes CDSERVE_MODEL / CDSERVE_SCORER as they are: 'smollm2' and
 # 'default' (embedded), or folders on a mounted volume. The server never downloads anything.
 set -euo pipefail
@@ -39,6 +41,9 @@ if [[ -n "${CDSERVE_SCORER_ID:-}" ]]; then
   CDSERVE_SCORER="${CDSERVE_SCORER_DIR:-/scorers/${CDSERVE_SCORER_ID##*/}}"
   fetch "${CDSERVE_SCORER_ID}" "${CDSERVE_SCORER_REVISION:-main}" "${CDSERVE_SCORER}"
   export CDSERVE_SCORER
+fi
+if [[ "${1:-}" == "fetch-only" ]]; then
+  exit 0
 fi
 # The entrypoint's own variables are not server settings: keep them out of its environment.
 unset CDSERVE_MODEL_ID CDSERVE_MODEL_DIR CDSERVE_MODEL_REVISION \
