@@ -1,0 +1,5 @@
+import sys
+
+from cdserve.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""`cdserve serve`: flags generated from ServerSettings (so flags, env vars and docs never drift),
+uvicorn, and a SIGTERM drain that exits 0."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from cdserve.control.request import ControlConfig
+from cdserve.server.settings import ENV_PREFIX, ServerSettings, describe_error
+
+log = logging.getLogger("cdserve.server")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _json_or_str(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve", help="Serve the OpenAI-compatible HTTP API.",
+        description="Serve the OpenAI-compatible HTTP API. Every flag also reads an environment "
+        f"variable ({ENV_PREFIX}<NAME>, e.g. {ENV_PREFIX}PORT; control fields as "
+        f"{ENV_PREFIX}CONTROL__STRENGTH or a JSON {ENV_PREFIX}CONTROL); flags win.")
+    for name, info in ServerSettings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        if name == "control":
+            parser.add_argument("--control", metavar="JSON", type=_json_or_str, default=argparse.SUPPRESS,
+                                help=f"Default control and limits as JSON [env {env}].")
+            for cname, cinfo in ControlConfig.model_fields.items():
+                parser.add_argument(_flag(f"control_{cname}"), dest=f"control__{cname}", type=_json_or_str,
+                                    default=argparse.SUPPRESS, metavar=cname.upper(),
+                                    help=f"{cinfo.description or ''} [env {env}__{cname.upper()}]")
+            continue
+        if info.annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=f"{info.description} [env {env}]")
+            continue
+        default = "computed" if info.default_factory else info.default
+        if name == "api_key":
+            default = "none"
+        parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
+                            help=f"{info.description} [env {env}; default {default}]")
+    parser.set_defaults(func=run_serve)
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> ServerSettings:
+    """Flags over environment over defaults. Raises ValidationError naming the bad setting."""
+    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
+    control = dict(given.pop("control", None) or {})
+    if not isinstance(control, dict):
+        raise ValueError(f"--control must be a JSON object, got {control!r}")
+    control.update({k.split("__", 1)[1]: v for k, v in vars(args).items() if k.startswith("control__")})
+    if control:
+        given["control"] = control
+    return ServerSettings(**given)
+
+
+def _unknown_env() -> list[str]:
+    known = {ENV_PREFIX + name.upper() for name in ServerSettings.model_fields}
+    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known
+                  and not k.startswith(ENV_PREFIX + "CONTROL__"))
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from cdserve.server.app import build_app
+
+    try:
+        settings = load_settings(args)
+    except ValidationError as e:
+        print(describe_error(e), file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in _unknown_env():
+        log.warning("ignoring unknown environment variable %s", name)
+    try:
+        app = build_app(settings)
+    except Exception as e:  # the engine refused its configuration
+        print(f"invalid configuration: {e}", file=sys.stderr)
+        return 2
+    state = app.state.cdserve
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: /ready turns 503 while we drain
+            if state.status == "ready":
+                state.status = "draining"
+                log.info("draining: up to %.0fs for in-flight requests", settings.shutdown_grace_seconds)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_seconds + 1.0,
+                            lifespan="on", access_log=settings.log_level == "debug")
+    server = Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; these handlers make that a
+    # no-op, so a drained server exits 0 rather than dying of its own SIGTERM.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if not server.started:
+        print("cdserve: start-up failed (see the log above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cdserve.server [flags]`: the serve command on its own."""
+    parser = argparse.ArgumentParser(prog="cdserve")
+    add_serve_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -1,0 +1,66 @@
+"""Prometheus metrics. Request metrics are recorded by the serving layer; engine metrics come from
+the engine's StepStats (a stats listener) and its load, read at scrape time.
+
+The metric names are a contract with the dashboards in deploy/: do not rename them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the route)
+
+from cdserve.engine_protocol import Engine
+from cdserve.outputs import StepStats
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class ServerMetrics:
+    """All of cdserve's metrics, in their own registry (no module-global state)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("cdserve_requests_total", "Generation requests by endpoint, control "
+                                "mode and HTTP status (499: the client went away).",
+                                ["endpoint", "mode", "status"], registry=r)
+        self.queue_depth = Gauge("cdserve_queue_depth", "Requests waiting for a batch slot.", registry=r)
+        self.in_flight = Gauge("cdserve_requests_in_flight", "Generation requests being served "
+                               "(queued or running).", registry=r)
+        self.running = Gauge("cdserve_requests_running", "Requests in the engine's batch.", registry=r)
+        self.ttft = Histogram("cdserve_time_to_first_token_seconds", "Request arrival to first "
+                              "output token.", ["mode"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("cdserve_time_per_output_token_seconds", "Mean time between output "
+                              "tokens after the first, per request.", ["mode"],
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("cdserve_e2e_request_latency_seconds", "Request arrival to last token.",
+                             ["mode"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("cdserve_prompt_tokens_total", "Prompt tokens of served "
+                                     "requests.", ["mode"], registry=r)
+        self.generation_tokens = Counter("cdserve_generation_tokens_total", "Output tokens sent to "
+                                         "clients.", ["mode"], registry=r)
+        self.scorer_step = Histogram("cdserve_scorer_step_seconds", "Scorer time per engine step.",
+                                     buckets=_STEP_BUCKETS, registry=r)
+        self.engine_step = Histogram("cdserve_engine_step_seconds", "Engine step time (base model, "
+                                     "scorer and sampling).", buckets=_STEP_BUCKETS, registry=r)
+        self.candidates = Counter("cdserve_candidates_generated_total", "Tokens sampled as "
+                                  "block / best_of_n candidates.", registry=r)
+        self.batch_rows = Gauge("cdserve_batch_rows", "Rows in the last engine step's batch.", registry=r)
+
+    def bind(self, engine: Engine) -> None:
+        """Read the engine's load at scrape time and listen to its steps."""
+        self.queue_depth.set_function(lambda: engine.load().waiting)
+        self.running.set_function(lambda: engine.load().running)
+        engine.add_stats_listener(self.on_step)
+
+    def on_step(self, stats: StepStats) -> None:
+        self.engine_step.observe(stats.step_seconds)
+        if stats.scorer_seconds > 0:
+            self.scorer_step.observe(stats.scorer_seconds)
+        if stats.candidates_generated:
+            self.candidates.inc(stats.candidates_generated)
+        self.batch_rows.set(stats.batch_rows)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,97 @@
+"""HTTP routes. Each one is a line or two: the serving layer does the work, errors.py answers
+failures. /v1/* needs the API key when one is configured; /health, /ready and /metrics stay open
+(probes and scrapers), as in vLLM."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from cdserve.server import protocol as p
+from cdserve.server.errors import AuthenticationError
+from cdserve.server.metrics import CONTENT_TYPE_LATEST
+from cdserve.server.state import ServerState
+
+_ERRORS = {status: {"model": p.ErrorResponse, "description": what} for status, what in (
+    (400, "Invalid parameter (`error.param` names it), prompt too long, unsupported parameter."),
+    (401, "Missing or wrong API key."),
+    (404, "Unknown model."),
+    (413, "Request body too large."),
+    (503, "Queue full (see Retry-After) or server not ready."))}
+_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "With stream=true: "
+        "`data: <chunk JSON>` events (the *StreamResponse schemas), then `data: [DONE]`. A failure "
+        "after the stream started is one `data: {\"error\": {...}}` event, then `data: [DONE]`."}}}
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.cdserve
+
+
+_bearer = HTTPBearer(auto_error=False, description="The server's API key, if it has one.")
+
+
+def require_api_key(state: ServerState = Depends(get_state),
+                    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    key = state.settings.api_key
+    if key is None:
+        return
+    if credentials is None:
+        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(credentials.credentials.encode(), key.get_secret_value().encode()):
+        raise AuthenticationError("incorrect API key")
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+probes = APIRouter()
+
+
+@v1.post("/completions", response_model=p.CompletionResponse, tags=["OpenAI"],
+         responses={200: {"content": _SSE}})
+async def create_completion(body: p.CompletionRequest, request: Request,
+                            state: ServerState = Depends(get_state)) -> Response:
+    return await state.serving.complete(body, request, "/v1/completions")
+
+
+@v1.post("/chat/completions", response_model=p.ChatCompletionResponse, tags=["OpenAI"],
+         responses={200: {"content": _SSE}})
+async def create_chat_completion(body: p.ChatCompletionRequest, request: Request,
+                                 state: ServerState = Depends(get_state)) -> Response:
+    return await state.serving.complete(body, request, "/v1/chat/completions")
+
+
+@v1.get("/models", response_model=p.ModelList, tags=["OpenAI"])
+async def list_models(state: ServerState = Depends(get_state)) -> p.ModelList:
+    engine = state.engine
+    return p.ModelList(data=[p.ModelCard(id=engine.model_name, created=state.started_at,
+                                         max_model_len=engine.max_model_len,
+                                         backend=engine.backend_name, scorer=state.scorer_id)])
+
+
+@v1.get("/scorers", response_model=p.ScorerList, tags=["cdserve"])
+async def list_scorers(state: ServerState = Depends(get_state)) -> p.ScorerList:
+    return p.ScorerList(data=[state.scorer_info()])
+
+
+@probes.get("/health", tags=["probes"])
+async def health() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@probes.get("/ready", tags=["probes"], responses={503: {"model": p.ErrorResponse}})
+async def ready(state: ServerState = Depends(get_state)) -> Response:
+    """Readiness: model and scorer loaded, not shutting down."""
+    if state.status != "ready":
+        raise HTTPException(503, f"not ready: {state.status}")
+    return JSONResponse({"status": "ready", "model": state.engine.model_name,
+                         "scorer": state.scorer_id, "backend": state.engine.backend_name})
+
+
+@probes.get("/metrics", tags=["probes"], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(state: ServerState = Depends(get_state)) -> Response:
+    """Prometheus metrics."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

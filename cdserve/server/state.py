@@ -1,0 +1,50 @@
+"""What the routes share: settings, the engine, metrics, the serving layer, and the server's phase."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cdserve.engine_protocol import Engine
+from cdserve.server import protocol as p
+from cdserve.server.metrics import ServerMetrics
+from cdserve.server.serving import OpenAIServing
+from cdserve.server.settings import ServerSettings
+
+Status = Literal["loading", "ready", "draining", "stopped", "failed"]
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    engine: Engine
+    metrics: ServerMetrics
+    serving: OpenAIServing
+    status: Status = "loading"
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def scorer_id(self) -> str:
+        return Path(self.settings.scorer).name
+
+    def scorer_info(self) -> p.ScorerInfo:
+        cfg, control = self.engine.scorer_config, self.engine.config.control
+        heads = self.engine.head_names
+        weights = control.default_weights(heads)
+        return p.ScorerInfo(
+            id=self.scorer_id, trained=cfg.provenance.trained, base_model=cfg.provenance.base_model,
+            heads=[p.HeadInfo(name=h.name, description=h.description, reward=h.reward,
+                              reward_range=h.reward_range, default_weight=weights.get(h.name, 0.0))
+                   for h in cfg.heads],
+            defaults={"mode": control.mode, "weights": weights, "strength": control.strength,
+                      "top_k": control.top_k, "block_size": control.block_size,
+                      "num_candidates": control.num_candidates, "selection": control.selection},
+            ranges={"weights": p.Range(min=-control.max_abs_weight, max=control.max_abs_weight),
+                    "strength": p.Range(min=0, max=control.max_strength),
+                    "top_k": p.Range(min=0, max=control.max_top_k),
+                    "block_size": p.Range(min=1, max=control.max_block_size),
+                    "num_candidates": p.Range(min=1, max=control.max_num_candidates)},
+            modes=["none", "token", "block", "best_of_n"],
+            provenance=cfg.provenance.model_dump())
