@@ -1,0 +1,275 @@
+"""VLLMEngine: the `vllm` backend behind the engine seam, with vLLM's AsyncLLM in-process.
+
+- none / token: one vLLM request per choice, streamed as vLLM produces it. Token mode is steered
+  inside vLLM by `ScorerLogitsProcessor` (per-request settings in `extra_args["cdserve"]`).
+- block / best_of_n: `BlockDecoder` (block.py) asks vLLM for K candidates at a time.
+- Per-choice control values: the scorer's values of the finished output come from one scorer pass
+  in this process; token mode's KL comes from the worker (`cdserve_kl`), which measured it while
+  steering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import torch
+
+from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
+
+from cdserve.backends.scorer_runner import ScorerRunner
+from cdserve.backends.vllm.block import BlockDecoder
+from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_ENV, ScorerLogitsProcessor
+from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
+from cdserve.config import EngineConfig
+from cdserve.engine_protocol import QueueFullError
+from cdserve.errors import InvalidRequestError
+from cdserve.outputs import ChoiceDelta, ControlValues, EngineLoad, GenerationRequest, RequestOutput, StepStats
+from cdserve.scorer_store import resolve_scorer
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "cdserve.backends.vllm.worker_extension:ScorerWorkerExtension"
+
+
+def vllm_environment(config: EngineConfig, scorer_dir: Path, on_cpu: bool) -> None:
+    """Environment the engine's subprocesses inherit; set before AsyncLLM starts them."""
+    if on_cpu:
+        # vLLM-CPU reads whole GiB; the default (most of the RAM) starves neighbours.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(config.kv_cache_space_gib)))
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        raise RuntimeError("VLLM_USE_V2_MODEL_RUNNER is set: Model Runner V2 rejects V1-interface logits "
+                           "processors, which token mode needs; unset it or set it to 0")
+    # vLLM >= 0.32 defaults to Model Runner V2 on GPU; token mode needs the V1 runner.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ[SCORER_ENV] = str(scorer_dir)  # read by validate_params in this process
+
+
+class VLLMEngine:
+    backend_name = "vllm"
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.llm = None
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._tasks: dict[str, set[asyncio.Task]] = {}
+        self._rows = 0  # sequences in flight (n x K per request)
+        self._forget: list[str] = []  # token-mode keys of aborted choices, sent with the next rpc
+
+    # -- loading ----------------------------------------------------------------------------------
+    def load_sync(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self.config
+        started = time.perf_counter()
+        self.model_dir = resolve_model(cfg.model, cfg.cache_dir)
+        self.model_name = cfg.served_model_name or Path(self.model_dir).name
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.scorer_dir = self._scorer_dir()
+        on_cpu = current_platform.is_cpu()
+        # The server-side scorer (final values, block selection) stays on the CPU: it runs a few
+        # passes per finished choice or block, and the accelerator belongs to vLLM.
+        self.device = torch.device("cpu")
+        scorer = load_scorer_for_model(self.scorer_dir, self.model_dir, self.device, tokenizer=self.tokenizer)
+        self.scorer_config = scorer.config
+        self.scorer = ScorerRunner(scorer, self.device)
+        cfg.control.check_heads(self.head_names)
+        vllm_environment(cfg, self.scorer_dir, on_cpu)
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+        args = AsyncEngineArgs(
+            model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
+            dtype=dtype, max_model_len=cfg.max_model_len, enable_prefix_caching=True,
+            enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
+            max_num_seqs=cfg.max_batch_rows, seed=cfg.seed, logits_processors=[ScorerLogitsProcessor],
+            additional_config={CONFIG_KEY: str(self.scorer_dir)}, worker_extension_cls=WORKER_EXTENSION,
+            disable_log_stats=True)
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
+        self.blocks = BlockDecoder(self)
+        log.info("vllm engine: %s (%s, %s) started in %.1f s, scorer %s (%s, heads %s)", self.model_name,
+                 "cpu" if on_cpu else current_platform.device_name, dtype, time.perf_counter() - started,
+                 self.scorer_dir, "trained" if scorer.config.provenance.trained else "UNTRAINED", self.head_names)
+
+    def _scorer_dir(self) -> Path:
+        cfg = self.config
+        try:
+            return resolve_scorer(cfg.scorer, self.model_dir, cfg.cache_dir)
+        except ValueError:  # the untrained stand-in is built from the base model, once
+            model = load_model(self.model_dir)
+            return resolve_scorer(cfg.scorer, self.model_dir, cfg.cache_dir, model, self.tokenizer)
+
+    @property
+    def head_names(self) -> list[str]:
+        return self.scorer_config.head_names
+
+    async def start(self) -> None:
+        if self.llm is None:
+            await asyncio.to_thread(self.load_sync)
+
+    async def shutdown(self, grace_seconds: float = 0.0) -> None:
+        deadline = time.monotonic() + grace_seconds
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._tasks):
+            self.abort(request_id)
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _admit(self, request: GenerationRequest) -> int:
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise InvalidRequestError("prompt", "the prompt is empty")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError("prompt", f"the prompt has {len(prompt)} tokens; this model's context "
+                                      f"is {self.max_model_len}", code="context_length_exceeded")
+        rows = request.sampling.n * request.control.candidates
+        if request.control.candidates > self.config.max_batch_rows:
+            raise InvalidRequestError("control.num_candidates", f"{request.control.candidates} candidates "
+                                      f"exceed the server's max_batch_rows={self.config.max_batch_rows}")
+        waiting = max(0, self._rows - self.config.max_batch_rows)
+        if waiting >= self.config.max_waiting:
+            raise QueueFullError(f"{waiting} sequences are waiting (max_waiting={self.config.max_waiting}); "
+                                 "retry later")
+        return rows
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        rows = self._admit(request)  # raises before any work
+        deltas: asyncio.Queue = asyncio.Queue()
+        mode = request.control.mode
+        run_choice = self.blocks.run_choice if mode in ("block", "best_of_n") else self._stream_choice
+        tasks = {asyncio.create_task(self._guard(run_choice(request, c, deltas.put_nowait), deltas))
+                 for c in range(request.sampling.n)}
+        self._tasks[request.request_id] = tasks
+        self._rows += rows
+        done, finished = 0, False
+        try:
+            while done < request.sampling.n:
+                item = await deltas.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done += item.finish_reason is not None
+                finished = done == request.sampling.n
+                yield RequestOutput(request.request_id, len(request.prompt_token_ids), [item], finished)
+        finally:
+            self._rows -= rows
+            self._tasks.pop(request.request_id, None)
+            if not finished:  # the caller went away (disconnect, cancel) or a choice failed
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                if mode == "token":
+                    self._forget += [self._key(request, c) for c in range(request.sampling.n)]
+
+    @staticmethod
+    async def _guard(coro, deltas: asyncio.Queue) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # hand the error to the request's consumer
+            deltas.put_nowait(_from_vllm_error(e))
+
+    @staticmethod
+    def _key(request: GenerationRequest, choice: int) -> str:
+        return f"{request.request_id}-{choice}"
+
+    def sampling_params(self, request: GenerationRequest, choice: int, **override):
+        """vLLM SamplingParams for one choice (or one block of candidates: override n, max_tokens)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        sp, ctrl = request.sampling, request.control
+        extra = None
+        if ctrl.mode == "token":
+            extra = {"cdserve": {**ctrl.extra_args(), "key": self._key(request, choice)}}
+        seed = None if sp.seed is None else (sp.seed + choice) % 2**63
+        args = dict(n=1, max_tokens=min(sp.max_tokens, self.max_model_len - len(request.prompt_token_ids)),
+                    temperature=sp.temperature, top_p=sp.top_p, seed=seed, stop=list(sp.stop) or None,
+                    output_kind=RequestOutputKind.DELTA, extra_args=extra)
+        args.update(override)
+        return SamplingParams(**args)
+
+    async def _stream_choice(self, request: GenerationRequest, choice: int, emit) -> None:
+        """none / token: stream one vLLM request; at the end, the control values."""
+        params = self.sampling_params(request, choice)
+        prompt = request.prompt_token_ids
+        output: list[int] = []
+        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, self._key(request, choice)):
+            c = out.outputs[0]
+            output += c.token_ids
+            delta = ChoiceDelta(choice, c.text, [t for t in c.token_ids if t not in self.eos_token_ids])
+            if c.finish_reason is not None or out.finished:
+                delta.finish_reason = _finish_reason(c.finish_reason)
+                delta.control = await self._final_values(request, choice, output)
+            if delta.text or delta.token_ids or delta.finish_reason:
+                emit(delta)
+
+    async def _final_values(self, request: GenerationRequest, choice: int, output: list[int]) -> ControlValues:
+        ctrl = request.control
+        kl = 0.0
+        if ctrl.mode == "token":
+            kl = await self._fetch_kl(self._key(request, choice), len(output))
+        if not output:
+            return ControlValues(ctrl.mode, dict.fromkeys(self.head_names, 0.0), 0.0, kl, 0, 0)
+        raw, combined = await asyncio.to_thread(self.final_values, request.prompt_token_ids, output, ctrl.weights)
+        return ControlValues(ctrl.mode, dict(zip(self.head_names, raw)), combined, kl, 0, len(output))
+
+    def final_values(self, prompt: list[int], output: list[int], weights) -> tuple[list[float], float]:
+        """Raw per-head values and the combined value of a finished output (one scorer pass)."""
+        raw = self.scorer.final_values(prompt, output).float()  # (H,)
+        pos = torch.tensor([len(output) - 1])
+        w = torch.tensor([weights], dtype=torch.float32)
+        combined = float(self.scorer.combine(raw[None], pos, w)[0])
+        return raw.tolist(), combined
+
+    async def _fetch_kl(self, key: str, num_tokens: int) -> float:
+        forget, self._forget = self._forget, []
+        results = await self.llm.collective_rpc("cdserve_kl", args=([(key, num_tokens)], forget))
+        for r in results:
+            if r and key in r:
+                return r[key]
+        log.warning("no KL recorded for %s (was it steered?)", key)
+        return 0.0
+
+    async def scorer_state(self) -> dict[str, int]:
+        """The workers' scorer state sizes (for tests and debugging)."""
+        forget, self._forget = self._forget, []
+        results = await self.llm.collective_rpc("cdserve_state", args=(forget,))
+        return next((r for r in results if r), {})
+
+    def abort(self, request_id: str) -> None:
+        for t in self._tasks.get(request_id, ()):
+            t.cancel()  # cancelling vLLM's generate() aborts the request in vLLM
+
+    def load(self) -> EngineLoad:
+        waiting = max(0, self._rows - self.config.max_batch_rows)
+        return EngineLoad(waiting=waiting, running=self._rows - waiting)
+
+    def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._listeners.append(listener)
+
+
+def _finish_reason(reason: str | None) -> str:
+    return reason if reason in ("stop", "length") else "abort" if reason == "abort" else (reason or "stop")
+
+
+def _from_vllm_error(e: BaseException) -> BaseException:
+    """vLLM's request validation errors (validate_params included) become 400s."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # pragma: no cover
+        return e
+    if isinstance(e, VLLMValidationError):
+        return InvalidRequestError(e.parameter or "control", str(e))
+    return e

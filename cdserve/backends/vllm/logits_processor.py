@@ -1,0 +1,143 @@
+"""Token-mode steering inside vLLM: a V1 logits processor running in the worker.
+
+For each request whose `SamplingParams.extra_args["cdserve"]` asks for token mode, at every step
+
+    logits'(z) = logits(z) + strength * sum_h w_h (Q_h(x, y, z) - mean_h[pos]) / std_h[pos]
+
+over the base model's top_k tokens (-inf elsewhere; top_k 0: every token), pos being the index of
+the token being generated. All controlled requests of a step share one scorer call; requests
+without control cost nothing. vLLM applies non-argmax-invariant processors before temperature,
+top-p and seeded sampling, so sampling then draws from p(z) exp(strength * Q(z)) on the top-k.
+
+The per-step KL(steered || base) is kept per choice until the server fetches it through the
+worker extension (`worker_extension.py`).
+
+Registered explicitly (`logits_processors=[ScorerLogitsProcessor]`); the scorer directory comes
+from `additional_config["cdserve_scorer"]` in the worker and from $CDSERVE_VLLM_SCORER where
+vLLM validates requests (the server process).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
+from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
+from cdserve.control.steering import combine_heads, kl_divergence, steer_full, steer_top_k, top_k_candidates
+from prefix_scorers.config import ScorerConfig
+
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+SCORER_ENV = "CDSERVE_VLLM_SCORER"
+CONFIG_KEY = "cdserve_scorer"
+
+
+@functools.lru_cache(maxsize=4)
+def _num_heads(scorer_dir: str) -> int:
+    return len(ScorerConfig.load(scorer_dir).heads)
+
+
+class ScorerLogitsProcessor(LogitsProcessor):
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Runs in the server process when a request is admitted: ValueError -> HTTP 400."""
+        scorer_dir = os.environ.get(SCORER_ENV)
+        spec = (sampling_params.extra_args or {}).get("cdserve")
+        if spec is None:
+            return
+        if not scorer_dir:
+            raise ValueError("cdserve control needs a scorer: set $CDSERVE_VLLM_SCORER")
+        parse_control(sampling_params.extra_args, _num_heads(scorer_dir), sampling_params.temperature)
+
+    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
+        extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
+        scorer_dir = extra.get(CONFIG_KEY) or os.environ.get(SCORER_ENV)
+        if not scorer_dir:
+            raise ValueError(f"ScorerLogitsProcessor needs a scorer: additional_config['{CONFIG_KEY}'] "
+                             f"or ${SCORER_ENV}")
+        model_dir = vllm_config.model_config.model
+        scorer = load_scorer_for_model(scorer_dir, model_dir, device=device)
+        vocab = vllm_config.model_config.get_vocab_size()
+        if scorer.config.architecture.vocab_size != vocab:
+            raise ValueError(f"scorer {scorer_dir} has vocabulary {scorer.config.architecture.vocab_size}, "
+                             f"the model {model_dir} has {vocab}")
+        self.scorer = scorer
+        self.device = device
+        self.rows = ScorerRows(scorer, device)
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # steering changes which token is greedy
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.remove(index)
+        for index, params, prompt, output in batch_update.added:
+            control = parse_control(params.extra_args, self.scorer.num_heads, params.temperature)
+            self.rows.add(index, control, prompt, output)
+        for src, dst, direction in batch_update.moved:
+            self.rows.move(src, dst, swap=direction == MoveDirectionality.SWAP)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not len(self.rows):
+            return logits  # no controlled request in the batch: nothing to do
+        # Output ids are read now, not in update_state: with async scheduling the newest id is a
+        # placeholder until vLLM fills it in right before the logits processors run.
+        self.rows.sync()
+        picked = self.rows.controlled(logits.shape[0])
+        if not picked:
+            return logits
+        index = torch.tensor([i for i, _ in picked], device=logits.device)
+        base = logits.index_select(0, index)  # (N, V)
+        steered = self._steer(base, [r for _, r in picked])
+        temperature = torch.tensor([r.control.temperature for _, r in picked], device=logits.device)
+        kl = kl_divergence(steered, base, temperature)  # (N,)
+        for j, (_, row) in enumerate(picked):
+            # One entry per generated token; a step whose sample vLLM discards (a partial prefill
+            # chunk) is overwritten by the next one.
+            del row.kl[len(row.output):]
+            row.kl.append(kl[j])
+        return logits.index_copy_(0, index, steered)
+
+    @torch.inference_mode()
+    def _steer(self, base: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+        dev = base.device
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        q = self.rows.queries.index_select(0, slots)  # (N, H, d_e)
+        weights = torch.tensor([r.control.weights for r in rows], device=dev, dtype=q.dtype)
+        strength = torch.tensor([r.control.strength for r in rows], device=dev, dtype=base.dtype)
+        top_k = torch.tensor([r.control.top_k for r in rows], device=dev)
+        positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
+        mean, std = self.scorer.norm_stats(positions)  # (N, H)
+        steered = base.clone()
+        full = top_k == 0
+        if bool(full.any()):
+            f = full.nonzero()[:, 0]
+            combined = combined_full(self.scorer, q[f], mean[f], std[f], weights[f])
+            steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
+        if bool((~full).any()):
+            t = (~full).nonzero()[:, 0]
+            cands = top_k_candidates(base[t], top_k[t])  # (n, k)
+            raw = self.scorer.values_at(q[t], cands.clamp(min=0))  # (n, H, k)
+            combined = combine_heads(raw, mean[t], std[t], weights[t])
+            steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
+        return steered
+
+
+def combined_full(scorer, queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Combined normalised value of every next token (N, V). Q is linear in the queries, so the
+    heads are mixed first and the vocabulary is touched once: (N, d_e) x (d_e, V)."""
+    scale = weights / std  # (N, H)
+    q = (queries * scale[..., None]).sum(1)  # (N, d_e)
+    offset = (scale * (scorer.head_bias[None] - mean)).sum(1)  # (N,)
+    return q @ scorer.embedding.T.to(q.dtype) + offset[:, None]

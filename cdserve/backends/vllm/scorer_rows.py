@@ -1,0 +1,221 @@
+"""The scorer's per-request state inside a vLLM worker, keyed by vLLM's persistent-batch index.
+
+vLLM tells logits processors how its batch changed (`BatchUpdate`: removed, added, moved) and
+hands each added request a live reference to its output token list. `ScorerRows` mirrors that
+bookkeeping for the controlled requests only: each has a row in one left-padded scorer KV cache,
+and at every step all rows read their new tokens in one batched scorer call (`sync`), leaving the
+queries that value every possible next token. Pure torch: tested without vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from prefix_scorers.kv_cache import KVCache
+from prefix_scorers.model import PrefixScorer
+
+# Results of rows that left the batch, kept until the server fetches them (bounded: a request
+# the server aborted is never fetched).
+MAX_FINISHED = 1024
+
+
+@dataclass(frozen=True)
+class TokenControl:
+    """Token-mode settings of one request, read from SamplingParams.extra_args["cdserve"]."""
+
+    key: str  # the server's id for this choice (vLLM's request id is not visible here)
+    weights: tuple[float, ...]
+    strength: float
+    top_k: int
+    temperature: float
+
+
+@dataclass
+class Row:
+    control: TokenControl
+    prompt: list[int]
+    output: list[int]  # vLLM's live list: it grows as tokens are sampled
+    slot: int = -1  # row of the scorer cache; -1 until prefilled
+    consumed: int = 0  # tokens of prompt + output the scorer has read
+    kl: list[torch.Tensor] = field(default_factory=list)  # per generated token, 0-dim views
+    forget: bool = False  # the server aborted it: drop its results when it leaves
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[i] if i < n else self.output[i - n]
+
+
+def parse_control(extra_args: dict | None, num_heads: int, temperature: float) -> TokenControl | None:
+    """None unless the request asks for token mode. Raises ValueError naming the bad field
+    (vLLM turns it into a 400 when raised from `validate_params`)."""
+    spec = (extra_args or {}).get("cdserve")
+    if spec is None or spec.get("mode") != "token":
+        return None
+    weights = spec.get("weights")
+    if not isinstance(weights, (list, tuple)) or len(weights) != num_heads:
+        raise ValueError(f"cdserve.weights must list one weight per scorer head ({num_heads}), got {weights!r}")
+    strength, top_k = spec.get("strength"), spec.get("top_k")
+    values = [*weights, strength]
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise ValueError(f"cdserve.weights and cdserve.strength must be finite numbers, got {values!r}")
+    if strength < 0:
+        raise ValueError(f"cdserve.strength must be >= 0, got {strength}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"cdserve.top_k must be an integer >= 0 (0: whole vocabulary), got {top_k!r}")
+    return TokenControl(key=str(spec.get("key", "")), weights=tuple(float(w) for w in weights),
+                        strength=float(strength), top_k=top_k, temperature=float(temperature))
+
+
+class ScorerRows:
+    """Controlled requests of one vLLM persistent batch and their scorer KV cache."""
+
+    def __init__(self, scorer: PrefixScorer, device: torch.device):
+        self.scorer = scorer
+        self.device = device
+        self.num_layers = len(scorer.layers)
+        self.by_index: dict[int, Row] = {}  # vLLM batch index -> row
+        self.slots: list[Row] = []  # cache row order
+        self.cache = KVCache.empty(self.num_layers)
+        self.queries: torch.Tensor | None = None  # (len(slots), H, d_e), at each row's last token
+        self.finished: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self._dropped = False
+
+    def __len__(self) -> int:
+        return len(self.by_index)
+
+    # -- vLLM's batch bookkeeping (order: removed, added, moved) ------------------------------
+    def remove(self, index: int) -> None:
+        row = self.by_index.pop(index, None)
+        if row is None:
+            return
+        if row.slot >= 0:
+            self._dropped = True
+        if not self.by_index:  # idle: free the cache now rather than at the next controlled step
+            self.slots, self.cache, self.queries, self._dropped = [], KVCache.empty(self.num_layers), None, False
+        if not row.forget and row.control.key:
+            # Preemption also removes a request; it may come back and continue its KL sum.
+            self.finished[row.control.key] = row.kl
+            self.finished.move_to_end(row.control.key)
+            while len(self.finished) > MAX_FINISHED:
+                self.finished.popitem(last=False)
+
+    def add(self, index: int, control: TokenControl | None, prompt: Sequence[int] | None,
+            output: list[int]) -> None:
+        self.remove(index)  # an added request may replace the one at its index
+        if control is None:
+            return
+        if prompt is None:
+            raise ValueError("token-mode control needs prompt token ids (prompt embeddings are not supported)")
+        row = Row(control, list(prompt), output)
+        row.kl = self.finished.pop(control.key, [])[: len(output)]
+        self.by_index[index] = row
+
+    def move(self, src: int, dst: int, swap: bool) -> None:
+        a, b = self.by_index.pop(src, None), self.by_index.pop(dst, None)
+        if a is not None:
+            self.by_index[dst] = a
+        if swap and b is not None:
+            self.by_index[src] = b
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """The server aborted these choices: drop their results now or when they leave."""
+        keys = set(keys)
+        for row in self.by_index.values():
+            if row.control.key in keys:
+                row.forget = True
+        for k in keys:
+            self.finished.pop(k, None)
+
+    def kl_of(self, key: str, num_tokens: int) -> float | None:
+        """Sum of KL(steered || base) over a choice's first num_tokens tokens (None if unknown)."""
+        row = next((r for r in self.by_index.values() if r.control.key == key), None)
+        steps = None
+        if row is not None:  # finished but not yet removed from vLLM's batch
+            row.forget = True
+            steps = row.kl
+        if steps is None:
+            steps = self.finished.pop(key, None)
+        if steps is None:
+            return None
+        steps = steps[:num_tokens]
+        return float(torch.stack(steps).double().sum()) if steps else 0.0
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sync(self) -> None:
+        """Read every row's new tokens: one incremental scorer call for the rows already in the
+        cache (one token each), one batched prefill for the new ones."""
+        if self._dropped:
+            self._compact()
+        old = [r for r in self.slots if r.consumed < r.length]
+        if old and any(r.length - r.consumed > 1 or r.consumed > r.length for r in old):
+            # More than one new token (tokens discarded or re-added by vLLM): re-read those rows.
+            for r in self.slots:
+                if r.length - r.consumed > 1 or r.consumed > r.length:
+                    r.slot, r.consumed = -1, 0
+            self._dropped = True
+            self._compact()
+        self._step_cached()
+        fresh = [r for r in self.by_index.values() if r.slot < 0]
+        if fresh:
+            self._prefill(fresh)
+
+    def _compact(self) -> None:
+        live = {id(r) for r in self.by_index.values()}
+        keep = [r for r in self.slots if r.slot >= 0 and id(r) in live]
+        idx = torch.tensor([r.slot for r in keep], dtype=torch.long, device=self.device)
+        if keep:
+            self.cache = self.cache.select(idx)
+            self.queries = self.queries.index_select(0, idx)
+        else:
+            self.cache, self.queries = KVCache.empty(self.num_layers), None
+        for i, r in enumerate(keep):
+            r.slot = i
+        self.slots = keep
+        self._dropped = False
+
+    def _step_cached(self) -> None:
+        if not self.slots or all(r.consumed >= r.length for r in self.slots):
+            return
+        new = [r.consumed < r.length for r in self.slots]
+        tokens = torch.tensor([r.token(r.consumed) if n else 0 for r, n in zip(self.slots, new)],
+                              device=self.device)
+        valid = torch.tensor(new, device=self.device)
+        positions = self.cache.mask.sum(1, keepdim=True)  # (R, 1): next position of each row
+        q = self.scorer(tokens[:, None], positions=positions, valid=valid[:, None],
+                        cache=self.cache).queries[:, -1]  # (R, H, d_e)
+        self.queries = torch.where(valid[:, None, None], q, self.queries)
+        for r, n in zip(self.slots, new):
+            r.consumed += n
+
+    def _prefill(self, rows: list[Row]) -> None:
+        """Left-padded batched prefill of whole sequences (prompt + output so far)."""
+        seqs = [r.prompt + list(r.output) for r in rows]
+        T = max(len(s) for s in seqs)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        valid = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, T - len(s):] = torch.tensor(s)
+            valid[i, T - len(s):] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+        cache = KVCache.empty(self.num_layers)
+        q = self.scorer(ids, positions=positions, valid=valid, cache=cache).queries[:, -1]
+        self.cache = self.cache.extend(cache)
+        self.queries = q if self.queries is None else torch.cat([self.queries, q])
+        for i, (r, s) in enumerate(zip(rows, seqs)):
+            r.slot, r.consumed = len(self.slots) + i, len(s)
+        self.slots = self.slots + rows
+
+    def controlled(self, num_rows: int) -> list[tuple[int, Row]]:
+        """(batch index, row) of the rows to steer this step, in batch order."""
+        return sorted((i, r) for i, r in self.by_index.items() if i < num_rows)

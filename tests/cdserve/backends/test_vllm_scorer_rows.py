@@ -1,0 +1,110 @@
+"""ScorerRows: vLLM's batch bookkeeping mirrored for the scorer, without vLLM (pure torch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")  # the package imports vllm's logits-processor interface
+
+from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer  # noqa: E402
+
+from cdserve.backends.vllm.scorer_rows import MAX_FINISHED, ScorerRows, TokenControl, parse_control  # noqa: E402
+
+V = 64
+
+
+class _Tok:
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(V)}
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return random_scorer(V, _Tok(), DEFAULT_HEADS[:2], hidden_size=32, num_layers=2, seed=0)
+
+
+def ctrl(key: str) -> TokenControl:
+    return TokenControl(key=key, weights=(1.0, 0.0), strength=1.0, top_k=5, temperature=0.0)
+
+
+def reference(scorer, seq: list[int]) -> torch.Tensor:
+    return scorer(torch.tensor([seq])).queries[0, -1]  # (H, d_e): full recompute
+
+
+def check(rows: ScorerRows, scorer, seqs: dict[int, list[int]]) -> None:
+    for index, seq in seqs.items():
+        row = rows.by_index[index]
+        torch.testing.assert_close(rows.queries[row.slot], reference(scorer, seq), atol=1e-4, rtol=1e-4)
+
+
+def test_incremental_queries_match_full_recompute_through_adds_moves_and_removes(scorer):
+    rows = ScorerRows(scorer, torch.device("cpu"))
+    outs = {0: [], 1: [], 2: []}
+    prompts = {0: [1, 2, 3], 1: [4, 5, 6, 7, 8], 2: [9]}
+    for i in range(3):
+        rows.add(i, ctrl(f"k{i}"), prompts[i], outs[i])
+    rows.sync()
+    check(rows, scorer, {i: prompts[i] for i in range(3)})
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        for o in outs.values():
+            o.append(int(torch.randint(V, (1,), generator=g)))
+        if step == 2:  # request 1 leaves; vLLM condenses: the last one moves into its index
+            rows.remove(1)
+            rows.move(2, 1, swap=False)
+            prompts[1], outs[1] = prompts.pop(2), outs.pop(2)
+        if step == 3:  # a newcomer with outputs already (a preempted request coming back)
+            outs[2] = [11, 12]
+            prompts[2] = [13, 14]
+            rows.add(2, ctrl("k9"), prompts[2], outs[2])
+        if step == 4:
+            rows.move(0, 2, swap=True)
+            prompts[0], prompts[2] = prompts[2], prompts[0]
+            outs[0], outs[2] = outs[2], outs[0]
+        rows.sync()
+        check(rows, scorer, {i: prompts[i] + outs[i] for i in outs})
+    assert len(rows.slots) == 3 and rows.cache.batch_size == 3
+
+
+def test_rows_without_token_mode_cost_nothing_and_removal_frees_everything(scorer):
+    rows = ScorerRows(scorer, torch.device("cpu"))
+    rows.add(0, None, [1, 2], [])
+    assert len(rows) == 0
+    rows.add(1, ctrl("a"), [1, 2], [])
+    rows.sync()
+    rows.by_index[1].kl.append(torch.tensor(0.5))
+    rows.remove(1)
+    assert len(rows) == 0 and rows.cache.batch_size == 0 and rows.slots == []
+    assert rows.kl_of("a", 1) == pytest.approx(0.5)  # kept until the server fetched it
+    assert len(rows.finished) == 0
+
+
+def test_forgotten_and_unfetched_results_stay_bounded(scorer):
+    rows = ScorerRows(scorer, torch.device("cpu"))
+    for i in range(MAX_FINISHED + 50):
+        rows.add(0, ctrl(f"k{i}"), [1], [])
+        rows.remove(0)
+    assert len(rows.finished) == MAX_FINISHED
+    rows.add(0, ctrl("gone"), [1], [])
+    rows.forget(["gone"])
+    rows.remove(0)
+    assert "gone" not in rows.finished
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"mode": "token", "weights": [1.0], "strength": 1.0, "top_k": 5}, "one weight per scorer head"),
+    ({"mode": "token", "weights": [1.0, float("nan")], "strength": 1.0, "top_k": 5}, "finite"),
+    ({"mode": "token", "weights": [1.0, 0.0], "strength": -1.0, "top_k": 5}, "strength"),
+    ({"mode": "token", "weights": [1.0, 0.0], "strength": 1.0, "top_k": -2}, "top_k"),
+])
+def test_parse_control_names_the_bad_field(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_control({"cdserve": spec}, num_heads=2, temperature=0.0)
+
+
+def test_parse_control_ignores_other_modes():
+    assert parse_control(None, 2, 0.0) is None
+    assert parse_control({"cdserve": {"mode": "block"}}, 2, 0.0) is None
+    c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 0, "key": "x"}}, 2, 0.7)
+    assert c == TokenControl("x", (1.0, 0.0), 2.0, 0, 0.7)
