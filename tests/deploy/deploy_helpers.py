@@ -40,32 +40,91 @@ METRICS = {
 }
 # Series a query may name: gauges and counters as they are, histograms by their three series.
 SERIES = {name for name, kind in METRICS.items() if kind != "histogram"} | {
-    name + suffix for name, kind in METRICS.items() if kind == "histogram"
-    for suffix in ("_bucket", "_sum", "_count")}
+    name + suffix
+    for name, kind in METRICS.items()
+    if kind == "histogram"
+    for suffix in ("_bucket", "_sum", "_count")
+}
 # Prometheus's own series that the alerts and dashboard use.
 BUILTIN_SERIES = {"up"}
 
 # Not metric names: PromQL functions, aggregators, keywords (what the queries here use and more).
 _PROMQL_WORDS = {
-    "sum", "avg", "min", "max", "count", "stddev", "stdvar", "topk", "bottomk", "quantile",
-    "count_values", "group", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "and", "or", "unless", "bool", "offset", "rate", "irate", "increase", "delta", "idelta",
-    "deriv", "histogram_quantile", "avg_over_time", "max_over_time", "min_over_time",
-    "sum_over_time", "count_over_time", "last_over_time", "quantile_over_time", "abs", "ceil",
-    "floor", "round", "clamp", "clamp_min", "clamp_max", "vector", "scalar", "time", "absent",
-    "absent_over_time", "label_replace", "label_join", "sort", "sort_desc", "predict_linear",
-    "changes", "resets", "exp", "ln", "log2", "log10", "sqrt", "timestamp", "inf", "nan",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "rate",
+    "irate",
+    "increase",
+    "delta",
+    "idelta",
+    "deriv",
+    "histogram_quantile",
+    "avg_over_time",
+    "max_over_time",
+    "min_over_time",
+    "sum_over_time",
+    "count_over_time",
+    "last_over_time",
+    "quantile_over_time",
+    "abs",
+    "ceil",
+    "floor",
+    "round",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+    "vector",
+    "scalar",
+    "time",
+    "absent",
+    "absent_over_time",
+    "label_replace",
+    "label_join",
+    "sort",
+    "sort_desc",
+    "predict_linear",
+    "changes",
+    "resets",
+    "exp",
+    "ln",
+    "log2",
+    "log10",
+    "sqrt",
+    "timestamp",
+    "inf",
+    "nan",
 }
 
 
 def metric_names(expr: str) -> set[str]:
     """The series names a PromQL expression reads (Grafana variables allowed in it)."""
-    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)                   # string literals
-    s = re.sub(r"\{[^{}]*\}", "", s)                                  # label matchers
-    s = re.sub(r"\[[^\]]*\]", "", s)                                  # range selectors
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    s = re.sub(r"\{[^{}]*\}", "", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", "", s)  # range selectors
     s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
-    s = re.sub(r"\$\w+|\$\{\w+\}", "", s)                             # Grafana variables
-    s = re.sub(r"\b\d+(\.\d+)?([eE][-+]?\d+)?\b", " ", s)             # numbers
+    s = re.sub(r"\$\w+|\$\{\w+\}", "", s)  # Grafana variables
+    s = re.sub(r"\b\d+(\.\d+)?([eE][-+]?\d+)?\b", " ", s)  # numbers
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", s))
     return {w for w in words if w not in _PROMQL_WORDS}
 

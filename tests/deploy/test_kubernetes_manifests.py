@@ -13,7 +13,11 @@ from deploy_helpers import KUBERNETES, METRICS, OVERLAYS, RULES, load_yaml_docs,
 # The oldest Kubernetes the manifests promise to work on, and the newest the validator knows.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 RAW_MANIFESTS = sorted(
-    p for d in ("base", "jobs") for p in (KUBERNETES / d).glob("*.yaml") if p.name != "kustomization.yaml")
+    p
+    for d in ("base", "jobs")
+    for p in (KUBERNETES / d).glob("*.yaml")
+    if p.name != "kustomization.yaml"
+)
 CRDS = sorted((KUBERNETES / "monitoring").glob("*.yaml"))
 
 
@@ -26,15 +30,22 @@ def kv():
 
 
 def render(overlay) -> list[dict]:
-    out = subprocess.run([tool("kubectl"), "kustomize", str(overlay)], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [tool("kubectl"), "kustomize", str(overlay)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 @pytest.fixture(scope="module", params=["base", *(o.name for o in OVERLAYS)])
 def rendered(request) -> tuple[str, list[dict]]:
-    path = KUBERNETES / "base" if request.param == "base" else KUBERNETES / "overlays" / request.param
+    path = (
+        KUBERNETES / "base" if request.param == "base" else KUBERNETES / "overlays" / request.param
+    )
     return request.param, render(path)
 
 
@@ -60,8 +71,12 @@ def test_rendered_overlay_is_schema_valid(rendered, version):
 
 def test_validator_rejects_a_broken_manifest():
     """The validator really checks: an unknown field and a wrong type both fail."""
-    bad = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-           "spec": {"ports": [{"port": "eighty"}], "selectr": {}}}
+    bad = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": "eighty"}], "selectr": {}},
+    }
     with pytest.raises(kv().ValidationError):
         kv().validate(bad, K8S_VERSIONS[-1], strict=True)
 
@@ -107,7 +122,9 @@ def test_gpus_match_the_parallel_sizes(rendered):
     # Pipeline stages beyond one node run as Ray workers elsewhere (deploy/README.md); in a pod,
     # tensor parallelism takes exactly the pod's GPUs.
     assert gpus == {"nvidia.com/gpu": int(config["CDSERVE_TENSOR_PARALLEL_SIZE"])}
-    assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
+    assert (
+        c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
+    )
     assert int(config["CDSERVE_PIPELINE_PARALLEL_SIZE"]) == 1
 
 
@@ -115,7 +132,9 @@ def test_selectors_match_the_pods(rendered):
     _, docs = rendered
     labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     selectors = [one(docs, "Service")["spec"]["selector"]]
-    selectors += [d["spec"]["selector"]["matchLabels"] for d in docs if d["kind"] == "PodDisruptionBudget"]
+    selectors += [
+        d["spec"]["selector"]["matchLabels"] for d in docs if d["kind"] == "PodDisruptionBudget"
+    ]
     for sel in selectors:
         assert sel.items() <= labels.items(), sel
 
@@ -135,7 +154,9 @@ def test_hpa_metrics_are_served_by_the_adapter(rendered):
     hpa = one(docs, "HorizontalPodAutoscaler")
     if hpa is None:
         return
-    adapter = yaml.safe_load((KUBERNETES / "monitoring" / "prometheus-adapter-values.yaml").read_text())
+    adapter = yaml.safe_load(
+        (KUBERNETES / "monitoring" / "prometheus-adapter-values.yaml").read_text()
+    )
     served = {}
     for rule in adapter["rules"]["custom"]:
         series = rule["seriesQuery"].split("{")[0]
@@ -155,7 +176,9 @@ def test_config_keys_are_server_settings(rendered):
 
     _, docs = rendered
     known = {settings.ENV_PREFIX + name.upper() for name in settings.ServerSettings.model_fields}
-    known |= {f"{settings.ENV_PREFIX}CONTROL__{name.upper()}" for name in ControlConfig.model_fields}
+    known |= {
+        f"{settings.ENV_PREFIX}CONTROL__{name.upper()}" for name in ControlConfig.model_fields
+    }
     assert set(one(docs, "ConfigMap")["data"]) <= known
 
 
@@ -181,7 +204,10 @@ def test_fetch_job_fills_the_folders_the_config_names():
     env = {e["name"]: e.get("value") for e in c["env"]}
     config = load_yaml_docs(KUBERNETES / "base" / "configmap.yaml")[0]["data"]
     assert c["args"] == ["fetch-only"]
-    assert (env["CDSERVE_MODEL_DIR"], env["CDSERVE_SCORER_DIR"]) == (config["CDSERVE_MODEL"], config["CDSERVE_SCORER"])
+    assert (env["CDSERVE_MODEL_DIR"], env["CDSERVE_SCORER_DIR"]) == (
+        config["CDSERVE_MODEL"],
+        config["CDSERVE_SCORER"],
+    )
     claim = job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     (pvc,) = load_yaml_docs(KUBERNETES / "base" / "models-pvc.yaml")
     assert claim == pvc["metadata"]["name"]
