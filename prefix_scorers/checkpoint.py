@@ -65,14 +65,14 @@ def load_scorer(directory: str | Path, tokenizer=None, base_embedding: torch.Ten
     return scorer.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-DEFAULT_HEADS = [
-    HeadSpec(name="positive", description="Positive sentiment (VADER compound score).",
+DEFAULT_HEADS = [  # formulas: prefix_scorers/rewards/builtin.py
+    HeadSpec(name="positive", description="Positive sentiment: VADER compound score in [-1, 1].",
              reward="vader_compound", reward_range=(-1.0, 1.0)),
     HeadSpec(name="civil", description="Not offensive: 1 - P(offensive) from alt-profanity-check.",
              reward="civility", reward_range=(0.0, 1.0)),
-    HeadSpec(name="concise", description="Shorter answers score higher.",
+    HeadSpec(name="concise", description="Shorter answers score higher: max(0, 1 - words / 50).",
              reward="concise", reward_range=(0.0, 1.0)),
-    HeadSpec(name="readable", description="Flesch reading ease, scaled to [0, 1].",
+    HeadSpec(name="readable", description="Flesch reading ease, clipped to [0, 100], divided by 100.",
              reward="readable", reward_range=(0.0, 1.0)),
 ]
 

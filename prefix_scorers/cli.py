@@ -1,0 +1,191 @@
+"""`prefix-scorers`: one subcommand per stage of building a scorer, each resumable.
+
+    prefix-scorers prompts                   # (re)write the committed prompt set
+    prefix-scorers rollouts --samples 2      # sample from the base model   -> RUN/rollouts.jsonl
+    prefix-scorers label                     # score with every head's reward -> RUN/labels.jsonl
+    prefix-scorers train --objective fudge   # train all heads              -> RUN/train/scorer
+    prefix-scorers export --out DIR          # bfloat16 checkpoint, checked to load
+    prefix-scorers all ...                   # every stage in order (what built prefix_scorers/default)
+    prefix-scorers rewards                   # list the registered rewards
+
+RUN is `--run-dir` (default: <cdserve cache>/runs/default). Rerunning a stage continues where an
+interrupted run stopped. `--reward-module mypkg.rewards` imports a module that registers rewards
+of your own; `--head name=reward` picks heads (default: the four built-in ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).parent / "default"
+
+
+def _run_dir(args) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    from prefix_scorers.base_model import default_cache_dir
+
+    return default_cache_dir() / "runs" / "default"
+
+
+def _heads(args) -> list[dict]:
+    from prefix_scorers.checkpoint import DEFAULT_HEADS
+    from prefix_scorers.config import HeadSpec
+    from prefix_scorers.rewards import get_reward, import_reward_modules
+
+    import_reward_modules(args.reward_module or [])
+    if not args.head:
+        return [h.model_dump() for h in DEFAULT_HEADS]
+    heads = []
+    for spec in args.head:
+        name, _, reward = spec.partition("=")
+        r = get_reward(reward or name)
+        heads.append(HeadSpec(name=name, description=r.description, reward=r.name,
+                              reward_range=r.reward_range).model_dump())
+    return heads
+
+
+def _base_dir(args) -> Path:
+    from prefix_scorers.base_model import default_cache_dir, resolve_model
+
+    return resolve_model(args.base_model, default_cache_dir())
+
+
+def cmd_prompts(args) -> None:
+    from prefix_scorers.prompts import write_prompt_set
+
+    for path in write_prompt_set(Path(args.data_dir or Path(__file__).parent / "data"), seed=args.seed):
+        print(path)
+
+
+def cmd_rollouts(args) -> None:
+    from prefix_scorers.rollouts import RolloutConfig, generate_rollouts
+
+    cfg = RolloutConfig(samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
+                        device=args.device, engine=args.engine)
+    prompts = Path(args.prompts) if args.prompts else Path(__file__).parent / "data" / "prompts_train.jsonl"
+    print(generate_rollouts(_base_dir(args), prompts, _run_dir(args) / "rollouts.jsonl", cfg, limit=args.limit))
+
+
+def cmd_label(args) -> None:
+    from prefix_scorers.labels import label_rollouts
+
+    rewards = [h["reward"] for h in _heads(args)]
+    run = _run_dir(args)
+    print(label_rollouts(run / "rollouts.jsonl", run / "labels.jsonl", rewards))
+
+
+def cmd_train(args) -> None:
+    from prefix_scorers.train import TrainConfig, train
+
+    run = _run_dir(args)
+    cfg = TrainConfig(objective=args.objective, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
+                      head_lr=args.head_lr, num_layers=args.num_layers, seed=args.seed, device=args.device,
+                      base_model=args.base_model, heads=_heads(args))
+    out = train(run / "rollouts.jsonl", run / "labels.jsonl", run / "train", cfg, _base_dir(args))
+    print(out)
+    print(json.dumps(json.loads((out / "config.json").read_text())["provenance"]["metrics"], indent=2))
+
+
+def cmd_export(args) -> None:
+    from prefix_scorers.export import check_loads, export_scorer
+
+    src = Path(args.src) if args.src else _run_dir(args) / "train" / "scorer"
+    out = export_scorer(src, Path(args.out), dtype=args.dtype, max_mb=args.max_mb)
+    print(check_loads(out, _base_dir(args)))
+
+
+def cmd_all(args) -> None:
+    for stage in (cmd_rollouts, cmd_label, cmd_train, cmd_export):
+        stage(args)
+
+
+def cmd_rewards(args) -> None:
+    from prefix_scorers.rewards import import_reward_modules, list_rewards
+
+    import_reward_modules(args.reward_module or [])
+    for r in list_rewards():
+        print(f"{r.name:16s} [{r.reward_range[0]:g}, {r.reward_range[1]:g}]  {r.description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="prefix-scorers", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, run=True):
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--reward-module", action="append", help="module that registers rewards (repeatable)")
+        sp.add_argument("--head", action="append", help="head as name=reward (repeatable; default: the four built-ins)")
+        if run:
+            sp.add_argument("--run-dir", help="where this run's files go (default: <cache>/runs/default)")
+            sp.add_argument("--base-model", default="smollm2", help="'smollm2' or a local HF model folder")
+            sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+
+    def rollout_args(sp):
+        sp.add_argument("--prompts", help="prompt JSONL (default: the committed train split)")
+        sp.add_argument("--samples", type=int, default=2, help="rollouts per prompt")
+        sp.add_argument("--max-new-tokens", type=int, default=48)
+        sp.add_argument("--temperature", type=float, default=0.7)
+        sp.add_argument("--batch-size", type=int, default=32)
+        sp.add_argument("--limit", type=int, help="use only the first N prompts")
+        sp.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+
+    def train_args(sp, batch=True):
+        sp.add_argument("--objective", choices=["fudge", "cdq"], default="fudge")
+        sp.add_argument("--epochs", type=int, default=3)
+        names = ("--batch-size", "--train-batch-size") if batch else ("--train-batch-size",)
+        sp.add_argument(*names, dest="train_batch_size", type=int, default=16)
+        sp.add_argument("--lr", type=float, default=1e-4)
+        sp.add_argument("--head-lr", type=float, default=1e-3)
+        sp.add_argument("--num-layers", type=int, default=2, help="base layers copied into the scorer")
+
+    def export_args(sp):
+        sp.add_argument("--src", help="trained checkpoint (default: RUN/train/scorer)")
+        sp.add_argument("--out", default=str(DEFAULT_OUT))
+        sp.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+        sp.add_argument("--max-mb", type=float, default=25.0)
+
+    sp = sub.add_parser("prompts", help="write the prompt set (train/eval JSONL)")
+    common(sp, run=False)
+    sp.add_argument("--data-dir")
+    sp.set_defaults(fn=cmd_prompts)
+    sp = sub.add_parser("rollouts", help="sample continuations from the base model")
+    common(sp)
+    rollout_args(sp)
+    sp.set_defaults(fn=cmd_rollouts)
+    sp = sub.add_parser("label", help="score every rollout with every head's reward")
+    common(sp)
+    sp.set_defaults(fn=cmd_label)
+    sp = sub.add_parser("train", help="train all heads (CD-FUDGE or CD-Q)")
+    common(sp)
+    train_args(sp)
+    sp.set_defaults(fn=cmd_train)
+    sp = sub.add_parser("export", help="write a shippable checkpoint")
+    common(sp)
+    export_args(sp)
+    sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("all", help="rollouts, label, train, export")
+    common(sp)
+    rollout_args(sp)
+    train_args(sp, batch=False)
+    export_args(sp)
+    sp.set_defaults(fn=cmd_all)
+    sp = sub.add_parser("rewards", help="list the registered rewards")
+    common(sp, run=False)
+    sp.set_defaults(fn=cmd_rewards)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

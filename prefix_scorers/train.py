@@ -1,0 +1,391 @@
+"""Stage 4: train every head of a prefix scorer jointly on labelled rollouts.
+
+Notation: a rollout is a prompt x and a response y_1..y_L sampled from the base model, with a
+true reward r_h per head. Q_h(x, y_<t, y_t) is read at position t-1, at the token taken.
+
+- CD-FUDGE (`--objective fudge`): regress every prefix's value onto the final reward,
+      loss = mean_t sum_h (Q_h(x, y_<t, y_t) - r_h)^2 / var(r_h).
+  Its minimiser is E[r_h | x, y_<=t] under the base model: the value CD needs.
+- CD-Q (`--objective cdq`): Bellman targets. The value of a prefix is the base model's
+  expectation of the next position's values:
+      target_t = sum_z p_base(z | x, y_<=t) * stopgrad(Q_h(x, y_<=t, z))   for t < L,
+      target_L = r_h,
+  with the expectation over the `store_top_k` most likely next tokens recorded with the rollout
+  (renormalised). Same squared loss, same per-head scaling.
+
+Dividing by var(r_h) (over the training rollouts) weighs heads with different reward scales
+equally. After training, per-head position-aware normalisation statistics (mean and std of the
+value at the taken token, by generated-token position) are computed over the training rollouts
+and written to the checkpoint with provenance. Train/eval loss curves go to `loss.png`.
+
+Resumable: `train_state.pt` is written after each epoch and a rerun continues from it.
+Scale-out: run the same command under `torchrun --nproc_per_node N` or `accelerate launch`
+(both set WORLD_SIZE/RANK): each process takes every N-th batch, gradients are averaged with DDP,
+and rank 0 writes the outputs (see prefix_scorers/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prefix_scorers.checkpoint import DEFAULT_HEADS, init_from_base, save_scorer
+from prefix_scorers.config import HeadSpec, Provenance
+from prefix_scorers.labels import load_labels
+from prefix_scorers.model import PrefixScorer
+from prefix_scorers.prompts import read_jsonl
+
+OBJECTIVES = ("fudge", "cdq")
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "fudge"
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-4  # copied transformer layers
+    head_lr: float = 1e-3  # the per-head projections U_h and biases b_h
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    num_layers: int = 2
+    eval_fraction: float = 0.1  # rollouts of this share of prompts are held out for the eval loss
+    eval_every: int = 25  # steps between eval-loss points
+    norm_positions: int = 48  # P: buckets of the normalisation statistics
+    std_floor: float = 0.1  # std >= std_floor * std(r_h): keeps early, barely informative positions sane
+    seed: int = 0
+    device: str = "cpu"
+    base_model: str = "smollm2"
+    heads: list[dict] = field(default_factory=lambda: [h.model_dump() for h in DEFAULT_HEADS])
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+
+# -- data ---------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    id: str
+    prompt_id: str
+    input_ids: list[int]  # prompt + response
+    prompt_len: int
+    rewards: list[float]  # one per head
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+
+
+def load_examples(rollouts_path: Path, labels_path: Path, heads: list[HeadSpec]) -> list[Example]:
+    labels = load_labels(labels_path)
+    out = []
+    for r in read_jsonl(rollouts_path):
+        if r["id"] not in labels or not r["response_ids"]:
+            continue
+        missing = [h.reward for h in heads if h.reward not in labels[r["id"]]]
+        if missing:
+            raise ValueError(f"rollout {r['id']} has no label for {missing}: run the labels stage "
+                             f"with those rewards")
+        out.append(Example(r["id"], r["prompt_id"], r["prompt_ids"] + r["response_ids"], len(r["prompt_ids"]),
+                           [labels[r["id"]][h.reward] for h in heads], r.get("topk_ids", []),
+                           r.get("topk_logprobs", [])))
+    if not out:
+        raise ValueError(f"no labelled rollouts in {rollouts_path} / {labels_path}")
+    return out
+
+
+def split_by_prompt(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    prompts = sorted({e.prompt_id for e in examples})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: int(round(len(prompts) * eval_fraction))])
+    return [e for e in examples if e.prompt_id not in held], [e for e in examples if e.prompt_id in held]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    valid: torch.Tensor  # (B, T) bool
+    taken: torch.Tensor  # (B, T-1) bool: position j predicts a response token (j+1 >= prompt_len)
+    last: torch.Tensor  # (B, T-1) bool: position j predicts the last response token
+    gen_pos: torch.Tensor  # (B, T-1) long: generated-token index of token j+1 (0 = first)
+    rewards: torch.Tensor  # (B, H)
+    next_ids: torch.Tensor | None  # (B, T-1, k): top-k tokens after token j+1 (CD-Q)
+    next_probs: torch.Tensor | None  # (B, T-1, k): their base probabilities, renormalised
+
+
+def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) -> Batch:
+    B, T = len(examples), max(len(e.input_ids) for e in examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    taken = torch.zeros(B, T - 1, dtype=torch.bool)
+    last = torch.zeros(B, T - 1, dtype=torch.bool)
+    gen_pos = torch.zeros(B, T - 1, dtype=torch.long)
+    k = len(examples[0].topk_ids[0]) if with_next and examples[0].topk_ids else 1
+    next_ids = torch.zeros(B, T - 1, k, dtype=torch.long)
+    next_lp = torch.full((B, T - 1, k), -1e4)
+    for b, e in enumerate(examples):
+        n, s = len(e.input_ids), e.prompt_len
+        ids[b, :n] = torch.tensor(e.input_ids)
+        valid[b, :n] = True
+        taken[b, s - 1:n - 1] = True
+        last[b, n - 2] = True
+        gen_pos[b, s - 1:n - 1] = torch.arange(n - s)
+        if with_next and n - s > 1:
+            # position j = s-1+t predicts y_t; its successor's distribution is topk[t+1]
+            next_ids[b, s - 1:n - 2] = torch.tensor(e.topk_ids[1:n - s])
+            next_lp[b, s - 1:n - 2] = torch.tensor(e.topk_logprobs[1:n - s])
+    rewards = torch.tensor([e.rewards for e in examples], dtype=torch.float32)
+    dev = lambda t: t.to(device)  # noqa: E731
+    return Batch(dev(ids), dev(valid), dev(taken), dev(last), dev(gen_pos), dev(rewards),
+                 dev(next_ids) if with_next else None,
+                 dev(torch.softmax(next_lp, dim=-1)) if with_next else None)
+
+
+def batches(examples: list[Example], batch_size: int, seed: int, shuffle: bool) -> list[list[Example]]:
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    else:  # similar lengths together: less padding
+        order.sort(key=lambda i: len(examples[i].input_ids))
+    return [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+
+
+# -- objectives ---------------------------------------------------------------------------------
+def taken_values(scorer: PrefixScorer, queries: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Q of the token actually taken next: queries (B, T, H, d_e) -> (B, T-1, H)."""
+    e = F.embedding(input_ids[:, 1:], scorer.embedding).to(queries.dtype)  # (B, T-1, d_e)
+    return torch.einsum("bthe,bte->bth", queries[:, :-1], e) + scorer.head_bias
+
+
+def targets(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch, objective: str) -> torch.Tensor:
+    """Regression targets (B, T-1, H) for every position (meaningful where batch.taken)."""
+    final = batch.rewards[:, None, :].expand(-1, batch.taken.shape[1], -1)  # (B, T-1, H)
+    if objective == "fudge":
+        return final
+    with torch.no_grad():
+        q_next = queries[:, 1:].detach()  # (B, T-1, H, d_e): the prefix that includes token j+1
+        e = F.embedding(batch.next_ids, scorer.embedding).to(q_next.dtype)  # (B, T-1, k, d_e)
+        v = torch.einsum("bjhe,bjke->bjhk", q_next, e) + scorer.head_bias[:, None]  # (B, T-1, H, k)
+        bellman = (v * batch.next_probs[:, :, None, :]).sum(-1)  # (B, T-1, H)
+    return torch.where(batch.last[..., None], final, bellman)
+
+
+def batch_loss(scorer, batch: Batch, objective: str, inv_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled squared error averaged over response tokens; also the per-head MSE (H,)."""
+    queries = scorer(batch.input_ids, valid=batch.valid).queries
+    inner = scorer.module if hasattr(scorer, "module") else scorer
+    pred = taken_values(inner, queries, batch.input_ids)  # (B, T-1, H)
+    err = (pred - targets(inner, queries, batch, objective)) ** 2  # (B, T-1, H)
+    mask = batch.taken[..., None].float()
+    n = mask.sum().clamp(min=1)
+    per_head = (err * mask).sum((0, 1)) / n
+    return (per_head * inv_var).sum(), per_head.detach()
+
+
+# -- statistics -----------------------------------------------------------------------------------
+@torch.no_grad()
+def value_statistics(scorer: PrefixScorer, examples: list[Example], P: int, batch_size: int, pad_id: int,
+                     device: str, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (H, P) of the value at the taken token by generated-token position (positions
+    >= P share the last bucket; buckets with fewer than 8 samples copy the previous one)."""
+    H = scorer.num_heads
+    s1, s2, cnt = torch.zeros(H, P), torch.zeros(H, P), torch.zeros(P)
+    for group in batches(examples, batch_size, 0, shuffle=False):
+        b = collate(group, pad_id, device, with_next=False)
+        v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids).float().cpu()
+        pos = b.gen_pos.clamp(max=P - 1).cpu()[b.taken.cpu()]  # (N,)
+        v = v[b.taken.cpu()]  # (N, H)
+        s1.index_add_(1, pos, v.T)
+        s2.index_add_(1, pos, (v**2).T)
+        cnt.index_add_(0, pos, torch.ones_like(pos, dtype=torch.float32))
+    mean = s1 / cnt.clamp(min=1)
+    std = (s2 / cnt.clamp(min=1) - mean**2).clamp(min=0).sqrt()
+    for p in range(P):
+        if cnt[p] < 8 and p > 0:
+            mean[:, p], std[:, p] = mean[:, p - 1], std[:, p - 1]
+    return mean, torch.maximum(std, floor[:, None]).clamp(min=1e-6)
+
+
+@torch.no_grad()
+def evaluate(scorer, examples: list[Example], cfg: TrainConfig, pad_id: int, inv_var: torch.Tensor,
+             objective: str | None = None) -> tuple[float, torch.Tensor]:
+    total, per_head, n = 0.0, torch.zeros_like(inv_var), 0
+    for group in batches(examples, cfg.batch_size, 0, shuffle=False):
+        b = collate(group, pad_id, cfg.device, with_next=(objective or cfg.objective) == "cdq")
+        loss, ph = batch_loss(scorer, b, objective or cfg.objective, inv_var)
+        total += float(loss) * len(group)
+        per_head += ph.cpu() * len(group)
+        n += len(group)
+    return total / max(n, 1), per_head / max(n, 1)
+
+
+@torch.no_grad()
+def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int) -> torch.Tensor:
+    """R^2 per head of the value at the last token (the whole response) against the true reward."""
+    preds, trues = [], []
+    for group in batches(examples, cfg.batch_size, 0, shuffle=False):
+        b = collate(group, pad_id, cfg.device, with_next=False)
+        v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)
+        preds.append(v[b.last].float().cpu())
+        trues.append(b.rewards.cpu())
+    p, t = torch.cat(preds), torch.cat(trues)
+    return 1 - ((p - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _dist() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfig,
+          base_model_dir: Path | None = None) -> Path:
+    """Train a scorer; writes `out_dir/scorer` (float32 checkpoint), `loss.png`, `history.json`."""
+    from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
+
+    rank, world = _dist()
+    if cfg.device.startswith("cuda") and world > 1:
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    heads = [HeadSpec(**h) for h in cfg.heads]
+    base_dir = base_model_dir or resolve_model(cfg.base_model, default_cache_dir())
+    tokenizer = load_tokenizer(base_dir)
+    base = load_model(base_dir)
+    scorer = init_from_base(base, tokenizer, heads, num_layers=cfg.num_layers, seed=cfg.seed,
+                            base_name=Path(base_dir).name)
+    del base
+
+    examples = load_examples(rollouts_path, labels_path, heads)
+    train_ex, eval_ex = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
+    rewards = torch.tensor([e.rewards for e in train_ex])
+    r_mean, r_std = rewards.mean(0), rewards.std(0, unbiased=False)
+    # a (nearly) constant reward must not get a huge weight: floor its std at 5% of its range
+    width = torch.tensor([h.reward_range[1] - h.reward_range[0] for h in heads])
+    inv_var = 1.0 / torch.maximum(r_std, 0.05 * width) ** 2
+    with torch.no_grad():  # start at the mean reward, with small head projections
+        scorer.head_bias.copy_(r_mean)
+        scorer.head_proj.mul_(0.1)
+    scorer.train().requires_grad_(True)
+    scorer.to(cfg.device)
+    inv_var_dev = inv_var.to(cfg.device)
+    model = scorer
+    if world > 1:
+        # broadcast_buffers off: the frozen embedding is a (large) buffer that never changes
+        model = torch.nn.parallel.DistributedDataParallel(scorer, broadcast_buffers=False)
+    head_params = [scorer.head_proj, scorer.head_bias]
+    body = [p for n, p in scorer.named_parameters() if n not in ("head_proj", "head_bias")]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size / world)
+    total = steps_per_epoch * cfg.epochs
+    history = {"train": [], "eval": []}
+    start_epoch, state_path = 0, out_dir / "train_state.pt"
+    if state_path.is_file():  # resume
+        state = torch.load(state_path, map_location=cfg.device, weights_only=False)
+        if state["config"] == asdict(cfg) | {"device": state["config"]["device"]}:
+            scorer.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, history = state["epoch"], state["history"]
+        elif rank == 0:
+            print(f"{state_path} was written with another configuration: starting over")
+    pad = tokenizer.pad_token_id
+    with_next = cfg.objective == "cdq"
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        groups = batches(train_ex, cfg.batch_size, cfg.seed + epoch, shuffle=True)[rank::world]
+        bar = tqdm(groups, desc=f"train {cfg.objective} epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0)
+        for i, group in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = g.setdefault("base_lr", g["lr"]) * lr_factor(step, total, cfg.warmup_steps)
+            loss, _ = batch_loss(model, collate(group, pad, cfg.device, with_next), cfg.objective, inv_var_dev)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.grad_clip)
+            opt.step()
+            history["train"].append((step, loss.item()))
+            bar.set_postfix(loss=f"{history['train'][-1][1]:.3f}")
+            if rank == 0 and eval_ex and (step % cfg.eval_every == 0 or i == len(groups) - 1):
+                scorer.eval()
+                history["eval"].append((step, evaluate(scorer, eval_ex, cfg, pad, inv_var)[0]))
+                scorer.train()
+        if rank == 0:
+            torch.save({"config": asdict(cfg), "model": scorer.state_dict(), "optimizer": opt.state_dict(),
+                        "epoch": epoch + 1, "history": history}, state_path)
+    seconds = time.time() - t0
+    if rank != 0:
+        return out_dir / "scorer"
+
+    scorer.eval().requires_grad_(False)
+    mean, std = value_statistics(scorer, train_ex, cfg.norm_positions, cfg.batch_size, pad, cfg.device,
+                                 cfg.std_floor * r_std.to(cfg.device))
+    scorer.norm_mean, scorer.norm_std = mean, std  # (H, P) buffers replace the (H, 1) identity
+    metrics: dict[str, float] = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs}
+    if history["train"]:
+        tail = [v for _, v in history["train"][-steps_per_epoch:]]
+        metrics["train_loss_last_epoch"] = round(sum(tail) / len(tail), 4)
+        metrics["train_loss_first_step"] = round(history["train"][0][1], 4)
+    if eval_ex:
+        # Both objectives are judged on the FUDGE loss too: the squared error to the true reward.
+        ev, per_head = evaluate(scorer, eval_ex, cfg, pad, inv_var, objective="fudge")
+        metrics["eval_fudge_loss"] = round(ev, 4)
+        r2 = final_r2(scorer, eval_ex, cfg, pad)
+        for h, mse, r in zip(heads, per_head.tolist(), r2.tolist()):
+            metrics[f"eval_mse_{h.name}"] = round(mse, 5)
+            metrics[f"eval_r2_final_{h.name}"] = round(r, 4)
+        metrics["eval_loss_initial"] = round(history["eval"][0][1], 4) if history["eval"] else float("nan")
+        metrics["eval_loss_final"] = round(history["eval"][-1][1], 4) if history["eval"] else float("nan")
+    scorer.config.provenance = Provenance(
+        trained=True, base_model=Path(base_dir).name, objective=cfg.objective, data_size=len(examples),
+        seed=cfg.seed, metrics=metrics,
+        note=(f"{cfg.num_layers} copied base layers + {len(heads)} CD-Q heads; {len(train_ex)} train / "
+              f"{len(eval_ex)} eval rollouts; rewards {[h.reward for h in heads]}"),
+        reward_mean=[round(x, 5) for x in r_mean.tolist()], reward_std=[round(x, 5) for x in r_std.tolist()],
+        train_config={k: v for k, v in asdict(cfg).items() if k != "heads"})
+    (out_dir / "history.json").write_text(json.dumps(history) + "\n")
+    plot_losses(history, out_dir / "loss.png", f"{cfg.objective}: {len(train_ex)} train rollouts")
+    save_scorer(scorer.cpu(), out_dir / "scorer")
+    return out_dir / "scorer"
+
+
+def plot_losses(history: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if history["train"]:
+        steps, vals = zip(*history["train"])
+        w = max(1, len(vals) // 50)
+        smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1]) for i in range(len(vals))]
+        ax.plot(steps, vals, color="tab:blue", alpha=0.25, lw=0.8)
+        ax.plot(steps, smooth, color="tab:blue", label="train (moving average)")
+    if history["eval"]:
+        steps, vals = zip(*history["eval"])
+        ax.plot(steps, vals, "o-", color="tab:orange", label="eval (held-out prompts)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (sum over heads of MSE / var(reward))")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,79 @@
+"""The built-in rewards on fixed texts, and the registry (callables and HTTP endpoints)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from prefix_scorers.rewards import get_reward, list_rewards, register_http_reward, register_reward, score_texts
+
+HAPPY = "I absolutely love this place, the staff were wonderful and kind!"
+ANGRY = "This is the worst service ever. You stupid idiots ruined my day."
+PLAIN = "The cat sat on the mat. It was a sunny day."
+HARD = ("The mitochondrial electron transport chain facilitates oxidative phosphorylation "
+        "through chemiosmotic coupling of transmembrane proton gradients.")
+
+
+def test_builtin_rewards_are_registered_with_ranges():
+    names = {r.name: r.reward_range for r in list_rewards()}
+    assert names["vader_compound"] == (-1.0, 1.0)
+    for name in ("civility", "concise", "readable"):
+        assert names[name] == (0.0, 1.0)
+
+
+def test_vader_compound_orders_sentiment():
+    happy, angry, empty = get_reward("vader_compound")([HAPPY, ANGRY, ""])
+    assert happy > 0.5 and angry < -0.5 and empty == 0.0
+
+
+def test_civility_flags_insults():
+    civil, rude = get_reward("civility")([PLAIN, ANGRY])
+    assert civil > 0.8 and rude < 0.2
+
+
+def test_concise_formula():
+    words40 = " ".join(["word"] * 40)
+    assert get_reward("concise")(["", "one two three four five", words40, words40 + words40]) == \
+        pytest.approx([1.0, 0.9, 0.2, 0.0])
+
+
+def test_readable_prefers_plain_text():
+    plain, hard, empty = get_reward("readable")([PLAIN, HARD, ""])
+    assert plain > 0.8 and hard < 0.2 and empty == 0.0
+
+
+def test_registry_callable_and_range_check():
+    register_reward("says_please", lambda ts: [float("please" in t) for t in ts], replace=True)
+    assert score_texts(["please", "no"], ["says_please"]) == {"says_please": [1.0, 0.0]}
+    register_reward("broken", lambda ts: [2.0 for _ in ts], reward_range=(0.0, 1.0), replace=True)
+    with pytest.raises(ValueError, match="outside its declared range"):
+        get_reward("broken")(["x"])
+    with pytest.raises(KeyError, match="unknown reward"):
+        get_reward("nope")
+
+
+def test_http_reward():
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["texts"]
+            body = json.dumps({"scores": [len(t) / 100 for t in texts]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        register_http_reward("length_api", f"http://127.0.0.1:{server.server_port}/score", batch_size=2,
+                             replace=True)
+        assert get_reward("length_api")(["a" * 10, "b" * 20, "c"]) == pytest.approx([0.1, 0.2, 0.01])
+    finally:
+        server.shutdown()
