@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -68,6 +69,7 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
             log.error("start-up failed: %s", e)
             raise
         metrics.bind(engine)
+        state.loop = asyncio.get_running_loop()
         state.status = "ready"
         log.info("ready: model '%s' (max_model_len %d), scorer '%s' (heads %s), backend %s%s",
                  engine.model_name, engine.max_model_len, state.scorer_id, engine.head_names,

@@ -100,14 +100,14 @@ def run_serve(args: argparse.Namespace) -> int:
     state = app.state.cdserve
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: /ready turns 503 while we drain
-            if state.status == "ready":
-                state.status = "draining"
-                log.info("draining: up to %.0fs for in-flight requests", settings.shutdown_grace_seconds)
+        def handle_exit(self, sig, frame):
+            # uvicorn stops accepting connections; in-flight requests get the grace period
+            state.begin_drain()
             super().handle_exit(sig, frame)
 
+    # uvicorn's own timeout is only a backstop: the serving layer ends requests at the deadline
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_seconds + 1.0,
+                            timeout_graceful_shutdown=settings.shutdown_grace_seconds + 5.0,
                             lifespan="on", access_log=settings.log_level == "debug")
     server = Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; these handlers make that a

@@ -1,7 +1,7 @@
 """The one place exceptions become HTTP errors: OpenAI's body `{"error": {message, type, param, code}}`.
 
-Routes and the serving layer raise; `error_response` answers, for plain responses and (through
-`error_body`) for the error event of a stream that fails after it started.
+Routes and the serving layer raise; `error_response` answers plain requests, and a stream that
+fails after it started sends `classify(exc).body()` as its error event.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class PayloadTooLargeError(HTTPException):
 
     def __init__(self, limit: int):
         super().__init__(413, f"request body is larger than the server's limit of {limit} bytes")
+
+
+class ShuttingDownError(RuntimeError):
+    """The server is draining (SIGTERM): no new requests; past the grace period, none at all (503)."""
 
 
 @dataclass(frozen=True)
@@ -79,16 +83,14 @@ def classify(exc: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(503, "the server is at capacity (request queue full); retry later",
                         "service_unavailable_error", None, "queue_full", retry_after)
+    if isinstance(exc, ShuttingDownError):
+        return APIError(503, str(exc), "service_unavailable_error", None, "shutting_down")
     if isinstance(exc, AuthenticationError):
         return APIError(401, str(exc), "authentication_error", None, "invalid_api_key")
     if isinstance(exc, HTTPException):
         return APIError(exc.status_code, str(exc.detail), _TYPE_BY_STATUS.get(exc.status_code, "api_error"))
     log.exception("internal error", exc_info=exc)
     return APIError(500, "internal server error", "internal_error")
-
-
-def error_body(exc: BaseException) -> dict:
-    return classify(exc).body()
 
 
 def error_response(exc: BaseException, retry_after: int = 1) -> JSONResponse:
@@ -111,5 +113,5 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1,
         return response
 
     for exc_type in (RequestValidationError, HTTPException, InvalidRequestError, QueueFullError,
-                     AuthenticationError, Exception):
+                     AuthenticationError, ShuttingDownError, Exception):
         app.add_exception_handler(exc_type, handle)

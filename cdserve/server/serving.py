@@ -22,17 +22,13 @@ from cdserve.engine_protocol import Engine
 from cdserve.errors import InvalidRequestError
 from cdserve.outputs import ChoiceDelta, ControlValues, GenerationRequest, RequestOutput
 from cdserve.server import protocol as p
-from cdserve.server.errors import error_body
+from cdserve.server.errors import ShuttingDownError, classify
 from cdserve.server.metrics import ServerMetrics
 from cdserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; only ever seen in metrics
-
-
-class RequestAborted(RuntimeError):
-    """The engine aborted a request (server shutting down past its grace period)."""
 
 
 class ClientDisconnected(Exception):
@@ -71,7 +67,7 @@ class _Job:
             self.first_token_at = self.first_token_at or self.last_token_at
         choice.tokens += len(delta.token_ids)
         if delta.finish_reason == "abort":
-            raise RequestAborted("the request was aborted: the server is shutting down")
+            raise ShuttingDownError("the engine aborted the request: the server is shutting down")
         if delta.finish_reason is not None:
             choice.finish_reason, choice.control = delta.finish_reason, delta.control
 
@@ -153,6 +149,41 @@ class OpenAIServing:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self._draining = asyncio.Event()
+        self._drain_deadline = 0.0
+
+    # ------------------------------------------------------------------ graceful shutdown
+    def begin_drain(self, grace_seconds: float) -> None:
+        """SIGTERM: new requests get 503; in-flight ones have grace_seconds to finish, then end
+        with a 503 (an error event in a stream) and leave the engine."""
+        self._drain_deadline = time.monotonic() + grace_seconds
+        self._draining.set()
+
+    async def _until_drained(self, outputs: AsyncIterator) -> AsyncIterator:
+        """`outputs`, until the drain deadline passes (then ShuttingDownError)."""
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(outputs))
+                try:
+                    if not self._draining.is_set():
+                        drain = asyncio.ensure_future(self._draining.wait())
+                        await asyncio.wait({nxt, drain}, return_when=asyncio.FIRST_COMPLETED)
+                        drain.cancel()
+                    if not nxt.done():
+                        await asyncio.wait({nxt}, timeout=max(0.0, self._drain_deadline - time.monotonic()))
+                    if not nxt.done():
+                        raise ShuttingDownError(f"the server is shutting down and its grace period "
+                                                f"({self.settings.shutdown_grace_seconds:g}s) is over")
+                    item = nxt.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    if not nxt.done():
+                        nxt.cancel()
+                        await asyncio.gather(nxt, return_exceptions=True)
+                yield item
+        finally:
+            await outputs.aclose()
 
     # ------------------------------------------------------------------ request -> engine requests
     def _check_model(self, model: str) -> None:
@@ -216,6 +247,8 @@ class OpenAIServing:
 
     def _prepare(self, req, endpoint: str, raw: Request) -> _Job:
         arrival = time.monotonic()
+        if self._draining.is_set():
+            raise ShuttingDownError("the server is shutting down; retry on another replica")
         self._check_model(req.model)
         req.refuse_unsupported()
         control: ResolvedControl = resolve_control(req.control, self.engine.config.control,
@@ -268,8 +301,10 @@ class OpenAIServing:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 events = self._stream(job, streams, include_usage, isinstance(req, p.ChatCompletionRequest))
                 handed_to_stream = True
+                # sse-starlette's own shutdown cut-off is a backstop: _until_drained ends the
+                # stream (error event, [DONE]) when the grace period is over
                 return EventSourceResponse(events, ping=15, sep="\n",
-                                           shutdown_grace_period=self.settings.shutdown_grace_seconds)
+                                           shutdown_grace_period=self.settings.shutdown_grace_seconds + 2)
             try:
                 body = await cancel_on_disconnect(raw, self._collect(job, streams, req))
             except ClientDisconnected:
@@ -283,7 +318,7 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ non-streaming
     async def _collect(self, job: _Job, streams, req):
-        async for prompt_index, out in _merge(streams):
+        async for prompt_index, out in self._until_drained(_merge(streams)):
             for delta in out.choices:
                 job.add(prompt_index * job.n + delta.index, delta)
         indices = sorted(job.choices)
@@ -308,7 +343,7 @@ class OpenAIServing:
         try:
             if chat:
                 yield self._role_chunk(job, created)
-            async for prompt_index, out in _merge(streams):
+            async for prompt_index, out in self._until_drained(_merge(streams)):
                 deltas = []
                 for delta in out.choices:
                     index = prompt_index * job.n + delta.index
@@ -323,8 +358,9 @@ class OpenAIServing:
                                  usage=job.usage()).model_dump_json()
             status = 200
         except Exception as e:  # after the stream started: an error event, then [DONE]
-            status = 503 if isinstance(e, RequestAborted) else 500
-            yield json.dumps(error_body(e))
+            error = classify(e)
+            status = error.status
+            yield json.dumps(error.body())
         finally:
             self._record(job, status)
             self.metrics.in_flight.dec()

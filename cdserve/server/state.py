@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,8 @@ from cdserve.server import protocol as p
 from cdserve.server.metrics import ServerMetrics
 from cdserve.server.serving import OpenAIServing
 from cdserve.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "draining", "stopped", "failed"]
 
@@ -24,6 +28,17 @@ class ServerState:
     serving: OpenAIServing
     status: Status = "loading"
     started_at: int = field(default_factory=lambda: int(time.time()))
+    loop: asyncio.AbstractEventLoop | None = None  # the server's loop, set at start-up
+
+    def begin_drain(self) -> None:
+        """SIGTERM (called from the signal handler): /ready turns 503, new requests get 503, and
+        in-flight ones get the grace period."""
+        if self.status != "ready" or self.loop is None:
+            return
+        self.status = "draining"
+        grace = self.settings.shutdown_grace_seconds
+        log.info("draining: up to %gs for in-flight requests", grace)
+        self.loop.call_soon_threadsafe(self.serving.begin_drain, grace)
 
     @property
     def scorer_id(self) -> str:
