@@ -34,7 +34,7 @@ from cdserve.scorer_store import resolve_scorer
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "cdserve.backends.vllm.worker_extension:ScorerWorkerExtension"
+WORKER_EXTENSION = "cdserve.backends.vllm.worker_extension.ScorerWorkerExtension"
 
 
 def vllm_environment(config: EngineConfig, scorer_dir: Path, on_cpu: bool) -> None:
