@@ -29,7 +29,9 @@ from deploy_helpers import (
 pytest.importorskip("cdserve.server", reason="the HTTP server (cdserve.server) is not there yet")
 httpx = pytest.importorskip("httpx")
 
-READY_TIMEOUT_S = 180
+READY_TIMEOUT_S = 300
+# hf by default (fast); DEPLOY_TEST_BACKEND=vllm checks the production backend's series too.
+BACKEND = os.environ.get("DEPLOY_TEST_BACKEND", "hf")
 
 
 def free_port() -> int:
@@ -53,8 +55,8 @@ def server(tmp_path_factory, tiny_model_dir, tiny_scorer_dir):
     env |= {
         "CDSERVE_MODEL": str(tiny_model_dir),
         "CDSERVE_SCORER": str(tiny_scorer_dir),
-        "CDSERVE_BACKEND": "hf",
-        "CDSERVE_DEVICE": "cpu",
+        "CDSERVE_BACKEND": BACKEND,
+        "CDSERVE_DEVICE": "auto" if BACKEND == "vllm" else "cpu",
         "CDSERVE_HOST": "127.0.0.1",
         "CDSERVE_PORT": str(port),
         "CDSERVE_MAX_MODEL_LEN": "512",
@@ -63,6 +65,8 @@ def server(tmp_path_factory, tiny_model_dir, tiny_scorer_dir):
         "CDSERVE_MAX_N": "2",
         "CDSERVE_CONTROL__MAX_NUM_CANDIDATES": "4",
         "CDSERVE_SHUTDOWN_GRACE_SECONDS": "5",
+        "CDSERVE_KV_CACHE_SPACE_GIB": "1",
+        "CDSERVE_ENFORCE_EAGER": "true",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }
