@@ -86,6 +86,7 @@ class ScorerLogitsProcessor(LogitsProcessor):
             self.rows.add(index, control, prompt, output)
         for src, dst, direction in batch_update.moved:
             self.rows.move(src, dst, swap=direction == MoveDirectionality.SWAP)
+        self.rows.end_update()
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not len(self.rows):

@@ -99,8 +99,6 @@ class ScorerRows:
             return
         if row.slot >= 0:
             self._dropped = True
-        if not self.by_index:  # idle: free the cache now rather than at the next controlled step
-            self.slots, self.cache, self.queries, self._dropped = [], KVCache.empty(self.num_layers), None, False
         if not row.forget and row.control.key:
             # Preemption also removes a request; it may come back and continue its KL sum.
             self.finished[row.control.key] = row.kl
@@ -120,11 +118,23 @@ class ScorerRows:
         self.by_index[index] = row
 
     def move(self, src: int, dst: int, swap: bool) -> None:
-        a, b = self.by_index.pop(src, None), self.by_index.pop(dst, None)
+        """A swap exchanges two requests; a one-way move replaces whatever was at dst (vLLM
+        condenses its batch this way: a finished request's index may only show up here)."""
+        a = self.by_index.pop(src, None)
+        if swap:
+            b = self.by_index.pop(dst, None)
+            if b is not None:
+                self.by_index[src] = b
+        else:
+            self.remove(dst)
         if a is not None:
             self.by_index[dst] = a
-        if swap and b is not None:
-            self.by_index[src] = b
+
+    def end_update(self) -> None:
+        """After a batch update: with no controlled request left, free the cache now rather than
+        at the next controlled step."""
+        if not self.by_index and self.slots:
+            self.slots, self.cache, self.queries, self._dropped = [], KVCache.empty(self.num_layers), None, False
 
     def forget(self, keys: Sequence[str]) -> None:
         """The server aborted these choices: drop their results now or when they leave."""

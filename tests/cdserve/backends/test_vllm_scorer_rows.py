@@ -50,9 +50,9 @@ def test_incremental_queries_match_full_recompute_through_adds_moves_and_removes
     for step in range(6):
         for o in outs.values():
             o.append(int(torch.randint(V, (1,), generator=g)))
-        if step == 2:  # request 1 leaves; vLLM condenses: the last one moves into its index
-            rows.remove(1)
+        if step == 2:  # request 1 leaves: vLLM may only say so by moving the last one onto it
             rows.move(2, 1, swap=False)
+            assert "k1" in rows.finished
             prompts[1], outs[1] = prompts.pop(2), outs.pop(2)
         if step == 3:  # a newcomer with outputs already (a preempted request coming back)
             outs[2] = [11, 12]
@@ -75,6 +75,7 @@ def test_rows_without_token_mode_cost_nothing_and_removal_frees_everything(score
     rows.sync()
     rows.by_index[1].kl.append(torch.tensor(0.5))
     rows.remove(1)
+    rows.end_update()
     assert len(rows) == 0 and rows.cache.batch_size == 0 and rows.slots == []
     assert rows.kl_of("a", 1) == pytest.approx(0.5)  # kept until the server fetched it
     assert len(rows.finished) == 0
@@ -84,7 +85,7 @@ def test_forgotten_and_unfetched_results_stay_bounded(scorer):
     rows = ScorerRows(scorer, torch.device("cpu"))
     for i in range(MAX_FINISHED + 50):
         rows.add(0, ctrl(f"k{i}"), [1], [])
-        rows.remove(0)
+        rows.move(1, 0, swap=False)  # replaced by a (plain) request moved onto its index
     assert len(rows.finished) == MAX_FINISHED
     rows.add(0, ctrl("gone"), [1], [])
     rows.forget(["gone"])
