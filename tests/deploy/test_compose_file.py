@@ -3,6 +3,7 @@ grace that covers the drain, mounts that exist, and settings the server knows.""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -93,3 +94,21 @@ def test_api_key_is_never_set_to_an_empty_string(compose):
     """An empty CDSERVE_API_KEY is refused at start-up: pass it through only when it is set."""
     for svc in servers(compose).values():
         assert svc["environment"]["CDSERVE_API_KEY"] is None
+
+
+def test_default_environment_makes_valid_settings(compose, monkeypatch):
+    """With no .env, each server's environment passes the server's own validation."""
+    settings = pytest.importorskip("cdserve.server.settings")
+    for key in [k for k in os.environ if k.startswith(settings.ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    for name, svc in servers(compose).items():
+        for key, value in svc["environment"].items():
+            if (
+                key.startswith(settings.ENV_PREFIX)
+                and key not in ENTRYPOINT_VARS
+                and value is not None
+            ):
+                # ${NAME:-default} as Compose resolves it with NAME unset
+                monkeypatch.setenv(key, re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)))
+        s = settings.ServerSettings()
+        assert (s.host, s.port) == ("0.0.0.0", 8000), name

@@ -4,6 +4,7 @@ the server: probes, drain time, GPUs per parallel size, HPA metrics served by th
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -211,3 +212,20 @@ def test_fetch_job_fills_the_folders_the_config_names():
     claim = job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
     (pvc,) = load_yaml_docs(KUBERNETES / "base" / "models-pvc.yaml")
     assert claim == pvc["metadata"]["name"]
+
+
+def test_config_values_make_valid_settings(rendered, monkeypatch):
+    """The ConfigMap's values pass the server's own validation (the model and scorer folders,
+    which live on the cluster's volume, stand in as the embedded ones)."""
+    settings = pytest.importorskip("cdserve.server.settings")
+    _, docs = rendered
+    for key in [k for k in os.environ if k.startswith(settings.ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    data = one(docs, "ConfigMap")["data"] | {
+        "CDSERVE_MODEL": "smollm2",
+        "CDSERVE_SCORER": "default",
+    }
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    s = settings.ServerSettings()
+    assert s.port == int(data["CDSERVE_PORT"])
