@@ -63,7 +63,7 @@ def load_settings(args: argparse.Namespace) -> ServerSettings:
     given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
     control = dict(given.pop("control", None) or {})
     if not isinstance(control, dict):
-        raise ValueError(f"--control must be a JSON object, got {control!r}")
+        raise TypeError(f"--control must be a JSON object, got {control!r}")
     control.update({k.split("__", 1)[1]: v for k, v in vars(args).items() if k.startswith("control__")})
     if control:
         given["control"] = control
@@ -86,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(describe_error(e), file=sys.stderr)
         return 2
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -94,7 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("ignoring unknown environment variable %s", name)
     try:
         app = build_app(settings)
-    except Exception as e:  # the engine refused its configuration
+    except Exception as e:  # noqa: BLE001  (the engine refused its configuration: say why, exit 2)
         print(f"invalid configuration: {e}", file=sys.stderr)
         return 2
     state = app.state.cdserve

@@ -53,8 +53,8 @@ class _GenerationRequest(OpenAIModel):
 
     def refuse_unsupported(self) -> None:
         """Raise InvalidRequestError naming the first unsupported parameter given a non-neutral value."""
-        for name in _NEUTRAL:
-            if name in type(self).model_fields and getattr(self, name) not in _NEUTRAL[name]:
+        for name, neutral in _NEUTRAL.items():
+            if name in type(self).model_fields and getattr(self, name) not in neutral:
                 raise InvalidRequestError(name, f"'{name}' is not supported by this server")
 
     def _max_tokens(self) -> int | None:
@@ -217,7 +217,7 @@ class ChoiceControl(BaseModel):
                                   "candidates included.")
 
     @classmethod
-    def from_values(cls, values: ControlValues | None) -> "ChoiceControl | None":
+    def from_values(cls, values: ControlValues | None) -> ChoiceControl | None:
         return None if values is None else cls(**values.to_dict())
 
 

@@ -5,6 +5,7 @@ failures. /v1/* needs the API key when one is configured; /health, /ready and /m
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
@@ -30,11 +31,12 @@ def get_state(request: Request) -> ServerState:
     return request.app.state.cdserve
 
 
+State = Annotated[ServerState, Depends(get_state)]
 _bearer = HTTPBearer(auto_error=False, description="The server's API key, if it has one.")
 
 
-def require_api_key(state: ServerState = Depends(get_state),
-                    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+def require_api_key(state: State,
+                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     key = state.settings.api_key
     if key is None:
         return
@@ -51,19 +53,19 @@ probes = APIRouter()
 @v1.post("/completions", response_model=p.CompletionResponse, tags=["OpenAI"],
          responses={200: {"content": _SSE}})
 async def create_completion(body: p.CompletionRequest, request: Request,
-                            state: ServerState = Depends(get_state)) -> Response:
+                            state: State) -> Response:
     return await state.serving.complete(body, request, "/v1/completions")
 
 
 @v1.post("/chat/completions", response_model=p.ChatCompletionResponse, tags=["OpenAI"],
          responses={200: {"content": _SSE}})
 async def create_chat_completion(body: p.ChatCompletionRequest, request: Request,
-                                 state: ServerState = Depends(get_state)) -> Response:
+                                 state: State) -> Response:
     return await state.serving.complete(body, request, "/v1/chat/completions")
 
 
 @v1.get("/models", response_model=p.ModelList, tags=["OpenAI"])
-async def list_models(state: ServerState = Depends(get_state)) -> p.ModelList:
+async def list_models(state: State) -> p.ModelList:
     engine = state.engine
     return p.ModelList(data=[p.ModelCard(id=engine.model_name, created=state.started_at,
                                          max_model_len=engine.max_model_len,
@@ -71,7 +73,7 @@ async def list_models(state: ServerState = Depends(get_state)) -> p.ModelList:
 
 
 @v1.get("/scorers", response_model=p.ScorerList, tags=["cdserve"])
-async def list_scorers(state: ServerState = Depends(get_state)) -> p.ScorerList:
+async def list_scorers(state: State) -> p.ScorerList:
     return p.ScorerList(data=[state.scorer_info()])
 
 
@@ -82,7 +84,7 @@ async def health() -> dict:
 
 
 @probes.get("/ready", tags=["probes"], responses={503: {"model": p.ErrorResponse}})
-async def ready(state: ServerState = Depends(get_state)) -> Response:
+async def ready(state: State) -> Response:
     """Readiness: model and scorer loaded, not shutting down."""
     if state.status != "ready":
         raise HTTPException(503, f"not ready: {state.status}")
@@ -92,6 +94,6 @@ async def ready(state: ServerState = Depends(get_state)) -> Response:
 
 @probes.get("/metrics", tags=["probes"], response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(state: ServerState = Depends(get_state)) -> Response:
+async def metrics(state: State) -> Response:
     """Prometheus metrics."""
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

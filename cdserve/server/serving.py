@@ -101,7 +101,7 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             async for out in stream:
                 queue.put_nowait((i, out))
             queue.put_nowait((i, done))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (re-raised by the consumer)
             queue.put_nowait((i, e))
         finally:
             await stream.aclose()
@@ -199,7 +199,7 @@ class OpenAIServing:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             try:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # the template refuses this conversation (jinja raise_exception)
+            except Exception as e:  # noqa: BLE001  (the template refuses the conversation: jinja raise_exception)
                 raise InvalidRequestError("messages", f"the chat template refused these messages: {e}") from None
             prompts = [tok(text, add_special_tokens=False)["input_ids"]]
         elif isinstance(req.prompt, str):
@@ -357,7 +357,7 @@ class OpenAIServing:
                 yield chunk_type(id=job.response_id, created=created, model=job.model, choices=[],
                                  usage=job.usage()).model_dump_json()
             status = 200
-        except Exception as e:  # after the stream started: an error event, then [DONE]
+        except Exception as e:  # noqa: BLE001  (after the stream started: an error event, then [DONE])
             error = classify(e)
             status = error.status
             yield json.dumps(error.body())

@@ -14,10 +14,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefix_scorers.base_model import EMBEDDED, default_cache_dir
-
 from cdserve.config import DEFAULT_SCORER, EMBEDDED_MODEL, EngineConfig
 from cdserve.control.request import ControlConfig
+from prefix_scorers.base_model import EMBEDDED, default_cache_dir
 
 ENV_PREFIX = "CDSERVE_"
 BUILTIN_SCORERS = {DEFAULT_SCORER, "untrained"}
@@ -70,7 +69,7 @@ class ServerSettings(BaseSettings):
         "info", description="Log level.")
 
     @model_validator(mode="after")
-    def _check(self) -> "ServerSettings":
+    def _check(self) -> ServerSettings:
         if self.model not in EMBEDDED and not (Path(self.model).expanduser() / "config.json").is_file():
             raise ValueError(f"model={self.model!r} is neither an embedded model {sorted(EMBEDDED)} "
                              "nor a local Hugging Face model folder (no config.json there)")

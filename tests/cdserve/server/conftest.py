@@ -32,7 +32,7 @@ class LiveServer:
     proc: subprocess.Popen
     url: str
     log_path: Path
-    model: str
+    model: str | None
     api_key: str | None = None
 
     def client(self, **kw) -> openai.OpenAI:
@@ -110,13 +110,16 @@ def start_server(log_dir: Path, model: Path | str, scorer: Path | str, *flags: s
         full_env["CDSERVE_API_KEY"] = api_key
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path, Path(model).name, api_key)
+    name = Path(model).name if Path(model).is_dir() else None
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path, name, api_key)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
         try:
-            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+            ready = httpx.get(f"{server.url}/ready", timeout=2)
+            if ready.status_code == 200:
+                server.model = ready.json()["model"]
                 return server
         except httpx.TransportError:
             pass
@@ -144,11 +147,12 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory, tiny_model_dir, tiny_scorer_dir):
-    """Start more tiny servers with their own flags; stopped when the module ends."""
+    """Start more servers with their own flags (the tiny model unless told otherwise); stopped
+    when the module ends."""
     started: list[LiveServer] = []
 
-    def _launch(*flags: str, **kw) -> LiveServer:
-        srv = start_server(tmp_path_factory.mktemp("server"), tiny_model_dir, tiny_scorer_dir, *flags, **kw)
+    def _launch(*flags: str, model=tiny_model_dir, scorer=tiny_scorer_dir, **kw) -> LiveServer:
+        srv = start_server(tmp_path_factory.mktemp("server"), model, scorer, *flags, **kw)
         started.append(srv)
         return srv
 

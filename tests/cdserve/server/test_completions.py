@@ -45,7 +45,7 @@ def test_chat_uses_the_models_chat_template(server, client, tiny_model_dir):
 
 
 def test_streamed_completion_matches_plain(server, client):
-    kw = dict(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0)
+    kw = {"model": server.model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
     plain = client.completions.create(**kw).choices[0]
     chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -103,7 +103,7 @@ def test_token_id_prompt(server, client, tiny_model_dir):
 
 
 def test_seed_reproduces(server, client):
-    kw = dict(model=server.model, prompt="The cat", max_tokens=10, temperature=1.0, seed=1234)
+    kw = {"model": server.model, "prompt": "The cat", "max_tokens": 10, "temperature": 1.0, "seed": 1234}
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 

@@ -30,7 +30,7 @@ def test_each_mode(server, client, control):
 
 @pytest.mark.parametrize("control", MODES, ids=lambda c: c["mode"] + "-" + c.get("selection", "default"))
 def test_each_mode_streams_like_plain(server, client, control):
-    kw = dict(model=server.model, prompt=PROMPT, max_tokens=12, seed=5, extra_body={"control": control})
+    kw = {"model": server.model, "prompt": PROMPT, "max_tokens": 12, "seed": 5, "extra_body": {"control": control}}
     plain = client.completions.create(**kw).choices[0]
     chunks = [c for c in client.completions.create(**kw, stream=True) if c.choices]
     assert "".join(c.choices[0].text for c in chunks) == plain.text
@@ -67,7 +67,7 @@ def test_weights_change_the_output(server, client):
 
 
 def test_strength_zero_with_full_vocabulary_is_plain_decoding(server, client):
-    kw = dict(model=server.model, prompt="The cat", max_tokens=10, temperature=0.9, seed=11)
+    kw = {"model": server.model, "prompt": "The cat", "max_tokens": 10, "temperature": 0.9, "seed": 11}
     plain = client.completions.create(**kw).choices[0].text
     steered = client.completions.create(**kw, extra_body={"control": {
         "mode": "token", "strength": 0.0, "top_k": 0, "weights": {"positive": 1.0}}}).choices[0].text

@@ -80,10 +80,10 @@ def test_bad_control_type(server, http):
 
 def test_non_finite_numbers(server, http):
     # Python's json (and some clients) write NaN/Infinity; they must be refused by name, not crash
-    body = '{"model": "%s", "prompt": "hi", "control": {"mode": "token", "strength": NaN}}' % server.model
+    body = f'{{"model": "{server.model}", "prompt": "hi", "control": {{"mode": "token", "strength": NaN}}}}'
     assert_error(http.post("/v1/completions", content=body, headers={"content-type": "application/json"}),
                  400, "control.strength")
-    body = '{"model": "%s", "prompt": "hi", "temperature": Infinity}' % server.model
+    body = f'{{"model": "{server.model}", "prompt": "hi", "temperature": Infinity}}'
     assert_error(http.post("/v1/completions", content=body, headers={"content-type": "application/json"}),
                  400, "temperature")
 

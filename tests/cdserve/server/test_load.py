@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 
@@ -117,35 +118,44 @@ def test_non_streaming_disconnect_cancels(small_server):
 
 
 def test_sigterm_drains(launch):
-    """A stream that outlives the shutdown grace period ends with an error event, then [DONE];
-    a request that fits in the grace period completes normally; new connections are refused;
-    the server exits 0. (This is also the live test of a stream failing after it started.)"""
-    srv = launch("--max-model-len", "1024", "--max-tokens-limit", "1000", "--shutdown-grace-seconds", "2")
-    events: list[str] = []
-    short: dict = {}
+    """On SIGTERM: new connections are refused; a request that fits in the grace period completes
+    normally; one that outlives it ends with an error event, then [DONE]; the server exits 0.
+    (This is also the live test of a stream failing after it started.)"""
+    srv = launch("--max-model-len", "1024", "--max-tokens-limit", "1000", "--shutdown-grace-seconds", "1.5")
+    # 1000 steps of 4 rows: several seconds, well past the grace period
+    long_body = {"model": srv.model, "prompt": PROMPT, "max_tokens": 1000, "n": 4, "temperature": 0,
+                 "stream": True}
+    short_body = {"model": srv.model, "prompt": "The cat", "max_tokens": 5, "temperature": 0, "stream": True}
+    long_events: list[str] = []
+    first_long = threading.Event()
+
+    def read_long():
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=long_body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    long_events.append(line)
+                    first_long.set()
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
     try:
-        with httpx.Client(base_url=srv.url, timeout=60) as http, http.stream("POST", "/v1/completions", json={
-                "model": srv.model, "prompt": PROMPT, "max_tokens": 1000, "n": 2, "temperature": 0,
-                "stream": True}) as long:
-            lines = long.iter_lines()
-            events.append(next(line for line in lines if line.startswith("data: ")))
-            short_thread = threading.Thread(target=lambda: short.update(r=httpx.post(
-                f"{srv.url}/v1/completions", json={"model": srv.model, "prompt": "The cat", "max_tokens": 20,
-                                                   "temperature": 0}, timeout=60)))
-            short_thread.start()
-            srv.wait_for(lambda: srv.metric("cdserve_requests_in_flight") == 2, what="both in flight")
-            srv.proc.send_signal(15)  # SIGTERM
+        assert first_long.wait(30)
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=short_body, timeout=60) as short:
+            lines = (line for line in short.iter_lines() if line.startswith("data: "))
+            short_events = [next(lines)]  # both requests are now in flight
+            srv.proc.send_signal(signal.SIGTERM)
             srv.wait_for(lambda: _refused(srv.url), what="new connections refused")
-            events.extend(line for line in lines if line.startswith("data: "))
-            short_thread.join(30)
+            short_events.extend(lines)
+        reader.join(30)
         assert srv.proc.wait(30) == 0
     finally:
         srv.stop()
-    assert short["r"].status_code == 200 and short["r"].json()["choices"][0]["finish_reason"] == "length"
-    assert events[-1] == "data: [DONE]"
-    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert short_events[-1] == "data: [DONE]"
+    assert json.loads(short_events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    assert long_events[-1] == "data: [DONE]"
+    error = json.loads(long_events[-2].removeprefix("data: "))["error"]
     assert error["code"] == "shutting_down" and error["type"] == "service_unavailable_error"
-    assert len(events) > 3  # it streamed during the grace period
+    assert "finished server process" in srv.log().lower()
 
 
 def _refused(url: str) -> bool:
