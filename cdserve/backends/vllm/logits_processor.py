@@ -120,13 +120,15 @@ class ScorerLogitsProcessor(LogitsProcessor):
         positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
         mean, std = self.scorer.norm_stats(positions)  # (N, H)
         steered = base.clone()
-        full = top_k == 0
-        if bool(full.any()):
-            f = full.nonzero()[:, 0]
+        # Which rows steer the whole vocabulary is known on the host: no device sync here.
+        full = [j for j, r in enumerate(rows) if r.control.top_k == 0]
+        part = [j for j, r in enumerate(rows) if r.control.top_k > 0]
+        if full:
+            f = torch.tensor(full, device=dev)
             combined = combined_full(self.scorer, q[f], mean[f], std[f], weights[f])
             steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
-        if bool((~full).any()):
-            t = (~full).nonzero()[:, 0]
+        if part:
+            t = torch.tensor(part, device=dev)
             cands = top_k_candidates(base[t], top_k[t])  # (n, k)
             raw = self.scorer.values_at(q[t], cands.clamp(min=0))  # (n, H, k)
             combined = combine_heads(raw, mean[t], std[t], weights[t])
