@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def cmd_train(args) -> None:
                       head_lr=args.head_lr, num_layers=args.num_layers, seed=args.seed, device=args.device,
                       base_model=args.base_model, heads=_heads(args))
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", run / "train", cfg, _base_dir(args))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 writes and reports
     print(out)
     print(json.dumps(json.loads((out / "config.json").read_text())["provenance"]["metrics"], indent=2))
 
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, run=True):
         sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--threads", type=int, help="CPU threads for torch (on a shared or busy machine, 1 "
+                        "is often several times faster than oversubscribed cores)")
         sp.add_argument("--reward-module", action="append", help="module that registers rewards (repeatable)")
         sp.add_argument("--head", action="append", help="head as name=reward (repeatable; default: the four built-ins)")
         if run:
@@ -183,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.fn(args)
     return 0
 

@@ -218,9 +218,10 @@ def value_statistics(scorer: PrefixScorer, examples: list[Example], P: int, batc
 def evaluate(scorer, examples: list[Example], cfg: TrainConfig, pad_id: int, inv_var: torch.Tensor,
              objective: str | None = None) -> tuple[float, torch.Tensor]:
     total, per_head, n = 0.0, torch.zeros_like(inv_var), 0
+    inv_var_dev = inv_var.to(cfg.device)
     for group in batches(examples, cfg.batch_size, 0, shuffle=False):
         b = collate(group, pad_id, cfg.device, with_next=(objective or cfg.objective) == "cdq")
-        loss, ph = batch_loss(scorer, b, objective or cfg.objective, inv_var)
+        loss, ph = batch_loss(scorer, b, objective or cfg.objective, inv_var_dev)
         total += float(loss) * len(group)
         per_head += ph.cpu() * len(group)
         n += len(group)
@@ -293,7 +294,9 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     body = [p for n, p in scorer.named_parameters() if n not in ("head_proj", "head_bias")]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
                             weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size / world)
+    # every process takes the same number of batches (DDP all-reduces once per step)
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size) // world if world > 1 else \
+        math.ceil(len(train_ex) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     history = {"train": [], "eval": []}
     start_epoch, state_path = 0, out_dir / "train_state.pt"
@@ -309,7 +312,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     with_next = cfg.objective == "cdq"
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        groups = batches(train_ex, cfg.batch_size, cfg.seed + epoch, shuffle=True)[rank::world]
+        groups = batches(train_ex, cfg.batch_size, cfg.seed + epoch, shuffle=True)
+        groups = groups[: steps_per_epoch * world][rank::world]
         bar = tqdm(groups, desc=f"train {cfg.objective} epoch {epoch + 1}/{cfg.epochs}", disable=rank != 0)
         for i, group in enumerate(bar):
             step = epoch * steps_per_epoch + i
@@ -330,6 +334,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
             torch.save({"config": asdict(cfg), "model": scorer.state_dict(), "optimizer": opt.state_dict(),
                         "epoch": epoch + 1, "history": history}, state_path)
     seconds = time.time() - t0
+    if world > 1:
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return out_dir / "scorer"
 

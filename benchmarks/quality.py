@@ -1,0 +1,308 @@
+"""Quality benchmark: how far does each control mode move the true rewards, at what KL and cost?
+
+Drives a cdserve server over HTTP as a user would (the official `openai` client, control in
+`extra_body`). On held-out prompts (prefix_scorers/data/prompts_eval.jsonl, never trained on) it
+runs `none`, `token` at several strengths, `block` at several K (fixed M) and `best_of_n` at
+several N, steering one head at a time (weight 1), plus a weights sweep between `positive` and
+`concise` in token mode. For every run it records, per answer:
+
+- the true reward of every head (the reward functions of prefix_scorers.rewards, not the scorer),
+- the KL from the base model the server reports (token: exact sum of per-step KL; block and
+  best_of_n: the bound log K - (K-1)/K per selection),
+- tokens the base model generated per accepted token (control.tokens_generated / completion tokens).
+
+    python benchmarks/quality.py                        # starts `cdserve serve` itself (hf backend)
+    python benchmarks/quality.py --url http://host:8000 # or uses a running server
+    python benchmarks/quality.py --quick                # 8 prompts, fewer settings (smoke run)
+
+Results go to benchmarks/results/quality.json (each run is cached there: a rerun only does what
+is missing), the plots to benchmarks/quality_reward_vs_kl.png and
+benchmarks/quality_weights_sweep.png, and a markdown table to benchmarks/RESULTS_quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from prefix_scorers.checkpoint import DEFAULT_HEADS  # noqa: E402
+from prefix_scorers.prompts import load_prompts  # noqa: E402
+from prefix_scorers.rewards import score_texts  # noqa: E402
+
+HEADS = {h.name: h.reward for h in DEFAULT_HEADS}
+MODES = ("none", "token", "block", "best_of_n")
+
+
+def plan(quick: bool, heads: list[str]) -> list[dict]:
+    """The runs: one dict per (mode, setting, weights)."""
+    strengths = [2.0, 5.0] if quick else [1.0, 2.0, 4.0, 8.0]
+    ks = [4] if quick else [2, 4, 8]
+    runs = [{"mode": "none", "weights": {heads[0]: 1.0}}]
+    for head in heads:
+        w = {head: 1.0}
+        runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 20} for s in strengths]
+        runs += [{"mode": "block", "weights": w, "block_size": 8, "num_candidates": k} for k in ks]
+        runs += [{"mode": "best_of_n", "weights": w, "num_candidates": n} for n in ks]
+    return runs
+
+
+def sweep_plan(strength: float) -> list[dict]:
+    return [{"mode": "token", "weights": {"positive": round(a, 2), "concise": round(1 - a, 2)},
+             "strength": strength, "top_k": 20, "sweep": True} for a in (1.0, 0.75, 0.5, 0.25, 0.0)]
+
+
+def run_key(run: dict) -> str:
+    return json.dumps({k: v for k, v in run.items() if k != "sweep"}, sort_keys=True)
+
+
+# -- talking to the server -----------------------------------------------------------------------
+async def one_request(client, model: str, prompt: str, seed: int, control: dict, args) -> dict:
+    r = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=seed, extra_body={"control": control})
+    choice = r.choices[0]
+    extra = choice.model_extra or {}
+    return {"text": choice.message.content or "", "completion_tokens": r.usage.completion_tokens,
+            "control": extra.get("control")}
+
+
+async def run_once(client, model: str, prompts: list[dict], run: dict, args) -> dict:
+    control = {k: v for k, v in run.items() if k != "sweep"}
+    sem = asyncio.Semaphore(args.concurrency)
+
+    async def go(i, p):
+        async with sem:
+            return await one_request(client, model, p["prompt"], args.seed + i, control, args)
+
+    t0 = time.perf_counter()
+    answers = await asyncio.gather(*(go(i, p) for i, p in enumerate(prompts)))
+    seconds = time.perf_counter() - t0
+    texts = [a["text"] for a in answers]
+    rewards = score_texts(texts, list(HEADS.values()))
+    kl = [(a["control"] or {}).get("kl", 0.0) for a in answers]
+    gen = [(a["control"] or {}).get("tokens_generated", 0) or a["completion_tokens"] for a in answers]
+    comp = [max(1, a["completion_tokens"]) for a in answers]
+    return {
+        **run, "n": len(prompts), "seconds": round(seconds, 1),
+        "reward": {h: statistics.fmean(rewards[r]) for h, r in HEADS.items()},
+        "reward_sem": {h: statistics.stdev(rewards[r]) / len(texts) ** 0.5 for h, r in HEADS.items()},
+        "kl": statistics.fmean(kl), "tokens_per_accepted": sum(gen) / sum(comp),
+        "completion_tokens": statistics.fmean(comp),
+        "scorer_values": {h: statistics.fmean((a["control"] or {}).get("values", {}).get(h, 0.0) for a in answers)
+                          for h in HEADS},
+        "samples": [{"prompt": p["prompt"], "text": t} for p, t in zip(prompts, texts)],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    exe = ROOT / ".venv" / "bin" / "cdserve"
+    cmd = [str(exe) if exe.exists() else "cdserve", "serve", "--port", str(port), "--backend", args.backend,
+           "--scorer", args.scorer, "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"]
+    print("starting:", shlex.join(cmd), flush=True)
+    log = open(HERE / "results" / "quality_server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + args.start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    proc.terminate()
+    raise RuntimeError(f"server not ready after {args.start_timeout}s; see {log.name}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# -- reporting -----------------------------------------------------------------------------------
+def label(r: dict) -> str:
+    if r["mode"] == "none":
+        return "none"
+    if r["mode"] == "token":
+        return f"token s={r['strength']:g}"
+    if r["mode"] == "block":
+        return f"block K={r['num_candidates']} M={r['block_size']}"
+    return f"best_of_n N={r['num_candidates']}"
+
+
+def steered_head(r: dict) -> str:
+    return next(iter(r["weights"]))
+
+
+def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in results if r["mode"] == "none")
+    heads = [h for h in HEADS if any(r["mode"] != "none" and steered_head(r) == h and not r.get("sweep")
+                                     for r in results)]
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 3.8), squeeze=False)
+    style = {"token": ("tab:blue", "o"), "block": ("tab:orange", "s"), "best_of_n": ("tab:green", "^")}
+    for ax, head in zip(axes[0], heads):
+        for mode, (color, marker) in style.items():
+            pts = sorted((r["kl"], r["reward"][head], r["reward_sem"][head]) for r in results
+                         if r["mode"] == mode and not r.get("sweep") and steered_head(r) == head)
+            if pts:
+                xs, ys, es = zip(*([(0.0, base["reward"][head], base["reward_sem"][head])] + pts))
+                ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=2, label=mode)
+        ax.axhline(base["reward"][head], color="grey", ls=":", lw=1)
+        ax.set_title(f"{head} ({HEADS[head]})")
+        ax.set_xlabel("KL from base (nats per answer)")
+        ax.set_ylabel(f"mean true {head} reward")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Steering one head at a time, {base['n']} held-out prompts (error bars: 1 s.e.)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = sorted((r for r in results if r.get("sweep")), key=lambda r: -r["weights"]["positive"])
+    if not sweep:
+        return
+    base = next(r for r in results if r["mode"] == "none")
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    xs = [r["reward"]["concise"] for r in sweep]
+    ys = [r["reward"]["positive"] for r in sweep]
+    ax.plot(xs, ys, "o-", color="tab:purple", label=f"token mode, strength {sweep[0]['strength']:g}")
+    for r, x, y in zip(sweep, xs, ys):
+        ax.annotate(f"w+={r['weights']['positive']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([base["reward"]["concise"]], [base["reward"]["positive"]], "k*", ms=10, label="none (base)")
+    ax.set_xlabel("mean true concise reward")
+    ax.set_ylabel("mean true positive reward")
+    ax.set_title("positive vs concise: one scorer, weights swept")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(results: list[dict], command: str, meta: dict) -> str:
+    heads = list(HEADS)
+    lines = [
+        "## Quality: reward vs KL per control mode", "",
+        f"Produced by `{command}` ({meta['date']}, {meta['backend']} backend, scorer `{meta['scorer']}`, "
+        f"{meta['n']} held-out prompts, max_tokens {meta['max_tokens']}, temperature {meta['temperature']}, "
+        f"seeds {meta['seed']}..{meta['seed'] + meta['n'] - 1}; {meta['machine']}). True rewards from "
+        "`prefix_scorers.rewards`; KL as the server reports it (token: exact per-step sum; block and "
+        "best_of_n: the bound log K - (K-1)/K per selection).", "",
+        "| run | steered | " + " | ".join(heads) + " | KL | gen/accepted | s |",
+        "|---|---|" + "---|" * len(heads) + "---|---|---|",
+    ]
+    for r in results:
+        head = "-" if r["mode"] == "none" else ", ".join(f"{k}={v:g}" for k, v in r["weights"].items())
+        cells = [f"{r['reward'][h]:.3f}" for h in heads]
+        lines.append(f"| {label(r)} | {head} | " + " | ".join(cells) +
+                     f" | {r['kl']:.2f} | {r['tokens_per_accepted']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- main ----------------------------------------------------------------------------------------
+async def main_async(args) -> None:
+    from openai import AsyncOpenAI
+
+    out = HERE / "results" / "quality.json"
+    out.parent.mkdir(exist_ok=True)
+    cache = {run_key(r): r for r in json.loads(out.read_text())["runs"]} if out.exists() and not args.fresh else {}
+    prompts = load_prompts("eval")
+    step = max(1, len(prompts) // args.prompts)
+    prompts = prompts[::step][: args.prompts]  # spread over the categories
+    heads = args.heads.split(",")
+    runs = plan(args.quick, heads) + (sweep_plan(args.sweep_strength) if "concise" in HEADS else [])
+    todo = [r for r in runs if run_key(r) not in cache or cache[run_key(r)]["n"] != len(prompts)]
+    proc = None
+    if todo and not args.url:
+        proc, args.url = start_server(args)
+    try:
+        if todo:
+            client = AsyncOpenAI(base_url=args.url + "/v1", api_key=os.environ.get("CDSERVE_API_KEY", "none"),
+                                 timeout=3600, max_retries=0)
+            model = (await client.models.list()).data[0].id
+            for i, run in enumerate(todo):
+                res = await run_once(client, model, prompts, run, args)
+                cache[run_key(run)] = res
+                print(f"[{i + 1}/{len(todo)}] {label(res):22s} {json.dumps(run['weights'])} "
+                      + " ".join(f"{h}={res['reward'][h]:.3f}" for h in HEADS)
+                      + f" kl={res['kl']:.2f} gen/acc={res['tokens_per_accepted']:.2f} {res['seconds']:.0f}s",
+                      flush=True)
+                meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "backend": args.backend,
+                        "scorer": args.scorer, "n": len(prompts), "max_tokens": args.max_tokens,
+                        "temperature": args.temperature, "seed": args.seed,
+                        "machine": f"{os.cpu_count()} CPU cores, shared"}
+                out.write_text(json.dumps({"meta": meta, "runs": list(cache.values())}, indent=1) + "\n")
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    data = json.loads(out.read_text())
+    results = [cache[run_key(r)] for r in runs if run_key(r) in cache]
+    plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
+    plot_sweep(results, HERE / "quality_weights_sweep.png")
+    command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    (HERE / "RESULTS_quality.md").write_text(table(results, command.strip(), data["meta"]))
+    print(f"wrote {out}, {HERE / 'quality_reward_vs_kl.png'}, {HERE / 'RESULTS_quality.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", help="a running server (default: start one)")
+    ap.add_argument("--backend", default="hf")
+    ap.add_argument("--scorer", default="default")
+    ap.add_argument("--prompts", type=int, default=24, help="held-out prompts per run")
+    ap.add_argument("--heads", default="positive,civil,concise,readable", help="heads to steer, one at a time")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("--sweep-strength", type=float, default=4.0)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-batch-rows", type=int, default=64)
+    ap.add_argument("--start-timeout", type=float, default=600)
+    ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
+    ap.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts = min(args.prompts, 8)
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
