@@ -57,8 +57,9 @@ class _GenerationRequest(OpenAIModel):
             if name in type(self).model_fields and getattr(self, name) not in neutral:
                 raise InvalidRequestError(name, f"'{name}' is not supported by this server")
 
-    def _max_tokens(self) -> int | None:
-        return self.max_tokens
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The max_tokens the client asked for (None: the default) and the parameter it used."""
+        return self.max_tokens, "max_tokens"
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -66,7 +67,7 @@ class _GenerationRequest(OpenAIModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        max_tokens = self._max_tokens()
+        max_tokens, _ = self.requested_max_tokens()
         return SamplingParams(
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -178,8 +179,15 @@ class ChatCompletionRequest(_GenerationRequest):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise InvalidRequestError("max_tokens", "send max_completion_tokens or max_tokens, not both")
 
-    def _max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template expects them ('developer' is OpenAI's new 'system')."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]
 
 
 # ---------------------------------------------------------------- responses

@@ -5,143 +5,30 @@ metrics. Routes call `complete()`; they know nothing of the engine.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from cdserve.control.request import ResolvedControl, resolve_control
 from cdserve.engine_protocol import Engine
 from cdserve.errors import InvalidRequestError
-from cdserve.outputs import ChoiceDelta, ControlValues, GenerationRequest, RequestOutput
+from cdserve.outputs import ChoiceDelta, GenerationRequest
+from cdserve.sampling import SamplingParams
 from cdserve.server import protocol as p
 from cdserve.server.errors import ShuttingDownError, classify
 from cdserve.server.metrics import ServerMetrics
 from cdserve.server.settings import ServerSettings
+from cdserve.server.streams import ClientDisconnected, Drain, Job, cancel_on_disconnect
 
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; only ever seen in metrics
-
-
-class ClientDisconnected(Exception):
-    pass
-
-
-@dataclass
-class _Choice:
-    text: list[str] = field(default_factory=list)
-    tokens: int = 0
-    finish_reason: str | None = None
-    control: ControlValues | None = None
-
-
-@dataclass
-class _Job:
-    """One HTTP generation request on its way through the engine."""
-
-    endpoint: str
-    response_id: str
-    model: str
-    mode: str
-    n: int
-    requests: list[GenerationRequest]
-    arrival: float
-    prompt_tokens: int = 0
-    choices: dict[int, _Choice] = field(default_factory=dict)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-
-    def add(self, index: int, delta: ChoiceDelta) -> None:
-        choice = self.choices.setdefault(index, _Choice())
-        choice.text.append(delta.text)
-        if delta.token_ids:
-            self.last_token_at = time.monotonic()
-            self.first_token_at = self.first_token_at or self.last_token_at
-        choice.tokens += len(delta.token_ids)
-        if delta.finish_reason == "abort":
-            raise ShuttingDownError("the engine aborted the request: the server is shutting down")
-        if delta.finish_reason is not None:
-            choice.finish_reason, choice.control = delta.finish_reason, delta.control
-
-    def usage(self) -> p.UsageInfo:
-        completion = sum(c.tokens for c in self.choices.values())
-        return p.UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-                           total_tokens=self.prompt_tokens + completion)
-
-
-async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    try:
-        yield first
-        async for out in rest:
-            yield out
-    finally:
-        await rest.aclose()  # closing aborts the request in the engine
-
-
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several engine requests (one per prompt) as they come, tagged by prompt index.
-    Leaving early (error, disconnect) cancels and closes every stream."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((i, out))
-            queue.put_nowait((i, done))
-        except Exception as e:  # noqa: BLE001  (re-raised by the consumer)
-            queue.put_nowait((i, e))
-        finally:
-            await stream.aclose()
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def cancel_on_disconnect(request: Request, coro):
-    """Run coro; if the client goes away first, cancel it (which aborts its engine requests)."""
-    work = asyncio.ensure_future(coro)
-    watch = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            raise ClientDisconnected()
-    return work.result()
 
 
 class OpenAIServing:
@@ -149,41 +36,7 @@ class OpenAIServing:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
-        self._draining = asyncio.Event()
-        self._drain_deadline = 0.0
-
-    # ------------------------------------------------------------------ graceful shutdown
-    def begin_drain(self, grace_seconds: float) -> None:
-        """SIGTERM: new requests get 503; in-flight ones have grace_seconds to finish, then end
-        with a 503 (an error event in a stream) and leave the engine."""
-        self._drain_deadline = time.monotonic() + grace_seconds
-        self._draining.set()
-
-    async def _until_drained(self, outputs: AsyncIterator) -> AsyncIterator:
-        """`outputs`, until the drain deadline passes (then ShuttingDownError)."""
-        try:
-            while True:
-                nxt = asyncio.ensure_future(anext(outputs))
-                try:
-                    if not self._draining.is_set():
-                        drain = asyncio.ensure_future(self._draining.wait())
-                        await asyncio.wait({nxt, drain}, return_when=asyncio.FIRST_COMPLETED)
-                        drain.cancel()
-                    if not nxt.done():
-                        await asyncio.wait({nxt}, timeout=max(0.0, self._drain_deadline - time.monotonic()))
-                    if not nxt.done():
-                        raise ShuttingDownError(f"the server is shutting down and its grace period "
-                                                f"({self.settings.shutdown_grace_seconds:g}s) is over")
-                    item = nxt.result()
-                except StopAsyncIteration:
-                    return
-                finally:
-                    if not nxt.done():
-                        nxt.cancel()
-                        await asyncio.gather(nxt, return_exceptions=True)
-                yield item
-        finally:
-            await outputs.aclose()
+        self.drain = Drain()
 
     # ------------------------------------------------------------------ request -> engine requests
     def _check_model(self, model: str) -> None:
@@ -196,9 +49,9 @@ class OpenAIServing:
         if isinstance(req, p.ChatCompletionRequest):
             if not getattr(tok, "chat_template", None):
                 raise InvalidRequestError("messages", "this model has no chat template; use /v1/completions")
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
             try:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = tok.apply_chat_template(req.template_messages(), tokenize=False,
+                                               add_generation_prompt=True)
             except Exception as e:  # noqa: BLE001  (the template refuses the conversation: jinja raise_exception)
                 raise InvalidRequestError("messages", f"the chat template refused these messages: {e}") from None
             prompts = [tok(text, add_special_tokens=False)["input_ids"]]
@@ -225,11 +78,12 @@ class OpenAIServing:
                                           f"{len(ids)} tokens", code="context_length_exceeded")
         return prompts
 
-    def _sampling(self, req, longest_prompt: int):
+    def _sampling(self, req: p.CompletionRequest | p.ChatCompletionRequest, longest_prompt: int) -> SamplingParams:
+        """Sampling parameters within the server's limits and the context left by the prompt.
+        An omitted max_tokens is capped to fit; one asked for that does not fit is refused."""
         limit = self.settings.max_tokens_limit
         room = self.engine.max_model_len - longest_prompt
-        asked = req._max_tokens()
-        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        asked, param = req.requested_max_tokens()
         default = p.DEFAULT_COMPLETION_MAX_TOKENS if isinstance(req, p.CompletionRequest) else limit
         sampling = req.to_sampling_params(min(default, limit, room))
         try:
@@ -245,15 +99,17 @@ class OpenAIServing:
                                       code="context_length_exceeded")
         return sampling
 
-    def _prepare(self, req, endpoint: str, raw: Request) -> _Job:
+    def _prepare(self, req: p.CompletionRequest | p.ChatCompletionRequest, endpoint: str,
+                 raw: Request) -> Job:
+        """Every check that can refuse the request, before any work; the engine requests."""
         arrival = time.monotonic()
-        if self._draining.is_set():
+        if self.drain.started:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self._check_model(req.model)
         req.refuse_unsupported()
         control: ResolvedControl = resolve_control(req.control, self.engine.config.control,
                                                    self.engine.head_names)
-        raw.state.mode = control.mode
+        raw.state.mode = control.mode  # for the metrics of a refused request
         prompts = self._prompt_ids(req)
         sampling = self._sampling(req, max(len(ids) for ids in prompts))
         response_id = p.new_id("chatcmpl" if endpoint.endswith("chat/completions") else "cmpl")
@@ -262,96 +118,76 @@ class OpenAIServing:
                     for i, ids in enumerate(prompts)]
         if req.user:
             log.info("%s for user %r", response_id, req.user)
-        return _Job(endpoint, response_id, self.engine.model_name, control.mode, sampling.n,
-                    requests, arrival)
-
-    async def _start(self, job: _Job) -> list[AsyncIterator[RequestOutput]]:
-        """Submit every engine request; raises (QueueFullError, InvalidRequestError) before any
-        response is sent, closing whatever was already submitted."""
-        streams: list[AsyncIterator[RequestOutput]] = []
-        try:
-            for gen in job.requests:
-                stream = self.engine.generate(gen)
-                try:
-                    first = await anext(stream)
-                except BaseException:
-                    await stream.aclose()
-                    raise
-                job.prompt_tokens += first.prompt_tokens
-                streams.append(_prepend(first, stream))
-        except BaseException:
-            for s in streams:
-                await s.aclose()
-            raise
-        return streams
+        return Job(endpoint, response_id, self.engine.model_name, control.mode, sampling.n, requests, arrival)
 
     # ------------------------------------------------------------------ the entry point
     async def complete(self, req: p.CompletionRequest | p.ChatCompletionRequest, raw: Request,
                        endpoint: str) -> Response:
+        """Serve one completion or chat completion request, streamed or not."""
         job = self._prepare(req, endpoint, raw)
         self.metrics.in_flight.inc()
-        handed_to_stream = False
+        chat = isinstance(req, p.ChatCompletionRequest)
         try:
-            try:
-                streams = await cancel_on_disconnect(raw, self._start(job))
-            except ClientDisconnected:
-                self._record(job, CLIENT_CLOSED)
-                return Response(status_code=CLIENT_CLOSED)
+            await cancel_on_disconnect(raw, job.start(self.engine.generate))
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                events = self._stream(job, streams, include_usage, isinstance(req, p.ChatCompletionRequest))
-                handed_to_stream = True
-                # sse-starlette's own shutdown cut-off is a backstop: _until_drained ends the
-                # stream (error event, [DONE]) when the grace period is over
-                return EventSourceResponse(events, ping=15, sep="\n",
-                                           shutdown_grace_period=self.settings.shutdown_grace_seconds + 2)
-            try:
-                body = await cancel_on_disconnect(raw, self._collect(job, streams, req))
-            except ClientDisconnected:
-                self._record(job, CLIENT_CLOSED)
-                return Response(status_code=CLIENT_CLOSED)
-            self._record(job, 200)
-            return Response(body.model_dump_json(), media_type="application/json")
-        finally:
-            if not handed_to_stream:
-                self.metrics.in_flight.dec()
+                # The stream's own finally finishes the job; the background task covers a client
+                # that left before the stream started. sse-starlette's shutdown cut-off is only a
+                # backstop: Drain ends the stream (error event, [DONE]) when the grace is over.
+                return EventSourceResponse(
+                    self._stream(job, include_usage, chat), ping=15, sep="\n",
+                    background=BackgroundTask(self._finish, job, CLIENT_CLOSED),
+                    shutdown_grace_period=self.settings.shutdown_grace_seconds + 2)
+            body = await cancel_on_disconnect(raw, self._collect(job, chat))
+        except ClientDisconnected:
+            await self._finish(job, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception:
+            await self._finish(job, None)  # the error handler answers and counts it
+            raise
+        except BaseException:  # cancelled (server shutdown past its backstop)
+            await self._finish(job, CLIENT_CLOSED)
+            raise
+        await self._finish(job, 200)
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    async def _finish(self, job: Job, status: int | None) -> None:
+        """Close the job's engine streams and record it (status None: not here), once."""
+        await job.close()
+        if not job.done:
+            job.done = True
+            self.metrics.in_flight.dec()
+            if status is not None:
+                self._record(job, status)
 
     # ------------------------------------------------------------------ non-streaming
-    async def _collect(self, job: _Job, streams, req):
-        async for prompt_index, out in self._until_drained(_merge(streams)):
-            for delta in out.choices:
-                job.add(prompt_index * job.n + delta.index, delta)
-        indices = sorted(job.choices)
-        if isinstance(req, p.ChatCompletionRequest):
-            choices = [p.ChatCompletionChoice(
-                index=i, message=p.ChatResponseMessage(content="".join(job.choices[i].text)),
-                finish_reason=job.choices[i].finish_reason,
-                control=p.ChoiceControl.from_values(job.choices[i].control)) for i in indices]
-            return p.ChatCompletionResponse(id=job.response_id, created=p.now(), model=job.model,
-                                            choices=choices, usage=job.usage())
-        choices = [p.CompletionChoice(index=i, text="".join(job.choices[i].text),
-                                      finish_reason=job.choices[i].finish_reason,
-                                      control=p.ChoiceControl.from_values(job.choices[i].control))
-                   for i in indices]
-        return p.CompletionResponse(id=job.response_id, created=p.now(), model=job.model,
-                                    choices=choices, usage=job.usage())
+    async def _collect(self, job: Job, chat: bool) -> p.CompletionResponse | p.ChatCompletionResponse:
+        async for _ in self.drain.until_deadline(job.outputs()):
+            pass
+        choices = [(i, job.choices[i]) for i in sorted(job.choices)]
+        if chat:
+            return p.ChatCompletionResponse(
+                id=job.response_id, created=p.now(), model=job.model, usage=job.usage(), choices=[
+                    p.ChatCompletionChoice(index=i, message=p.ChatResponseMessage(content="".join(c.text)),
+                                           finish_reason=c.finish_reason,
+                                           control=p.ChoiceControl.from_values(c.control))
+                    for i, c in choices])
+        return p.CompletionResponse(
+            id=job.response_id, created=p.now(), model=job.model, usage=job.usage(), choices=[
+                p.CompletionChoice(index=i, text="".join(c.text), finish_reason=c.finish_reason,
+                                   control=p.ChoiceControl.from_values(c.control))
+                for i, c in choices])
 
     # ------------------------------------------------------------------ streaming
-    async def _stream(self, job: _Job, streams, include_usage: bool, chat: bool) -> AsyncIterator[str]:
+    async def _stream(self, job: Job, include_usage: bool, chat: bool) -> AsyncIterator[str]:
         created = p.now()
         status = CLIENT_CLOSED  # unless the loop below finishes or fails
         try:
             if chat:
                 yield self._role_chunk(job, created)
-            async for prompt_index, out in self._until_drained(_merge(streams)):
-                deltas = []
-                for delta in out.choices:
-                    index = prompt_index * job.n + delta.index
-                    job.add(index, delta)
-                    if delta.text or delta.finish_reason:
-                        deltas.append((index, delta))
-                if deltas:
-                    yield self._chunk(job, created, chat, deltas)
+            async for index, delta in self.drain.until_deadline(job.outputs()):
+                if delta.text or delta.finish_reason:
+                    yield self._chunk(job, created, chat, index, delta)
             if include_usage:
                 chunk_type = p.ChatCompletionStreamResponse if chat else p.CompletionStreamResponse
                 yield chunk_type(id=job.response_id, created=created, model=job.model, choices=[],
@@ -362,31 +198,30 @@ class OpenAIServing:
             status = error.status
             yield json.dumps(error.body())
         finally:
-            self._record(job, status)
-            self.metrics.in_flight.dec()
+            await self._finish(job, status)
         yield "[DONE]"
 
-    def _role_chunk(self, job: _Job, created: int) -> str:
+    def _role_chunk(self, job: Job, created: int) -> str:
         """OpenAI's first chat chunk: the role of every choice, no content yet."""
         choices = [p.ChatCompletionStreamChoice(index=i, delta=p.ChatDelta(role="assistant", content=""))
                    for i in range(len(job.requests) * job.n)]
         return p.ChatCompletionStreamResponse(id=job.response_id, created=created, model=job.model,
                                               choices=choices).model_dump_json()
 
-    def _chunk(self, job: _Job, created: int, chat: bool, deltas: list[tuple[int, ChoiceDelta]]) -> str:
+    def _chunk(self, job: Job, created: int, chat: bool, index: int, delta: ChoiceDelta) -> str:
+        control = p.ChoiceControl.from_values(delta.control)
         if chat:
-            choices = [p.ChatCompletionStreamChoice(
-                index=i, delta=p.ChatDelta(content=d.text), finish_reason=d.finish_reason,
-                control=p.ChoiceControl.from_values(d.control)) for i, d in deltas]
+            choice = p.ChatCompletionStreamChoice(index=index, delta=p.ChatDelta(content=delta.text),
+                                                  finish_reason=delta.finish_reason, control=control)
             return p.ChatCompletionStreamResponse(id=job.response_id, created=created, model=job.model,
-                                                  choices=choices).model_dump_json()
-        choices = [p.CompletionChoice(index=i, text=d.text, finish_reason=d.finish_reason,
-                                      control=p.ChoiceControl.from_values(d.control)) for i, d in deltas]
+                                                  choices=[choice]).model_dump_json()
+        choice = p.CompletionChoice(index=index, text=delta.text, finish_reason=delta.finish_reason,
+                                    control=control)
         return p.CompletionStreamResponse(id=job.response_id, created=created, model=job.model,
-                                          choices=choices).model_dump_json()
+                                          choices=[choice]).model_dump_json()
 
     # ------------------------------------------------------------------ metrics
-    def _record(self, job: _Job, status: int) -> None:
+    def _record(self, job: Job, status: int) -> None:
         m, mode = self.metrics, job.mode
         m.requests.labels(job.endpoint, mode, str(status)).inc()
         if status != 200:

@@ -38,7 +38,7 @@ class ServerState:
         self.status = "draining"
         grace = self.settings.shutdown_grace_seconds
         log.info("draining: up to %gs for in-flight requests", grace)
-        self.loop.call_soon_threadsafe(self.serving.begin_drain, grace)
+        self.loop.call_soon_threadsafe(self.serving.drain.begin, grace)
 
     @property
     def scorer_id(self) -> str:
