@@ -50,9 +50,8 @@ class EngineConfig(BaseModel):
         if self.max_tokens_limit >= self.max_model_len:
             raise ValueError(f"max_tokens_limit={self.max_tokens_limit} must be smaller than "
                              f"max_model_len={self.max_model_len}")
-        worst = self.max_n * self.control.max_num_candidates
-        if worst > self.max_batch_rows:
-            raise ValueError(f"max_n * control.max_num_candidates = {worst} exceeds "
-                             f"max_batch_rows={self.max_batch_rows}: one request could never be "
-                             "scheduled; lower max_n or max_num_candidates, or raise max_batch_rows")
+        if self.control.max_num_candidates > self.max_batch_rows:
+            raise ValueError(f"control.max_num_candidates={self.control.max_num_candidates} exceeds "
+                             f"max_batch_rows={self.max_batch_rows}: a block/best_of_n request could never "
+                             "be scheduled; lower the first or raise the second")
         return self

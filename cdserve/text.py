@@ -1,0 +1,23 @@
+"""Detokenising generated ids: stop strings and safe streaming deltas."""
+
+from __future__ import annotations
+
+
+def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int:
+    """Index of the earliest stop string in text[start:] (-1 if none)."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the prefix of `text` that can be streamed now: hold back an unfinished UTF-8
+    character (decoded as U+FFFD) and any suffix that could be the start of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                end -= k
+                break
+    return end
