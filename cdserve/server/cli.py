@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -52,7 +53,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         default = "computed" if info.default_factory else info.default
         if name == "api_key":
             default = "none"
-        parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+        parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS,
+                            metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
                             help=f"{info.description} [env {env}; default {default}]")
     parser.set_defaults(func=run_serve)
     return parser
@@ -89,7 +92,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         print(f"invalid configuration: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in _unknown_env():
         log.warning("ignoring unknown environment variable %s", name)
     try:

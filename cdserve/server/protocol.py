@@ -55,7 +55,7 @@ class _GenerationRequest(OpenAIModel):
         """Raise InvalidRequestError naming the first unsupported parameter given a non-neutral value."""
         for name, neutral in _NEUTRAL.items():
             if name in type(self).model_fields and getattr(self, name) not in neutral:
-                raise InvalidRequestError(name, f"'{name}' is not supported by this server")
+                raise InvalidRequestError(name, "not supported by this server", code="unsupported_parameter")
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """The max_tokens the client asked for (None: the default) and the parameter it used."""
@@ -175,7 +175,8 @@ class ChatCompletionRequest(_GenerationRequest):
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
         if self.response_format not in (None, {"type": "text"}):
-            raise InvalidRequestError("response_format", "only {'type': 'text'} is supported")
+            raise InvalidRequestError("response_format", "only {'type': 'text'} is supported",
+                                      code="unsupported_parameter")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise InvalidRequestError("max_tokens", "send max_completion_tokens or max_tokens, not both")
 
@@ -331,8 +332,8 @@ class HeadInfo(BaseModel):
 
 
 class Range(BaseModel):
-    min: float
-    max: float
+    min: int | float
+    max: int | float
 
 
 class ScorerInfo(BaseModel):

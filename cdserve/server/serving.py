@@ -107,9 +107,10 @@ class OpenAIServing:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self._check_model(req.model)
         req.refuse_unsupported()
+        # the mode label of this request's metrics, should it be refused from here on
+        raw.state.mode = (req.control and req.control.mode) or self.engine.config.control.mode
         control: ResolvedControl = resolve_control(req.control, self.engine.config.control,
                                                    self.engine.head_names)
-        raw.state.mode = control.mode  # for the metrics of a refused request
         prompts = self._prompt_ids(req)
         sampling = self._sampling(req, max(len(ids) for ids in prompts))
         response_id = p.new_id("chatcmpl" if endpoint.endswith("chat/completions") else "cmpl")
