@@ -34,7 +34,8 @@ class ServerMetrics:
         self.queue_depth = Gauge("cdserve_queue_depth", "Requests waiting for a batch slot.", registry=r)
         self.in_flight = Gauge("cdserve_requests_in_flight", "Generation requests being served "
                                "(queued or running).", registry=r)
-        self.running = Gauge("cdserve_requests_running", "Requests in the engine's batch.", registry=r)
+        self.running = Gauge("cdserve_requests_running", "Requests inside the engine (waiting or decoding).",
+                             registry=r)
         self.ttft = Histogram("cdserve_time_to_first_token_seconds", "Request arrival to first "
                               "output token.", ["mode"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("cdserve_time_per_output_token_seconds", "Mean time between output "

@@ -156,17 +156,24 @@ class Drain:
     grace period to finish; after it, their outputs stop with ShuttingDownError."""
 
     def __init__(self) -> None:
-        self._started = asyncio.Event()
+        self._begun: asyncio.Future | None = None  # one future shared by every waiting request
         self._deadline = 0.0
         self._grace = 0.0
 
     @property
     def started(self) -> bool:
-        return self._started.is_set()
+        return self._begun is not None and self._begun.done()
+
+    def _begun_future(self) -> asyncio.Future:
+        if self._begun is None:
+            self._begun = asyncio.get_running_loop().create_future()
+        return self._begun
 
     def begin(self, grace_seconds: float) -> None:
+        """Start draining (on the server's loop)."""
         self._grace, self._deadline = grace_seconds, time.monotonic() + grace_seconds
-        self._started.set()
+        if not self._begun_future().done():
+            self._begun_future().set_result(None)
 
     async def until_deadline(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
         """`items`, until the deadline passes (then ShuttingDownError)."""
@@ -176,9 +183,7 @@ class Drain:
                 nxt = asyncio.ensure_future(anext(items))
                 try:
                     if not self.started:
-                        started = asyncio.ensure_future(self._started.wait())
-                        await asyncio.wait({nxt, started}, return_when=asyncio.FIRST_COMPLETED)
-                        started.cancel()
+                        await asyncio.wait({nxt, self._begun_future()}, return_when=asyncio.FIRST_COMPLETED)
                     if not nxt.done():
                         await asyncio.wait({nxt}, timeout=max(0.0, self._deadline - time.monotonic()))
                     if not nxt.done():
