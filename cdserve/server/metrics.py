@@ -53,12 +53,15 @@ class ServerMetrics:
                                      "scorer and sampling).", buckets=_STEP_BUCKETS, registry=r)
         self.candidates = Counter("cdserve_candidates_generated_total", "Tokens sampled as "
                                   "block / best_of_n candidates.", registry=r)
-        self.batch_rows = Gauge("cdserve_batch_rows", "Rows in the last engine step's batch.", registry=r)
+        self.batch_rows = Gauge("cdserve_batch_rows", "Rows in the engine's last step (0 when idle).",
+                                registry=r)
+        self._last_rows = 0
 
     def bind(self, engine: Engine) -> None:
         """Read the engine's load at scrape time and listen to its steps."""
         self.queue_depth.set_function(lambda: engine.load().waiting)
         self.running.set_function(lambda: engine.load().running)
+        self.batch_rows.set_function(lambda: self._last_rows if engine.load().running else 0)
         engine.add_stats_listener(self.on_step)
 
     def on_step(self, stats: StepStats) -> None:
@@ -67,7 +70,7 @@ class ServerMetrics:
             self.scorer_step.observe(stats.scorer_seconds)
         if stats.candidates_generated:
             self.candidates.inc(stats.candidates_generated)
-        self.batch_rows.set(stats.batch_rows)
+        self._last_rows = stats.batch_rows
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
