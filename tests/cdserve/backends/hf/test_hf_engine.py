@@ -1,0 +1,289 @@
+"""The hf engine on a tiny real Llama (random weights, SmolLM2's tokenizer) and a random scorer:
+exactness of strength 0, the steered distribution, block/best-of-N selection, batch invariance,
+joining and leaving the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+
+import pytest
+import torch
+
+from prefix_scorers.base_model import load_model
+from prefix_scorers.checkpoint import load_scorer
+
+from cdserve.backends.hf.engine import HFEngine
+from cdserve.backends.hf.sequence import RequestState
+from cdserve.config import EngineConfig
+from cdserve.control.request import resolve_control
+from cdserve.outputs import GenerationRequest
+from cdserve.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tiny_scorer_dir):
+    eng = HFEngine(EngineConfig(model=str(tiny_model_dir), scorer=str(tiny_scorer_dir), backend="hf",
+                                device="cpu", max_batch_rows=64, max_model_len=512, max_tokens_limit=256))
+    asyncio.run(eng.start())  # loads; the loop thread outlives this event loop (it only uses queues)
+    yield eng
+    asyncio.run(eng.shutdown())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny_scorer_dir, engine):
+    """The tiny base model and scorer, loaded separately, for recomputing what the engine did."""
+    model = load_model(tiny_model_dir)
+    scorer = load_scorer(tiny_scorer_dir, engine.tokenizer, model.get_input_embeddings().weight)
+    return model, scorer
+
+
+PROMPTS = ["The weather today is", "Tell me about cats.", "Once upon a time", "I think that"]
+
+
+def prompt_ids(engine, text: str) -> list[int]:
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def request(engine, text, control, **sampling) -> GenerationRequest:
+    ctrl = resolve_control(control, engine.config.control, engine.head_names)
+    return GenerationRequest(request_id=f"t{next(_ids)}", prompt_token_ids=prompt_ids(engine, text),
+                             sampling=SamplingParams(**sampling), control=ctrl)
+
+
+async def collect(engine, req: GenerationRequest) -> list[dict]:
+    """Run one request to the end: per choice, its token ids, text, finish reason and values."""
+    choices: dict[int, dict] = {}
+    async for out in engine.generate(req):
+        for d in out.choices:
+            c = choices.setdefault(d.index, {"ids": [], "text": "", "finish": None, "control": None})
+            c["ids"] += d.token_ids
+            c["text"] += d.text
+            c["finish"] = d.finish_reason or c["finish"]
+            c["control"] = d.control or c["control"]
+    return [choices[i] for i in sorted(choices)]
+
+
+def run(engine, *reqs: GenerationRequest) -> list[list[dict]]:
+    async def main():
+        return await asyncio.gather(*(collect(engine, r) for r in reqs))
+    return asyncio.run(main())
+
+
+def single(engine, req: GenerationRequest) -> dict:
+    """The one choice of one request run alone."""
+    (choice,), = run(engine, req)
+    return choice
+
+
+# -- strength 0 is plain decoding --------------------------------------------------------------
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=7),
+                                      dict(temperature=0.8, top_p=0.9, seed=11)])
+def test_strength_zero_top_k_zero_equals_plain_decoding(engine, sampling):
+    plain = request(engine, PROMPTS[0], {"mode": "none"}, max_tokens=24, **sampling)
+    steered = request(engine, PROMPTS[0], {"mode": "token", "strength": 0.0, "top_k": 0,
+                                           "weights": {"positive": 3.0, "civil": -2.0}}, max_tokens=24, **sampling)
+    a, b = single(engine, plain), single(engine, steered)
+    assert len(a["ids"]) > 0
+    assert a["ids"] == b["ids"] and a["text"] == b["text"]
+    assert b["control"].kl == pytest.approx(0.0, abs=1e-6)
+
+
+# -- the steered distribution ------------------------------------------------------------------
+def expected_first_token_distribution(reference, ids, weights, strength, top_k):
+    model, scorer = reference
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        q = scorer.score(torch.tensor([ids]))[0, -1]  # (H, V); identity normalisation
+    combined = (torch.tensor(weights)[:, None] * q).sum(0)
+    top = logits.topk(top_k).indices
+    p = torch.softmax(logits[top] + strength * combined[top], dim=0)
+    return top.tolist(), p
+
+
+def test_token_mode_samples_the_steered_distribution(engine, reference):
+    """Empirical first-token frequencies over 2,400 seeded draws match
+    softmax(logits + strength * sum_h w_h Q_h) over the top-k: chi-square p > 0.001."""
+    from scipy.stats import chisquare
+
+    control = {"mode": "token", "weights": {"positive": 1.0, "concise": -0.5}, "strength": 0.5, "top_k": 5}
+    ids = prompt_ids(engine, PROMPTS[1])
+    top, p = expected_first_token_distribution(reference, ids, [1.0, 0.0, -0.5, 0.0], 0.5, 5)
+    assert p.max() < 0.9, "the test needs a non-degenerate distribution"
+    reqs = [request(engine, PROMPTS[1], control, max_tokens=1, temperature=1.0, n=16, seed=s) for s in range(150)]
+    eos = engine.tokenizer.eos_token_id
+    counts = dict.fromkeys(top, 0)
+    for choices in run(engine, *reqs):
+        for c in choices:
+            tok = c["ids"][0] if c["ids"] else eos
+            assert tok in counts, "token mode sampled outside the top-k"
+            counts[tok] += 1
+    n = sum(counts.values())
+    observed = [counts[t] for t in top]
+    expected = (p.double() / p.double().sum() * n).tolist()
+    assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
+
+
+def test_scaling_weights_equals_scaling_strength(engine):
+    a = request(engine, PROMPTS[2], {"mode": "token", "weights": {"positive": 2.0, "readable": 1.0},
+                                     "strength": 1.0}, max_tokens=20, temperature=1.0, seed=5)
+    b = request(engine, PROMPTS[2], {"mode": "token", "weights": {"positive": 1.0, "readable": 0.5},
+                                     "strength": 2.0}, max_tokens=20, temperature=1.0, seed=5)
+    (x,), (y,) = run(engine, a, b)  # together in one batch
+    assert x["ids"] == y["ids"]
+    assert x["control"].combined == pytest.approx(2 * y["control"].combined, rel=1e-4)
+
+
+def test_strength_changes_the_output(engine):
+    outs = {}
+    for s in (0.0, 20.0):
+        outs[s] = single(engine, request(engine, PROMPTS[3], {"mode": "token", "weights": {"positive": 1.0},
+                                                               "strength": s}, max_tokens=16, temperature=0.0))
+    assert outs[0.0]["ids"] != outs[20.0]["ids"]
+    assert outs[20.0]["control"].kl > 0
+
+
+# -- block and best-of-N pick the scorer's argmax ----------------------------------------------
+def recomputed_value(reference, engine, prompt, cand_ids, weights):
+    """Value of a finished candidate by a full scorer pass: read at the position before its last
+    token, at that token; combined with identity normalisation."""
+    _, scorer = reference
+    ids = torch.tensor([prompt + cand_ids])
+    with torch.no_grad():
+        q = scorer.score(ids)[0, len(prompt) + len(cand_ids) - 2]  # (H, V)
+    raw = q[:, cand_ids[-1]]
+    return float((torch.tensor(weights) * raw).sum()), raw
+
+
+@pytest.mark.parametrize("mode, extra, max_tokens", [
+    ("block", {"block_size": 6}, 6),  # one block: the output is the chosen candidate
+    ("best_of_n", {}, 10),
+])
+def test_selection_picks_the_argmax_of_recomputed_values(engine, reference, mode, extra, max_tokens):
+    K, seed, weights = 4, 3, {"positive": 1.0, "concise": 0.5}
+    sel = request(engine, PROMPTS[0], {"mode": mode, "num_candidates": K, "weights": weights, **extra},
+                  max_tokens=max_tokens, temperature=1.0, seed=seed)
+    # Candidate j of a choice draws from the generator of row j: a plain request with n=K and the
+    # same seed reproduces the K candidates exactly.
+    plain = request(engine, PROMPTS[0], {"mode": "none"}, max_tokens=max_tokens, temperature=1.0, seed=seed, n=K)
+    [chosen], candidates = run(engine, sel, plain)
+    eos = engine.tokenizer.eos_token_id
+    prompt = prompt_ids(engine, PROMPTS[0])
+    w = [1.0, 0.0, 0.5, 0.0]
+    scored = []
+    for c in candidates:
+        ids = c["ids"] + ([eos] if c["finish"] == "stop" else [])
+        scored.append(recomputed_value(reference, engine, prompt, ids, w))
+    values = [v for v, _ in scored]
+    assert len(set(round(v, 4) for v in values)) > 1, "candidates should differ"
+    best = max(range(K), key=values.__getitem__)
+    assert chosen["ids"] == candidates[best]["ids"]
+    assert chosen["control"].combined == pytest.approx(values[best], abs=1e-4)
+    assert list(chosen["control"].values.values()) == pytest.approx(scored[best][1].tolist(), abs=1e-4)
+    assert chosen["control"].selections == 1
+    assert chosen["control"].kl == pytest.approx(math.log(K) - (K - 1) / K)
+    assert chosen["control"].tokens_generated == sum(len(c["ids"]) + (c["finish"] == "stop") for c in candidates)
+
+
+def test_block_mode_runs_several_blocks(engine):
+    c = single(engine, request(engine, PROMPTS[2], {"mode": "block", "block_size": 4, "num_candidates": 3},
+                               max_tokens=16, temperature=1.0, seed=1))
+    assert c["control"].selections == math.ceil(len(c["ids"]) / 4) or c["finish"] == "stop"
+    assert c["control"].tokens_generated >= len(c["ids"])
+
+
+# -- batch invariance --------------------------------------------------------------------------
+def test_batch_invariance_across_modes(engine):
+    controls = [{"mode": "none"},
+                {"mode": "token", "weights": {"positive": 1.0}, "strength": 5.0},
+                {"mode": "token", "weights": {"concise": 2.0, "civil": -1.0}, "strength": 3.0, "top_k": 0},
+                {"mode": "block", "block_size": 3, "num_candidates": 2},
+                {"mode": "best_of_n", "num_candidates": 3, "weights": {"readable": 1.0}}]
+
+    def reqs():
+        return [request(engine, PROMPTS[i % len(PROMPTS)], c, max_tokens=12, temperature=0.0)
+                for i, c in enumerate(controls)]
+    together = run(engine, *reqs())
+    alone = [run(engine, r)[0] for r in reqs()]
+    assert [[c["ids"] for c in t] for t in together] == [[c["ids"] for c in a] for a in alone]
+
+
+def test_seeded_sampling_is_batch_invariant(engine):
+    def make():
+        return [request(engine, PROMPTS[i], {"mode": m}, max_tokens=12, temperature=1.0, seed=40 + i, n=2)
+                for i, m in enumerate(["none", "token", "none", "token"])]
+    together = run(engine, *make())
+    alone = [run(engine, r)[0] for r in make()]
+    assert [[c["ids"] for c in t] for t in together] == [[c["ids"] for c in a] for a in alone]
+
+
+# -- stop strings, n, lengths ------------------------------------------------------------------
+def test_stop_string_cuts_the_text(engine):
+    full = single(engine, request(engine, PROMPTS[0], {"mode": "none"}, max_tokens=30, temperature=0.0))
+    text = full["text"]
+    assert len(text) > 12
+    stop = text[8:11]
+    cut = single(engine, request(engine, PROMPTS[0], {"mode": "none"}, max_tokens=30, temperature=0.0,
+                                 stop=(stop,)))
+    assert cut["finish"] == "stop"
+    assert cut["text"] == text[: text.index(stop)]
+
+
+def test_n_choices_and_length_finish(engine):
+    [choices] = run(engine, request(engine, PROMPTS[1], {"mode": "token"}, max_tokens=5, temperature=1.0,
+                                   seed=0, n=3))
+    assert len(choices) == 3
+    for c in choices:
+        assert c["finish"] in ("length", "stop")
+        assert len(c["ids"]) <= 5
+        assert set(c["control"].values) == set(engine.head_names)
+
+
+# -- joining and leaving the batch ---------------------------------------------------------------
+def _state(engine, req, sink):
+    return RequestState(gen=req, sink=sink)
+
+
+def test_requests_join_at_the_next_step_and_aborts_leave_at_once(tiny_model_dir, tiny_scorer_dir):
+    eng = HFEngine(EngineConfig(model=str(tiny_model_dir), scorer=str(tiny_scorer_dir), backend="hf", device="cpu"))
+    eng.load_sync()  # drive the core by hand: no loop thread
+    core, outs = eng.core, []
+    a = request(eng, PROMPTS[0], {"mode": "token"}, max_tokens=50, temperature=1.0, seed=1)
+    b = request(eng, PROMPTS[1], {"mode": "block", "num_candidates": 3, "block_size": 4}, max_tokens=50,
+                temperature=1.0, seed=2)
+    core.submit(_state(eng, a, outs.append))
+    core.step()
+    core.step()
+    assert len(core.rows) == 1 and core.scorer.batch_size == 1
+    core.submit(_state(eng, b, outs.append))
+    core.step()  # b joins while a is mid-way
+    assert len(core.rows) == 4 and core.scorer.batch_size == 4
+    assert core.runner.batch_size == 4
+    core.abort(a.request_id)
+    core.step()
+    assert len(core.rows) == 3 and core.scorer.batch_size == 3 and core.runner.batch_size == 3
+    core.abort(b.request_id)
+    core.step()
+    assert core.rows == [] and core.runner.batch_size == 0 and core.scorer.batch_size == 0
+    assert not core.has_work()
+
+
+def test_queue_full_and_context_limits(tiny_model_dir, tiny_scorer_dir):
+    from cdserve.engine_protocol import QueueFullError
+    from cdserve.errors import InvalidRequestError
+
+    eng = HFEngine(EngineConfig(model=str(tiny_model_dir), scorer=str(tiny_scorer_dir), backend="hf",
+                                device="cpu", max_waiting=2, max_model_len=64, max_tokens_limit=32))
+    eng.load_sync()
+    for _ in range(2):
+        eng.core.submit(_state(eng, request(eng, PROMPTS[0], {}, max_tokens=4), lambda o: None))
+    with pytest.raises(QueueFullError):
+        eng.core.submit(_state(eng, request(eng, PROMPTS[0], {}, max_tokens=4), lambda o: None))
+    long = GenerationRequest("long", list(range(100, 200)), SamplingParams(max_tokens=4),
+                             resolve_control({}, eng.config.control, eng.head_names))
+    with pytest.raises(InvalidRequestError) as e:
+        eng.core.submit(_state(eng, long, lambda o: None))
+    assert e.value.param == "prompt"

@@ -1,0 +1,96 @@
+"""Every control validation error names its parameter; valid settings resolve as documented."""
+
+import math
+
+import pytest
+
+from cdserve.control.request import ControlConfig, resolve_control
+from cdserve.errors import InvalidRequestError
+from cdserve.sampling import SamplingParams
+
+HEADS = ["positive", "civil", "concise", "readable"]
+CFG = ControlConfig(max_block_size=16, max_num_candidates=8, max_top_k=100)
+
+
+def resolve(raw):
+    return resolve_control(raw, CFG, HEADS)
+
+
+def test_defaults_fill_omitted_fields():
+    c = resolve({"mode": "token"})
+    assert (c.mode, c.strength, c.top_k) == ("token", CFG.strength, CFG.top_k)
+    assert c.weights == (1.0, 0.0, 0.0, 0.0)  # default: first head
+    c = resolve({"mode": "block", "weights": {"concise": 2.0, "positive": -1.0}})
+    assert c.weights == (-1.0, 0.0, 2.0, 0.0)
+    assert (c.block_size, c.num_candidates, c.selection, c.candidates) == (8, 4, "argmax", 4)
+    assert resolve(None).mode == "none" and resolve({}).candidates == 1
+
+
+@pytest.mark.parametrize("raw, param", [
+    ({"mode": "beam"}, "control.mode"),
+    ({"mode": "token", "temperature": 1}, "control.temperature"),  # unknown field
+    ({"mode": "token", "weights": {"happy": 1.0}}, "control.weights.happy"),
+    ({"mode": "token", "weights": {"positive": math.nan}}, "control.weights.positive"),
+    ({"mode": "token", "weights": {"positive": math.inf}}, "control.weights.positive"),
+    ({"mode": "token", "weights": {"positive": 1e6}}, "control.weights.positive"),
+    ({"mode": "token", "weights": {"positive": "a lot"}}, "control.weights.positive"),
+    ({"mode": "token", "strength": math.inf}, "control.strength"),
+    ({"mode": "token", "strength": -1}, "control.strength"),
+    ({"mode": "token", "strength": 1e9}, "control.strength"),
+    ({"mode": "token", "top_k": -1}, "control.top_k"),
+    ({"mode": "token", "top_k": 101}, "control.top_k"),
+    ({"mode": "token", "top_k": 2.5}, "control.top_k"),
+    ({"mode": "block", "block_size": 0}, "control.block_size"),
+    ({"mode": "block", "block_size": 17}, "control.block_size"),
+    ({"mode": "block", "num_candidates": 9}, "control.num_candidates"),
+    ({"mode": "best_of_n", "num_candidates": 0}, "control.num_candidates"),
+    ({"mode": "block", "selection": "best"}, "control.selection"),
+    # fields that make no sense for the mode
+    ({"mode": "token", "block_size": 4}, "control.block_size"),
+    ({"mode": "token", "num_candidates": 4}, "control.num_candidates"),
+    ({"mode": "token", "selection": "sample"}, "control.selection"),
+    ({"mode": "block", "top_k": 5}, "control.top_k"),
+    ({"mode": "best_of_n", "block_size": 4}, "control.block_size"),
+    ({"mode": "none", "strength": 2}, "control.strength"),
+    ({"mode": "none", "top_k": 5}, "control.top_k"),
+    ({"mode": "block", "strength": 2}, "control.strength"),  # argmax ignores strength
+    ("token", "control"),
+])
+def test_invalid_control_names_the_parameter(raw, param):
+    with pytest.raises(InvalidRequestError) as e:
+        resolve(raw)
+    assert e.value.param == param
+    assert e.value.status_code == 400
+
+
+def test_sample_selection_takes_strength():
+    c = resolve({"mode": "block", "selection": "sample", "strength": 3.0})
+    assert (c.selection, c.strength) == ("sample", 3.0)
+
+
+def test_top_k_zero_means_whole_vocabulary():
+    assert resolve({"mode": "token", "top_k": 0}).top_k == 0
+
+
+def test_config_checks_limits_and_heads():
+    with pytest.raises(ValueError, match="top_k"):
+        ControlConfig(top_k=50, max_top_k=10)
+    with pytest.raises(ValueError, match="happy"):
+        ControlConfig(weights={"happy": 1.0}).check_heads(HEADS)
+
+
+@pytest.mark.parametrize("params, param", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=10_000), "max_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(n=0), "n"),
+    (dict(n=99), "n"),
+    (dict(stop=("a", "b", "c", "d", "e")), "stop"),
+    (dict(stop=("",)), "stop"),
+])
+def test_invalid_sampling_names_the_parameter(params, param):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**params).validate(max_tokens_limit=512, max_n=8)
+    assert e.value.param == param
