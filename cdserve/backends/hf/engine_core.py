@@ -8,6 +8,7 @@ leave at once. Token mode runs one scorer step for all controlled rows together.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections import deque
 
@@ -37,6 +38,7 @@ class EngineCore:
         self.rows: list[Row] = []  # batch order: row i is row i of the base model's cache
         self.master = torch.Generator().manual_seed(config.seed)
         self.pending_count = 0  # submitted but not yet admitted (read by other threads)
+        self._pending_lock = threading.Lock()
 
     # -- requests in and out (thread-safe entry points) -----------------------------------------
     def submit(self, state: RequestState) -> None:
@@ -49,11 +51,16 @@ class EngineCore:
         if state.num_rows > self.config.max_batch_rows:
             raise InvalidRequestError("n", f"n x num_candidates = {state.num_rows} rows exceeds the "
                                       f"server's max_batch_rows={self.config.max_batch_rows}")
-        if self.pending_count >= self.config.max_waiting:
-            raise QueueFullError(f"{self.pending_count} requests are waiting (max_waiting="
-                                 f"{self.config.max_waiting}); retry later")
-        self.pending_count += 1
+        with self._pending_lock:
+            if self.pending_count >= self.config.max_waiting:
+                raise QueueFullError(f"{self.pending_count} requests are waiting (max_waiting="
+                                     f"{self.config.max_waiting}); retry later")
+            self.pending_count += 1
         self.inbox.put(state)
+
+    def _admitted(self, count: int = 1) -> None:
+        with self._pending_lock:
+            self.pending_count -= count
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(request_id)
@@ -92,14 +99,14 @@ class EngineCore:
         if aborted:
             for state in [s for s in self.waiting if s.gen.request_id in aborted]:
                 self.waiting.remove(state)
-                self.pending_count -= 1
+                self._admitted()
             self._remove_rows(lambda r: r.choice.request.gen.request_id in aborted)
 
     def _admit(self) -> int:
         tokens = 0
         while self.waiting and len(self.rows) + self.waiting[0].num_rows <= self.config.max_batch_rows:
             state = self.waiting.popleft()
-            self.pending_count -= 1
+            self._admitted()
             prompt = state.gen.prompt_token_ids
             cache, mask = self.runner.prefill(prompt)  # once, shared by all n x K rows
             self.runner.add_rows(cache, mask, state.num_rows)
@@ -326,6 +333,6 @@ class EngineCore:
         states = {id(r.choice.request): r.choice.request for r in self.rows}
         for state in list(states.values()) + list(self.waiting):
             state.sink(error)
+        self._admitted(len(self.waiting))
         self.waiting.clear()
-        self.pending_count = 0
         self._remove_rows(lambda r: True)

