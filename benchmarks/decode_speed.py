@@ -1,0 +1,155 @@
+"""Decode throughput of each control mode on the embedded default, side by side in one run.
+
+A seeded workload (chat prompts, temperature 0.7, fixed max_tokens; answers may stop early), one
+warm-up round, then one timed round per (concurrency, mode) on the same prompts. Throughput is
+accepted output tokens per second; `base_tokens_generated` also counts the candidates that
+block and best_of_n sampled and discarded. Drives the engine seam (`Engine.generate`): this is
+the engine without HTTP (benchmarks/load/ measures the server).
+
+    .venv/bin/python benchmarks/decode_speed.py                       # hf at 1 and 8 concurrent
+    .venv/bin/python benchmarks/decode_speed.py --backend vllm --concurrency 16 --modes none,token,block
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cdserve.control.request import resolve_control
+from cdserve.outputs import GenerationRequest
+from cdserve.sampling import SamplingParams
+
+QUESTIONS = ["Write a short review of a pizza place.", "What do you think about rainy days?",
+             "Describe your last holiday in two sentences.", "Give me your opinion on modern art.",
+             "How was the concert last night?", "Tell me about your favourite book.",
+             "What is your view on remote work?", "Review the new phone you bought."]
+
+MODES = {
+    "none": {"mode": "none"},
+    "token": {"mode": "token", "strength": 2.0, "top_k": 20},
+    "block": {"mode": "block", "block_size": 8, "num_candidates": 4},
+    "best_of_n": {"mode": "best_of_n", "num_candidates": 4},
+}
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                                             add_generation_prompt=True, tokenize=False)
+        out.append(tokenizer.encode(text, add_special_tokens=False))
+    return out
+
+
+async def _one(engine, req: GenerationRequest) -> tuple[int, int]:
+    tokens = generated = 0
+    async for out in engine.generate(req):
+        for c in out.choices:
+            tokens += len(c.token_ids)
+            if c.control is not None:
+                generated += c.control.tokens_generated
+    return tokens, generated
+
+
+async def run_mode(engine, mode: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
+                   seed: int = 0) -> dict:
+    control = resolve_control(MODES[mode], engine.config.control, engine.head_names)
+    reqs = [GenerationRequest(f"bench-{mode}-{concurrency}-{seed}-{i}", p,
+                              SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=seed + i), control)
+            for i, p in enumerate(prompts)]
+    sem = asyncio.Semaphore(concurrency)
+
+    async def bounded(r):
+        async with sem:
+            return await _one(engine, r)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(bounded(r) for r in reqs))
+    seconds = time.perf_counter() - start
+    tokens = sum(t for t, _ in results)
+    return {"backend": engine.backend_name, "mode": mode, "concurrency": concurrency, "requests": len(reqs),
+            "max_tokens": max_tokens, "seconds": round(seconds, 2), "output_tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1), "base_tokens_generated": sum(g for _, g in results)}
+
+
+async def measure(engine, modes=("none", "token", "block"), concurrency: int = 16, requests: int = 32,
+                  max_tokens: int = 64) -> list[dict]:
+    """Warm up once, then time each mode on the same prompts; adds each mode's ratio to `none`."""
+    prompts = chat_prompts(engine.tokenizer, requests)
+    await run_mode(engine, "none", prompts[:concurrency], concurrency, 8, seed=999)  # warm-up
+    rows = [await run_mode(engine, m, prompts, concurrency, max_tokens) for m in modes]
+    base = next((r["tokens_per_s"] for r in rows if r["mode"] == "none"), None)
+    for r in rows:
+        r["vs_none"] = round(r["tokens_per_s"] / base, 3) if base else None
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| backend | concurrency | mode | output tok/s | vs none | base tokens / output token |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        cost = r["base_tokens_generated"] / max(r["output_tokens"], 1)
+        lines.append(f"| {r['backend']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']} | "
+                     f"{r['vs_none']} | {cost:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--concurrency", default="1,8", help="comma-separated levels")
+    ap.add_argument("--modes", default="none,token,block,best_of_n")
+    ap.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--scorer", default="default")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--kv-cache-space-gib", type=float, default=2)
+    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/decode_speed_<backend>.json)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from cdserve.config import EngineConfig
+    from cdserve.engine_factory import build_engine
+
+    config = EngineConfig(backend=args.backend, scorer=args.scorer, enforce_eager=True, max_batch_rows=64,
+                          kv_cache_space_gib=args.kv_cache_space_gib, max_model_len=1024, max_tokens_limit=512)
+    modes = tuple(args.modes.split(","))
+
+    async def go() -> list[dict]:
+        engine = build_engine(config)
+        t = time.perf_counter()
+        await engine.start()
+        print(json.dumps({"backend": engine.backend_name, "start_seconds": round(time.perf_counter() - t, 1)}),
+              flush=True)
+        rows = []
+        try:
+            for c in (int(x) for x in args.concurrency.split(",")):
+                for row in await measure(engine, modes, concurrency=c, requests=max(4, args.requests_per_level * c),
+                                         max_tokens=args.max_tokens):
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+        finally:
+            await engine.shutdown()
+        return rows
+
+    rows = asyncio.run(go())
+    out = Path(args.out or Path(__file__).parent / "results" / f"decode_speed_{args.backend}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"command": "python benchmarks/decode_speed.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
+            "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+            f"torch threads, {platform.platform()}", "torch": torch.__version__}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
