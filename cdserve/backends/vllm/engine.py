@@ -26,6 +26,7 @@ from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.backends.vllm.block import BlockDecoder
 from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_ENV, ScorerLogitsProcessor
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
+from cdserve.backends.vllm.stats import StepStatsLogger
 from cdserve.config import EngineConfig
 from cdserve.engine_protocol import QueueFullError
 from cdserve.errors import InvalidRequestError
@@ -60,6 +61,7 @@ class VLLMEngine:
         self._tasks: dict[str, set[asyncio.Task]] = {}
         self._rows = 0  # sequences in flight (n x K per request)
         self._forget: list[str] = []  # token-mode keys of aborted choices, sent with the next rpc
+        self._scheduler = (0, 0)  # vLLM's last (running, waiting) requests
 
     # -- loading ----------------------------------------------------------------------------------
     def load_sync(self) -> None:
@@ -86,8 +88,10 @@ class VLLMEngine:
         # vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prompt is
         # split across steps: it rewinds the request's generator, which CPU generators cannot do.
         # Whole-prompt prefills avoid it.
-        chunking = {} if not on_cpu else dict(
-            enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 2048))
+        # vLLM-CPU's default KV block is 128 tokens: prefix caching only reuses whole blocks, so
+        # block mode (each block a new request on prompt + accepted) would recompute most of it.
+        cpu_only = {} if not on_cpu else dict(
+            enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 2048), block_size=32)
         args = AsyncEngineArgs(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
             dtype=dtype, max_model_len=cfg.max_model_len, enable_prefix_caching=True,
@@ -95,8 +99,8 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
             max_num_seqs=cfg.max_batch_rows, seed=cfg.seed, logits_processors=[ScorerLogitsProcessor],
             additional_config={CONFIG_KEY: str(self.scorer_dir)}, worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=True, **chunking)
-        self.llm = AsyncLLM.from_engine_args(args)
+            disable_log_stats=False, **cpu_only)
+        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[StepStatsLogger.factory(self._on_step, self._on_scheduler)])
         self.max_model_len = self.llm.model_config.max_model_len
         self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
         self.blocks = BlockDecoder(self)
@@ -263,6 +267,13 @@ class VLLMEngine:
 
     def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
+
+    def _on_step(self, stats: StepStats) -> None:
+        for listener in self._listeners:
+            listener(stats)
+
+    def _on_scheduler(self, running: int, waiting: int) -> None:
+        self._scheduler = (running, waiting)
 
 
 def _finish_reason(reason: str | None) -> str:

@@ -233,3 +233,11 @@ def test_seeded_requests_under_load(loop, vllm_engine, prompts):
     alone = run_all(loop, vllm_engine, [request(vllm_engine, prompts[1], TOKEN, max_tokens=24,
                                                 temperature=0.9, seed=0, n=4)])[0]
     assert [alone[c]["ids"] for c in range(4)] == [first[1][c]["ids"] for c in range(4)]
+
+
+def test_stats_listener_sees_vllm_steps(loop, vllm_engine, prompts):
+    seen = []
+    vllm_engine.add_stats_listener(seen.append)
+    run_all(loop, vllm_engine, [request(vllm_engine, p, TOKEN, max_tokens=8, temperature=0.0) for p in prompts])
+    assert seen and all(s.step_seconds > 0 for s in seen)
+    assert max(s.batch_rows for s in seen) >= 1
