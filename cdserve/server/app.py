@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import cdserve
 from cdserve.engine_protocol import Engine
 from cdserve.server import routes
 from cdserve.server.errors import PayloadTooLargeError, install_error_handlers
@@ -51,6 +51,13 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cdserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI:
     """The app for these settings; the engine is built from them unless one is given."""
     if engine is None:
@@ -62,24 +69,13 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        try:
-            await engine.start()
-        except Exception as e:
-            state.status = "failed"
-            log.error("start-up failed: %s", e)
-            raise
-        metrics.bind(engine)
+        # Load in the background: /health answers at once, /ready and /v1 say 503 until loaded.
         state.loop = asyncio.get_running_loop()
-        state.status = "ready"
-        log.info("ready: model '%s' (max_model_len %d), scorer '%s' (heads %s), backend %s%s",
-                 engine.model_name, engine.max_model_len, state.scorer_id, engine.head_names,
-                 engine.backend_name, ", API key required" if settings.api_key else "")
+        loading = asyncio.create_task(state.load())
         yield
-        # uvicorn has already drained or cancelled the requests within the grace period
-        state.status = "stopped"
-        await engine.shutdown(0.0)
+        await state.stop(loading)
 
-    app = FastAPI(title="cdserve", version=getattr(cdserve, "__version__", "0"), lifespan=lifespan,
+    app = FastAPI(title="cdserve", version=_version(), lifespan=lifespan,
                   strict_content_type=False,
                   description="OpenAI-compatible server for controlled decoding: a frozen base "
                   "model steered at decode time by a multi-head prefix scorer. The `control` "

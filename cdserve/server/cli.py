@@ -114,12 +114,13 @@ def run_serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=settings.shutdown_grace_seconds + 5.0,
                             lifespan="on", access_log=settings.log_level == "debug")
     server = Server(config)
+    state.on_fatal = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises the signal it caught once it has shut down; these handlers make that a
     # no-op, so a drained server exits 0 rather than dying of its own SIGTERM.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    if not server.started:
+    if not server.started or state.status == "failed":
         print("cdserve: start-up failed (see the log above)", file=sys.stderr)
         return 1
     return 0

@@ -40,6 +40,10 @@ class ShuttingDownError(RuntimeError):
     """The server is draining (SIGTERM): no new requests; past the grace period, none at all (503)."""
 
 
+class NotReadyError(RuntimeError):
+    """The model and scorer are still loading (or failed to): 503 with Retry-After."""
+
+
 @dataclass(frozen=True)
 class APIError:
     status: int
@@ -83,6 +87,8 @@ def classify(exc: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(503, "the server is at capacity (request queue full); retry later",
                         "service_unavailable_error", None, "queue_full", retry_after)
+    if isinstance(exc, NotReadyError):
+        return APIError(503, str(exc), "service_unavailable_error", None, "not_ready", retry_after)
     if isinstance(exc, ShuttingDownError):
         return APIError(503, str(exc), "service_unavailable_error", None, "shutting_down")
     if isinstance(exc, AuthenticationError):
@@ -113,5 +119,5 @@ def install_error_handlers(app: FastAPI, retry_after: int = 1,
         return response
 
     for exc_type in (RequestValidationError, HTTPException, InvalidRequestError, QueueFullError,
-                     AuthenticationError, ShuttingDownError, Exception):
+                     AuthenticationError, NotReadyError, ShuttingDownError, Exception):
         app.add_exception_handler(exc_type, handle)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from cdserve.server import protocol as p
-from cdserve.server.errors import AuthenticationError
+from cdserve.server.errors import AuthenticationError, NotReadyError, ShuttingDownError
 from cdserve.server.metrics import CONTENT_TYPE_LATEST
 from cdserve.server.state import ServerState
 
@@ -21,7 +21,7 @@ _ERRORS = {status: {"model": p.ErrorResponse, "description": what} for status, w
     (401, "Missing or wrong API key."),
     (404, "Unknown model."),
     (413, "Request body too large."),
-    (503, "Queue full (see Retry-After) or server not ready."))}
+    (503, "Queue full or still loading (see Retry-After), or shutting down."))}
 _SSE = {"text/event-stream": {"schema": {"type": "string", "description": "With stream=true: "
         "`data: <chunk JSON>` events (the *StreamResponse schemas), then `data: [DONE]`. A failure "
         "after the stream started is one `data: {\"error\": {...}}` event, then `data: [DONE]`."}}}
@@ -46,7 +46,15 @@ def require_api_key(state: State,
         raise AuthenticationError("incorrect API key")
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+def require_ready(state: State) -> None:
+    if state.status == "draining":
+        raise ShuttingDownError("the server is shutting down; retry on another replica")
+    if state.status != "ready":
+        raise NotReadyError(f"not ready: the server is {state.status}")
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(require_ready)],
+               responses=_ERRORS)
 probes = APIRouter()
 
 
@@ -87,7 +95,7 @@ async def health() -> dict:
 async def ready(state: State) -> Response:
     """Readiness: model and scorer loaded, not shutting down."""
     if state.status != "ready":
-        raise HTTPException(503, f"not ready: {state.status}")
+        raise NotReadyError(f"not ready: the server is {state.status}")
     return JSONResponse({"status": "ready", "model": state.engine.model_name,
                          "scorer": state.scorer_id, "backend": state.engine.backend_name})
 

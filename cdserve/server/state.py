@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,37 @@ class ServerState:
     status: Status = "loading"
     started_at: int = field(default_factory=lambda: int(time.time()))
     loop: asyncio.AbstractEventLoop | None = None  # the server's loop, set at start-up
+    on_fatal: Callable[[], None] | None = None  # how to stop the server if loading fails
+
+    async def load(self) -> None:
+        """Start the engine; on failure say why and stop the server."""
+        engine = self.engine
+        try:
+            await engine.start()
+        except Exception:
+            self.status = "failed"
+            log.exception("start-up failed: the engine did not load model=%r scorer=%r backend=%r",
+                          self.settings.model, self.settings.scorer, self.settings.backend)
+            if self.on_fatal is not None:
+                self.on_fatal()
+            return
+        self.metrics.bind(engine)
+        if self.status == "loading":
+            self.status = "ready"
+        log.info("ready: model '%s' (max_model_len %d), scorer '%s' (heads %s), backend %s%s",
+                 engine.model_name, engine.max_model_len, self.scorer_id, engine.head_names,
+                 engine.backend_name, ", API key required" if self.settings.api_key else "")
+
+    async def stop(self, loading: asyncio.Task) -> None:
+        """After uvicorn drained (or cancelled) the requests: stop the engine."""
+        was_ready = self.status in ("ready", "draining")
+        if not loading.done():
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+        if self.status != "failed":
+            self.status = "stopped"
+        if was_ready:
+            await self.engine.shutdown(0.0)
 
     def begin_drain(self) -> None:
         """SIGTERM (called from the signal handler): /ready turns 503, new requests get 503, and

@@ -18,7 +18,6 @@ def test_completion(server, client, tiny_model_dir):
     assert r.usage.prompt_tokens == len(tok(PROMPT)["input_ids"])
     assert r.usage.completion_tokens == 7
     assert r.usage.total_tokens == r.usage.prompt_tokens + 7
-    assert len(tok(choice.text, add_special_tokens=False)["input_ids"]) <= 8  # re-tokenising may merge
     control = choice.model_extra["control"]  # cdserve's extension on every choice
     assert control["mode"] == "none" and set(control["values"]) == {"positive", "civil", "concise", "readable"}
 

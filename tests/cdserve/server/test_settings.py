@@ -93,3 +93,14 @@ def test_bad_configuration_stops_start_up():
                           text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert "--max-model-len / CDSERVE_MAX_MODEL_LEN" in proc.stderr and "got '4'" in proc.stderr
+
+
+def test_engine_that_fails_to_load_stops_the_server(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken-scorer"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "cdserve.server", "--model", str(tiny_model_dir),
+                           "--scorer", str(broken), "--backend", "hf", "--device", "cpu", "--port", "0"],
+                          env=os.environ, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1
+    assert "start-up failed" in proc.stderr and "broken-scorer" in proc.stderr
