@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefix_scorers.kv_cache import KVCache
-
 from cdserve.control.steering import best_of_n_kl_bound, select_candidate
 from cdserve.outputs import ChoiceDelta, ControlValues, GenerationRequest
+from prefix_scorers.kv_cache import KVCache
 
 
 @dataclass

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
-
 from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.backends.vllm.block import BlockDecoder
 from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_ENV, ScorerLogitsProcessor
@@ -30,8 +28,16 @@ from cdserve.backends.vllm.stats import StepStatsLogger
 from cdserve.config import EngineConfig
 from cdserve.engine_protocol import QueueFullError
 from cdserve.errors import InvalidRequestError
-from cdserve.outputs import ChoiceDelta, ControlValues, EngineLoad, GenerationRequest, RequestOutput, StepStats
+from cdserve.outputs import (
+    ChoiceDelta,
+    ControlValues,
+    EngineLoad,
+    GenerationRequest,
+    RequestOutput,
+    StepStats,
+)
 from cdserve.scorer_store import resolve_scorer
+from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +96,8 @@ class VLLMEngine:
         # Whole-prompt prefills avoid it.
         # vLLM-CPU's default KV block is 128 tokens: prefix caching only reuses whole blocks, so
         # block mode (each block a new request on prompt + accepted) would recompute most of it.
-        cpu_only = {} if not on_cpu else dict(
-            enable_chunked_prefill=False, max_num_batched_tokens=max(cfg.max_model_len, 2048), block_size=32)
+        cpu_only = {} if not on_cpu else {"enable_chunked_prefill": False, "block_size": 32,
+                                          "max_num_batched_tokens": max(cfg.max_model_len, 2048)}
         args = AsyncEngineArgs(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
             dtype=dtype, max_model_len=cfg.max_model_len, enable_prefix_caching=True,
@@ -186,7 +192,7 @@ class VLLMEngine:
             await coro
         except asyncio.CancelledError:
             raise
-        except BaseException as e:  # hand the error to the request's consumer
+        except Exception as e:  # noqa: BLE001  (re-raised in the request's consumer)
             deltas.put_nowait(_from_vllm_error(e))
 
     @staticmethod
@@ -203,11 +209,10 @@ class VLLMEngine:
         if ctrl.mode == "token":
             extra = {"cdserve": {**ctrl.extra_args(), "key": self._key(request, choice)}}
         seed = None if sp.seed is None else (sp.seed + choice) % 2**63
-        args = dict(n=1, max_tokens=min(sp.max_tokens, self.max_model_len - len(request.prompt_token_ids)),
-                    temperature=sp.temperature, top_p=sp.top_p, seed=seed, stop=list(sp.stop) or None,
-                    output_kind=RequestOutputKind.DELTA, extra_args=extra)
-        args.update(override)
-        return SamplingParams(**args)
+        args = {"n": 1, "max_tokens": min(sp.max_tokens, self.max_model_len - len(request.prompt_token_ids)),
+                "temperature": sp.temperature, "top_p": sp.top_p, "seed": seed, "stop": list(sp.stop) or None,
+                "output_kind": RequestOutputKind.DELTA, "extra_args": extra}
+        return SamplingParams(**{**args, **override})
 
     async def _stream_choice(self, request: GenerationRequest, choice: int, emit) -> None:
         """none / token: stream one vLLM request; at the end, the control values."""

@@ -24,14 +24,19 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
-from cdserve.control.steering import combine_heads, kl_divergence, steer_full, steer_top_k, top_k_candidates
+from cdserve.control.steering import (
+    combine_heads,
+    kl_divergence,
+    steer_full,
+    steer_top_k,
+    top_k_candidates,
+)
 from prefix_scorers.config import ScorerConfig
-
-from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -57,7 +62,7 @@ class ScorerLogitsProcessor(LogitsProcessor):
             raise ValueError("cdserve control needs a scorer: set $CDSERVE_VLLM_SCORER")
         parse_control(sampling_params.extra_args, _num_heads(scorer_dir), sampling_params.temperature)
 
-    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool) -> None:
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
         scorer_dir = extra.get(CONFIG_KEY) or os.environ.get(SCORER_ENV)
         if not scorer_dir:

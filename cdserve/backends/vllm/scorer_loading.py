@@ -23,7 +23,7 @@ def read_input_embedding(model_dir: str | Path) -> torch.Tensor:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.endswith(EMBEDDING_SUFFIXES):
                     return st.get_tensor(name).float()
     raise FileNotFoundError(f"no input embedding ({'/'.join(EMBEDDING_SUFFIXES)}) in the safetensors "

@@ -11,11 +11,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-from cdserve.config import EngineConfig  # noqa: E402
-from cdserve.control.request import ResolvedControl, resolve_control  # noqa: E402
-from cdserve.errors import InvalidRequestError  # noqa: E402
-from cdserve.outputs import GenerationRequest  # noqa: E402
-from cdserve.sampling import SamplingParams  # noqa: E402
+from cdserve.config import EngineConfig
+from cdserve.control.request import ResolvedControl, resolve_control
+from cdserve.errors import InvalidRequestError
+from cdserve.outputs import GenerationRequest
+from cdserve.sampling import SamplingParams
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -109,7 +109,7 @@ def run_all(loop, engine, reqs):
 TOKEN = {"mode": "token", "strength": 2.0, "top_k": 20}
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, seed=3)])
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.8, "seed": 3}])
 def test_strength_zero_is_plain_vllm(loop, vllm_engine, prompts, sampling):
     zero = {"mode": "token", "strength": 0.0, "top_k": 0}
     for p in prompts[:2]:
@@ -186,7 +186,7 @@ def test_best_of_n_keeps_the_best_answer(loop, vllm_engine, prompts):
     assert sorted(out) == [0, 1]
     for ch in out.values():
         assert ch["control"].selections == 1 and ch["control"].tokens_generated >= len(ch["ids"])
-        raw, combined = vllm_engine.final_values(prompts[1], ch["ids"] + ([vllm_engine.tokenizer.eos_token_id]
+        _, combined = vllm_engine.final_values(prompts[1], ch["ids"] + ([vllm_engine.tokenizer.eos_token_id]
                                                                           if ch["finish"] == "stop" else []),
                                                  request(vllm_engine, prompts[1]).control.weights)
         assert combined == pytest.approx(ch["control"].combined, rel=1e-3, abs=1e-4)

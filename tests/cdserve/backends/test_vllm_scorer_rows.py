@@ -7,9 +7,8 @@ import torch
 
 pytest.importorskip("vllm")  # the package imports vllm's logits-processor interface
 
-from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer  # noqa: E402
-
-from cdserve.backends.vllm.scorer_rows import MAX_FINISHED, ScorerRows, TokenControl, parse_control  # noqa: E402
+from cdserve.backends.vllm.scorer_rows import MAX_FINISHED, ScorerRows, TokenControl, parse_control
+from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer
 
 V = 64
 
