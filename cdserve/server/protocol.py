@@ -72,7 +72,7 @@ class _GenerationRequest(OpenAIModel):
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            seed=self.seed, stop=self.stop_strings(), n=self.n)
+            seed=self.seed, stop=self.stop_strings(), n=1 if self.n is None else self.n)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -90,12 +90,12 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = _unsupported("logprobs")
     max_tokens: int | None = Field(None, description="Tokens to generate per choice (default 16; "
                                    "at most the server's max_tokens_limit and the context left).")
-    n: int = Field(1, description="Choices per prompt (at most the server's max_n).")
+    n: int | None = Field(1, description="Choices per prompt (at most the server's max_n).")
     presence_penalty: float | None = _unsupported("presence_penalty")
     seed: int | None = Field(None, description="Same seed, same request, same output.")
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end a choice "
                                          "(not included in the text).")
-    stream: bool = Field(False, description="Stream Server-Sent Events, ending with `data: [DONE]`.")
+    stream: bool | None = Field(False, description="Stream Server-Sent Events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
     suffix: str | None = _unsupported("suffix")
     temperature: float | None = Field(None, description="0 to 2 (default 1); 0 is greedy.")
@@ -145,7 +145,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_tokens: int | None = Field(None, description="Deprecated alias of max_completion_tokens.")
     metadata: dict[str, str] | None = _unsupported("metadata")
     modalities: list[str] | None = _unsupported("modalities")
-    n: int = Field(1, description="Choices (at most the server's max_n).")
+    n: int | None = Field(1, description="Choices (at most the server's max_n).")
     parallel_tool_calls: bool | None = _unsupported("parallel_tool_calls")
     prediction: Any | None = _unsupported("prediction")
     presence_penalty: float | None = _unsupported("presence_penalty")
@@ -157,7 +157,7 @@ class ChatCompletionRequest(_GenerationRequest):
     stop: str | list[str] | None = Field(None, description="Up to 4 strings that end a choice "
                                          "(not included in the text).")
     store: bool | None = _unsupported("store")
-    stream: bool = Field(False, description="Stream Server-Sent Events, ending with `data: [DONE]`.")
+    stream: bool | None = Field(False, description="Stream Server-Sent Events, ending with `data: [DONE]`.")
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, description="0 to 2 (default 1); 0 is greedy.")
     tool_choice: Any | None = _unsupported("tool_choice")

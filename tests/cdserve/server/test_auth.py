@@ -18,7 +18,7 @@ def keyed(launch):
 def test_api_key_required(keyed):
     body = {"model": keyed.model, "prompt": "Hi", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        r = httpx.post(f"{keyed.url}/v1/completions", json=body, headers=headers)
+        r = httpx.post(f"{keyed.url}/v1/completions", json=body, headers=headers, timeout=60)
         assert r.status_code == 401, headers
         err = r.json()["error"]
         assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
@@ -41,6 +41,6 @@ def test_api_key_through_the_client(keyed):
 
 def test_no_api_key_configured_means_open(server):
     r = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 1},
-                   headers={"Authorization": "Bearer anything"})
+                   headers={"Authorization": "Bearer anything"}, timeout=60)
     assert r.status_code == 200
     assert httpx.get(f"{server.url}/v1/models").status_code == 200

@@ -143,3 +143,17 @@ def test_health_ready_openapi(server):
     assert "control" in schemas["CompletionChoice"]["properties"]
     assert "400" in paths["/v1/completions"]["post"]["responses"]
     assert "text/event-stream" in paths["/v1/completions"]["post"]["responses"]["200"]["content"]
+
+
+def test_explicit_nulls_take_the_defaults(server):
+    nulls = dict.fromkeys(["n", "stream", "stream_options", "temperature", "top_p", "max_tokens", "stop",
+                           "seed", "user", "control", "logit_bias", "presence_penalty"])
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": PROMPT, **nulls},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] <= 16
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "model": server.model, "messages": [{"role": "developer", "content": "Be kind."},
+                                            {"role": "user", "content": "Hi"}],
+        "max_completion_tokens": None, "max_tokens": 3, **nulls}, timeout=60)
+    assert r.status_code == 200, r.text
