@@ -118,7 +118,7 @@ class OpenAIServing:
                                       sampling=sampling, control=control)
                     for i, ids in enumerate(prompts)]
         if req.user:
-            log.info("%s for user %r", response_id, req.user)
+            log.debug("%s for user %r", response_id, req.user)
         return Job(endpoint, response_id, self.engine.model_name, control.mode, sampling.n, requests, arrival)
 
     # ------------------------------------------------------------------ the entry point
