@@ -1,0 +1,39 @@
+"""The prompts every server gets: the project's held-out prompts (JSONL, "prompt" field), cycled
+to the run's size, optionally behind a context passage of about `prompt_len` extra tokens, written
+as the JSONL that `vllm bench serve --dataset-name custom` reads. Same file, same order for every
+server of a run, so the comparison holds the prompts fixed."""
+
+from __future__ import annotations
+
+import json
+from itertools import cycle, islice
+from pathlib import Path
+
+# Neutral filler for long-prompt runs: the tokens count, their content should not steer anything.
+_CONTEXT = ("The following notes describe an ordinary day in a small town. The bakery opens early, "
+            "the bus leaves at eight, the library lends books and maps, and the market sells fruit, "
+            "bread and flowers. People walk to work, children go to school, and in the evening the "
+            "square fills with neighbours who talk about the weather and the news. ")
+
+
+def context_passage(tokenizer, num_tokens: int) -> str:
+    """About `num_tokens` tokens of filler (cut on a token boundary), or '' for 0."""
+    if num_tokens <= 0:
+        return ""
+    ids: list[int] = []
+    piece = tokenizer(_CONTEXT, add_special_tokens=False).input_ids
+    while len(ids) < num_tokens:
+        ids += piece
+    return "Background: " + tokenizer.decode(ids[:num_tokens]).strip() + "\n\n"
+
+
+def write_prompts(source: Path, out: Path, count: int, tokenizer, prompt_len: int = 0) -> Path:
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{source} holds no prompts")
+    prefix = context_passage(tokenizer, prompt_len)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for row in islice(cycle(rows), count):
+            f.write(json.dumps({"prompt": prefix + row["prompt"]}) + "\n")
+    return out
