@@ -74,7 +74,8 @@ class ServerState:
 
     @property
     def scorer_id(self) -> str:
-        return Path(self.settings.scorer).name
+        """The loaded scorer's folder name ('default' may resolve to an untrained stand-in)."""
+        return Path(getattr(self.engine, "scorer_dir", None) or self.settings.scorer).name
 
     def scorer_info(self) -> p.ScorerInfo:
         cfg, control = self.engine.scorer_config, self.engine.config.control
