@@ -19,6 +19,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 
 def export_scorer(src: Path, dst: Path, dtype: str = "bfloat16", max_mb: float | None = None) -> Path:
+    """Write `dst` (config.json, model.safetensors, and the training run's loss.png if there is one)."""
     src, dst = Path(src), Path(dst)
     cfg = ScorerConfig.load(src)
     if not cfg.provenance.trained:
@@ -31,6 +32,10 @@ def export_scorer(src: Path, dst: Path, dtype: str = "bfloat16", max_mb: float |
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "dtype": dtype})
     cfg.provenance = cfg.provenance.model_copy(update={"weights_dtype": dtype})
     cfg.save(tmp)
+    if (src.parent / "loss.png").is_file():
+        shutil.copy(src.parent / "loss.png", tmp / "loss.png")
+    for f in tmp.iterdir():
+        f.chmod(0o644)  # safetensors writes 0600; a shipped checkpoint must be readable by any user
     size_mb = (tmp / "model.safetensors").stat().st_size / 1e6
     if max_mb is not None and size_mb > max_mb:
         shutil.rmtree(tmp)

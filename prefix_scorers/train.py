@@ -277,9 +277,9 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     train_ex, eval_ex = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
     rewards = torch.tensor([e.rewards for e in train_ex])
     r_mean, r_std = rewards.mean(0), rewards.std(0, unbiased=False)
-    # a (nearly) constant reward must not get a huge weight: floor its std at 5% of its range
+    # a (nearly) constant reward must not get a huge weight: floor its std at 10% of its range
     width = torch.tensor([h.reward_range[1] - h.reward_range[0] for h in heads])
-    inv_var = 1.0 / torch.maximum(r_std, 0.05 * width) ** 2
+    inv_var = 1.0 / torch.maximum(r_std, 0.1 * width) ** 2
     with torch.no_grad():  # start at the mean reward, with small head projections
         scorer.head_bias.copy_(r_mean)
         scorer.head_proj.mul_(0.1)
