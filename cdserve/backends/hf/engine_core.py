@@ -100,7 +100,22 @@ class EngineCore:
             for state in [s for s in self.waiting if s.gen.request_id in aborted]:
                 self.waiting.remove(state)
                 self._admitted()
+                state.sink(state.output([]))  # never admitted: finished with no choices
+            running = {id(r.choice.request): r.choice.request for r in self.rows
+                       if r.choice.request.gen.request_id in aborted}
+            for state in running.values():
+                self._finish_aborted(state)
             self._remove_rows(lambda r: r.choice.request.gen.request_id in aborted)
+
+    def _finish_aborted(self, state: RequestState) -> None:
+        """An aborted request ends with finish_reason 'abort' on its unfinished choices."""
+        deltas = []
+        for choice in state.choices:
+            if not choice.finished:
+                choice.finish_reason = "abort"
+                deltas.append(ChoiceDelta(index=choice.index, text="", token_ids=[], finish_reason="abort",
+                                          control=choice.control_values(self.heads)))
+        state.sink(state.output(deltas))
 
     def _admit(self) -> int:
         tokens = 0

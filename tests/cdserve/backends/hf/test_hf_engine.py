@@ -265,6 +265,8 @@ def test_requests_join_at_the_next_step_and_aborts_leave_at_once(tiny_model_dir,
     core.abort(a.request_id)
     core.step()
     assert len(core.rows) == 3 and core.scorer.batch_size == 3 and core.runner.batch_size == 3
+    last_a = [o for o in outs if o.request_id == a.request_id][-1]
+    assert last_a.finished and last_a.choices[0].finish_reason == "abort"
     core.abort(b.request_id)
     core.step()
     assert core.rows == [] and core.runner.batch_size == 0 and core.scorer.batch_size == 0
