@@ -113,6 +113,7 @@ class Sweep:
         self.logs = out_dir / "logs"
         self.raw = out_dir / "raw"
         self.tokenizer_dir = str(resolve_model_dir(cfg.bench.tokenizer))
+        self.live: dict[str, Server] = {}  # started and not yet stopped, in start order
         self.results: dict[str, Any] = {"meta": machine_info(), "config": self._config_dict(),
                                         "runs": [], "memory": None}
 
@@ -122,23 +123,26 @@ class Sweep:
         return d
 
     # -- servers --------------------------------------------------------------------------------
-    def _start(self, spec: ServerSpec, started: list[Server]) -> Server:
-        upstream = ""
-        if spec.kind == "best_of_n":
-            up = self._start(self.cfg.server(spec.upstream), started)
-            upstream = up.base_url
+    def _start(self, spec: ServerSpec) -> Server:
+        """The running server `spec` (started now unless it is up), its upstream first."""
+        if spec.name in self.live:
+            return self.live[spec.name]
+        upstream = self._start(self.cfg.server(spec.upstream)).base_url if spec.kind == "best_of_n" else ""
         self.console.log(f"starting server [bold]{spec.name}[/] ({spec.kind})")
         t0 = time.monotonic()
         server = start_server(spec, self.logs, self.cfg.bench.ready_timeout_s, upstream)
-        started.append(server)
+        self.live[spec.name] = server
+        self.results.setdefault("servers", {})[spec.name] = {"ready": server.ready_info,
+                                                             "model_id": server.model_id}
         self.console.log(f"{spec.name} ready at {server.base_url} in {time.monotonic() - t0:.0f}s "
                          f"(model id {server.model_id!r}, RSS {server.rss_bytes() / 2**20:.0f} MiB)")
         return server
 
-    @staticmethod
-    def _stop_all(started: list[Server]) -> None:
-        for s in reversed(started):
-            s.stop()
+    def _stop_except(self, keep: set[str]) -> None:
+        """Stop every running server not in `keep` (a proxy before its upstream)."""
+        for name in reversed(list(self.live)):
+            if name not in keep:
+                self.live.pop(name).stop()
 
     # -- datasets -------------------------------------------------------------------------------
     def _datasets(self, points: list[Point]) -> dict[int, Path]:
@@ -171,10 +175,14 @@ class Sweep:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=self.console) as progress:
             task = progress.add_task("load benchmark", total=len(points) + (1 if mem else 0))
-            for spec in self.cfg.servers:
-                mine = [p for p in points if p.run.server == spec.name]
-                if mine:
-                    self._serve_points(spec, mine, datasets, progress, task)
+            try:
+                for spec in self.cfg.servers:
+                    mine = [p for p in points if p.run.server == spec.name]
+                    if mine:
+                        self._stop_except({spec.name, spec.upstream})
+                        self._serve_points(spec, mine, datasets, progress, task)
+            finally:
+                self._stop_except(set())
             if mem:
                 progress.update(task, description=f"memory: {mem.server} at concurrency "
                                 f"{mem.concurrency} for {mem.duration_s:.0f}s")
@@ -184,9 +192,8 @@ class Sweep:
 
     def _serve_points(self, spec: ServerSpec, points: list[Point], datasets: dict[int, Path],
                       progress: Progress, task) -> None:
-        started: list[Server] = []
         try:
-            server = self._start(spec, started)
+            server = self._start(spec)
             rss_ready = server.rss_bytes()
             for p in points:
                 progress.update(task, description=f"{p.run.label}: prompt +{p.prompt_len}, "
@@ -209,8 +216,6 @@ class Sweep:
             self.console.log(f"[red]server {spec.name} failed: {e}[/]")
             self.results.setdefault("server_errors", {})[spec.name] = str(e)
             progress.advance(task, len([p for p in points if not self._done(p)]))
-        finally:
-            self._stop_all(started)
 
     def _done(self, p: Point) -> bool:
         return any(r["label"] == p.run.label and r["concurrency"] == p.concurrency and
@@ -231,10 +236,10 @@ class Sweep:
     # -- memory ---------------------------------------------------------------------------------
     def _memory_run(self, dataset: Path) -> dict[str, Any]:
         """Back-to-back tool runs at fixed concurrency for `duration_s`; RSS sampled throughout."""
-        mem, started = self.cfg.memory, []
+        mem = self.cfg.memory
         rounds: list[dict[str, Any]] = []
         try:
-            server = self._start(self.cfg.server(mem.server), started)
+            server = self._start(self.cfg.server(mem.server))
             with MemorySampler(server, self.cfg.bench.memory_sample_s) as sampler:
                 t_end = time.monotonic() + mem.duration_s
                 i = 0
@@ -247,7 +252,7 @@ class Sweep:
                     i += 1
             samples = sampler.samples
         finally:
-            self._stop_all(started)
+            self._stop_except(set())
         base = next((rss for t, rss in samples if t >= mem.baseline_s), samples[-1][1])
         end = samples[-1][1]
         return {"server": mem.server, "control": mem.control, "concurrency": mem.concurrency,

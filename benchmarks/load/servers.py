@@ -61,6 +61,7 @@ class Server:
     base_url: str
     log_path: Path
     model_id: str = ""
+    ready_info: dict | None = None  # what the readiness probe answered (cdserve: model, scorer, backend)
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and its children (vLLM runs its engine in a child)."""
@@ -84,7 +85,12 @@ class Server:
                 raise RuntimeError(f"server {self.spec.name} exited with {self.proc.returncode} "
                                    f"before it was ready; log: {self.log_path}")
             try:
-                if httpx.get(self.base_url + path, timeout=5).status_code == 200:
+                probe = httpx.get(self.base_url + path, timeout=5)
+                if probe.status_code == 200:
+                    try:
+                        self.ready_info = probe.json()
+                    except ValueError:
+                        self.ready_info = None
                     models = httpx.get(self.base_url + "/v1/models", timeout=10).json()["data"]
                     self.model_id = models[0]["id"]
                     return
