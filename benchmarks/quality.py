@@ -39,22 +39,29 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from prefix_scorers.checkpoint import DEFAULT_HEADS  # noqa: E402
-from prefix_scorers.prompts import load_prompts  # noqa: E402
-from prefix_scorers.rewards import score_texts  # noqa: E402
+from prefix_scorers.checkpoint import DEFAULT_HEADS
+from prefix_scorers.prompts import load_prompts
+from prefix_scorers.rewards import score_texts
 
 HEADS = {h.name: h.reward for h in DEFAULT_HEADS}
 MODES = ("none", "token", "block", "best_of_n")
 
 
 def plan(quick: bool, heads: list[str]) -> list[dict]:
-    """The runs: one dict per (mode, setting, weights)."""
-    strengths = [2.0, 5.0] if quick else [1.0, 2.0, 4.0, 8.0]
-    ks = [4] if quick else [2, 4, 8]
+    """The runs: one dict per (mode, setting, weights). The first head gets the full sweep; the
+    others a reduced one (this machine is slow: every setting costs a full generation pass).
+    Token mode runs over the top 20 candidates (the server default) and, for the first head, over
+    the whole vocabulary (top_k 0), whose KL goes to 0 with the strength (top-20 truncation alone
+    costs KL)."""
     runs = [{"mode": "none", "weights": {heads[0]: 1.0}}]
-    for head in heads:
+    for i, head in enumerate(heads):
+        full = i == 0 and not quick
         w = {head: 1.0}
-        runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 20} for s in strengths]
+        runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 20}
+                 for s in ([0.5, 1.0, 2.0, 4.0] if full else [1.0, 4.0])]
+        if full:
+            runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 0} for s in (0.5, 1.0, 2.0)]
+        ks = [2, 4, 8] if full else [4]
         runs += [{"mode": "block", "weights": w, "block_size": 8, "num_candidates": k} for k in ks]
         runs += [{"mode": "best_of_n", "weights": w, "num_candidates": n} for n in ks]
     return runs
@@ -120,8 +127,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [str(exe) if exe.exists() else "cdserve", "serve", "--port", str(port), "--backend", args.backend,
            "--scorer", args.scorer, "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"]
     print("starting:", shlex.join(cmd), flush=True)
-    log = open(HERE / "results" / "quality_server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(HERE / "results" / "quality_server.log", "w")  # noqa: SIM115 (the server's lifetime)
+    # One torch thread: on a shared CPU, oversubscribed OpenMP threads spin-wait (several times slower).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(args.threads))}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -152,7 +161,7 @@ def label(r: dict) -> str:
     if r["mode"] == "none":
         return "none"
     if r["mode"] == "token":
-        return f"token s={r['strength']:g}"
+        return f"token s={r['strength']:g} top_k={r['top_k']}"
     if r["mode"] == "block":
         return f"block K={r['num_candidates']} M={r['block_size']}"
     return f"best_of_n N={r['num_candidates']}"
@@ -172,17 +181,21 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     heads = [h for h in HEADS if any(r["mode"] != "none" and steered_head(r) == h and not r.get("sweep")
                                      for r in results)]
     fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 3.8), squeeze=False)
-    style = {"token": ("tab:blue", "o"), "block": ("tab:orange", "s"), "best_of_n": ("tab:green", "^")}
+    style = {"token": ("tab:blue", "o"), "token_full": ("tab:cyan", "D"), "block": ("tab:orange", "s"),
+             "best_of_n": ("tab:green", "^")}
+    curve = lambda r: "token_full" if r["mode"] == "token" and r["top_k"] == 0 else r["mode"]
     for ax, head in zip(axes[0], heads):
         for mode, (color, marker) in style.items():
             pts = sorted((r["kl"], r["reward"][head], r["reward_sem"][head]) for r in results
-                         if r["mode"] == mode and not r.get("sweep") and steered_head(r) == head)
+                         if curve(r) == mode and not r.get("sweep") and steered_head(r) == head)
             if pts:
                 xs, ys, es = zip(*([(0.0, base["reward"][head], base["reward_sem"][head])] + pts))
-                ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=2, label=mode)
+                name = {"token": "token (top 20)", "token_full": "token (all tokens)"}.get(mode, mode)
+                ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=2, label=name)
         ax.axhline(base["reward"][head], color="grey", ls=":", lw=1)
         ax.set_title(f"{head} ({HEADS[head]})")
         ax.set_xlabel("KL from base (nats per answer)")
+        ax.set_xscale("symlog", linthresh=1.0)
         ax.set_ylabel(f"mean true {head} reward")
         ax.legend(fontsize=8)
     fig.suptitle(f"Steering one head at a time, {base['n']} held-out prompts (error bars: 1 s.e.)")
@@ -221,11 +234,11 @@ def table(results: list[dict], command: str, meta: dict) -> str:
     heads = list(HEADS)
     lines = [
         "## Quality: reward vs KL per control mode", "",
-        f"Produced by `{command}` ({meta['date']}, {meta['backend']} backend, scorer `{meta['scorer']}`, "
+        (f"Produced by `{command}` ({meta['date']}, {meta['backend']} backend, scorer `{meta['scorer']}`, "
         f"{meta['n']} held-out prompts, max_tokens {meta['max_tokens']}, temperature {meta['temperature']}, "
         f"seeds {meta['seed']}..{meta['seed'] + meta['n'] - 1}; {meta['machine']}). True rewards from "
         "`prefix_scorers.rewards`; KL as the server reports it (token: exact per-step sum; block and "
-        "best_of_n: the bound log K - (K-1)/K per selection).", "",
+        "best_of_n: the bound log K - (K-1)/K per selection)."), "",
         "| run | steered | " + " | ".join(heads) + " | KL | gen/accepted | s |",
         "|---|---|" + "---|" * len(heads) + "---|---|---|",
     ]
@@ -287,15 +300,16 @@ def main() -> None:
     ap.add_argument("--url", help="a running server (default: start one)")
     ap.add_argument("--backend", default="hf")
     ap.add_argument("--scorer", default="default")
-    ap.add_argument("--prompts", type=int, default=24, help="held-out prompts per run")
+    ap.add_argument("--prompts", type=int, default=16, help="held-out prompts per run")
     ap.add_argument("--heads", default="positive,civil,concise,readable", help="heads to steer, one at a time")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--sweep-strength", type=float, default=4.0)
+    ap.add_argument("--sweep-strength", type=float, default=2.0)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--max-batch-rows", type=int, default=64)
     ap.add_argument("--start-timeout", type=float, default=600)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server it starts")
     ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached runs")
     args = ap.parse_args()

@@ -40,8 +40,7 @@ def label_rollouts(rollouts_path: Path, out_path: Path, rewards: list[str], batc
             batch = todo[start:start + batch_size]
             texts = [r["text"] for r in batch]
             scores = {fn.name: fn(texts) for fn in fns}
-            for i, r in enumerate(batch):
-                f.write(json.dumps({"id": r["id"], "rewards": {k: v[i] for k, v in scores.items()}}) + "\n")
+            f.writelines(json.dumps({"id": r["id"], "rewards": {k: v[i] for k, v in scores.items()}}) + "\n" for i, r in enumerate(batch))
             f.flush()
             bar.update(len(batch))
     return out_path

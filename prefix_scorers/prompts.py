@@ -139,15 +139,14 @@ def split_prompts(prompts: list[dict], eval_fraction: float = 0.15, seed: int = 
         n_eval = max(1, round(len(group) * eval_fraction))
         evals += group[:n_eval]
         train += group[n_eval:]
-    key = lambda p: p["id"]  # noqa: E731
+    key = lambda p: p["id"]
     return sorted(train, key=key), sorted(evals, key=key)
 
 
 def write_jsonl(rows, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return path
 
 

@@ -105,7 +105,7 @@ def load_examples(rollouts_path: Path, labels_path: Path, heads: list[HeadSpec])
 def split_by_prompt(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     prompts = sorted({e.prompt_id for e in examples})
     random.Random(seed).shuffle(prompts)
-    held = set(prompts[: int(round(len(prompts) * eval_fraction))])
+    held = set(prompts[: round(len(prompts) * eval_fraction)])
     return [e for e in examples if e.prompt_id not in held], [e for e in examples if e.prompt_id in held]
 
 
@@ -143,7 +143,7 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) 
             next_ids[b, s - 1:n - 2] = torch.tensor(e.topk_ids[1:n - s])
             next_lp[b, s - 1:n - 2] = torch.tensor(e.topk_logprobs[1:n - s])
     rewards = torch.tensor([e.rewards for e in examples], dtype=torch.float32)
-    dev = lambda t: t.to(device)  # noqa: E731
+    dev = lambda t: t.to(device)
     return Batch(dev(ids), dev(valid), dev(taken), dev(last), dev(gen_pos), dev(rewards),
                  dev(next_ids) if with_next else None,
                  dev(torch.softmax(next_lp, dim=-1)) if with_next else None)
@@ -258,11 +258,16 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfig,
           base_model_dir: Path | None = None) -> Path:
     """Train a scorer; writes `out_dir/scorer` (float32 checkpoint), `loss.png`, `history.json`."""
-    from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
+    from prefix_scorers.base_model import (
+        default_cache_dir,
+        load_model,
+        load_tokenizer,
+        resolve_model,
+    )
 
     rank, world = _dist()
     if cfg.device.startswith("cuda") and world > 1:
-        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     heads = [HeadSpec(**h) for h in cfg.heads]

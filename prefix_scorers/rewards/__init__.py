@@ -3,7 +3,12 @@ four built-in ones and their formulas, `registry` for adding your own)."""
 
 from prefix_scorers.rewards import builtin  # noqa: F401  (registers the built-in rewards)
 from prefix_scorers.rewards.registry import (
-    Reward, get_reward, import_reward_modules, list_rewards, register_http_reward, register_reward,
+    Reward,
+    get_reward,
+    import_reward_modules,
+    list_rewards,
+    register_http_reward,
+    register_reward,
 )
 
 __all__ = ["Reward", "get_reward", "import_reward_modules", "list_rewards", "register_http_reward",

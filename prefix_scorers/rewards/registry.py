@@ -84,7 +84,7 @@ def register_http_reward(name: str, url: str, *, description: str = "",
             chunk = list(texts[i:i + batch_size])
             req = urllib.request.Request(url, data=json.dumps({"texts": chunk}).encode(),
                                          headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 (user's URL)
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 scores = json.loads(resp.read())["scores"]
             if len(scores) != len(chunk):
                 raise ValueError(f"reward endpoint {url} returned {len(scores)} scores for {len(chunk)} texts")

@@ -13,7 +13,7 @@ class _Tok:
     def get_vocab(self):
         return {f"t{i}": i for i in range(50)}
 
-    all_special_tokens = ["t0"]
+    all_special_tokens = ("t0",)
 
 
 def test_normalization_round_trip(tmp_path):

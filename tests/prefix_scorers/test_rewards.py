@@ -8,7 +8,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from prefix_scorers.rewards import get_reward, list_rewards, register_http_reward, register_reward, score_texts
+from prefix_scorers.rewards import (
+    get_reward,
+    list_rewards,
+    register_http_reward,
+    register_reward,
+    score_texts,
+)
 
 HAPPY = "I absolutely love this place, the staff were wonderful and kind!"
 ANGRY = "This is the worst service ever. You stupid idiots ruined my day."
