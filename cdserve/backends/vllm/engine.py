@@ -71,7 +71,6 @@ class VLLMEngine:
 
     # -- loading ----------------------------------------------------------------------------------
     def load_sync(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -90,29 +89,39 @@ class VLLMEngine:
         self.scorer = ScorerRunner(scorer, self.device)
         cfg.control.check_heads(self.head_names)
         vllm_environment(cfg, self.scorer_dir, on_cpu)
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
-        # vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's prompt is
-        # split across steps: it rewinds the request's generator, which CPU generators cannot do.
-        # Whole-prompt prefills avoid it.
-        # vLLM-CPU's default KV block is 128 tokens: prefix caching only reuses whole blocks, so
-        # block mode (each block a new request on prompt + accepted) would recompute most of it.
-        cpu_only = {} if not on_cpu else {"enable_chunked_prefill": False, "block_size": 32,
-                                          "max_num_batched_tokens": max(cfg.max_model_len, 2048)}
-        args = AsyncEngineArgs(
+        self.dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
+        stats = StepStatsLogger.factory(self._on_step, self._on_scheduler)
+        self.llm = AsyncLLM.from_engine_args(self._engine_args(on_cpu), stat_loggers=[stats])
+        self.max_model_len = self.llm.model_config.max_model_len
+        self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
+        self.blocks = BlockDecoder(self)
+        log.info("vllm engine: %s (%s, %s) started in %.1f s, scorer %s (%s, heads %s)", self.model_name,
+                 "cpu" if on_cpu else current_platform.device_name, self.dtype, time.perf_counter() - started,
+                 self.scorer_dir, "trained" if scorer.config.provenance.trained else "UNTRAINED", self.head_names)
+
+    def _engine_args(self, on_cpu: bool):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        cfg = self.config
+        cpu_only = {}
+        if on_cpu:
+            cpu_only = {
+                # vLLM-CPU crashes ("CPU Generator does not use offset") when a seeded request's
+                # prompt is split across steps: it rewinds the request's generator, which CPU
+                # generators cannot do. Whole-prompt prefills avoid it.
+                "enable_chunked_prefill": False, "max_num_batched_tokens": max(cfg.max_model_len, 2048),
+                # The default 128-token KV block defeats prefix caching for block mode (each block
+                # is a new request on prompt + accepted; only whole blocks are reused).
+                "block_size": 32,
+            }
+        return AsyncEngineArgs(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
-            dtype=dtype, max_model_len=cfg.max_model_len, enable_prefix_caching=True,
+            dtype=self.dtype, max_model_len=cfg.max_model_len, enable_prefix_caching=True,
             enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
             max_num_seqs=cfg.max_batch_rows, seed=cfg.seed, logits_processors=[ScorerLogitsProcessor],
             additional_config={CONFIG_KEY: str(self.scorer_dir)}, worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=False, **cpu_only)
-        self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[StepStatsLogger.factory(self._on_step, self._on_scheduler)])
-        self.max_model_len = self.llm.model_config.max_model_len
-        self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
-        self.blocks = BlockDecoder(self)
-        log.info("vllm engine: %s (%s, %s) started in %.1f s, scorer %s (%s, heads %s)", self.model_name,
-                 "cpu" if on_cpu else current_platform.device_name, dtype, time.perf_counter() - started,
-                 self.scorer_dir, "trained" if scorer.config.provenance.trained else "UNTRAINED", self.head_names)
 
     def _scorer_dir(self) -> Path:
         cfg = self.config
@@ -267,8 +276,14 @@ class VLLMEngine:
             t.cancel()  # cancelling vLLM's generate() aborts the request in vLLM
 
     def load(self) -> EngineLoad:
-        waiting = max(0, self._rows - self.config.max_batch_rows)
-        return EngineLoad(waiting=waiting, running=self._rows - waiting)
+        """Sequences in flight, split as vLLM's scheduler last reported them."""
+        if self._rows == 0:  # idle (vLLM's last report may predate the last requests finishing)
+            return EngineLoad(waiting=0, running=0)
+        running, waiting = self._scheduler
+        if running + waiting == 0:  # no report yet: estimate from what was submitted
+            waiting = max(0, self._rows - self.config.max_batch_rows)
+            running = self._rows - waiting
+        return EngineLoad(waiting=waiting, running=running)
 
     def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)

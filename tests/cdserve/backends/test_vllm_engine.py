@@ -241,3 +241,4 @@ def test_stats_listener_sees_vllm_steps(loop, vllm_engine, prompts):
     run_all(loop, vllm_engine, [request(vllm_engine, p, TOKEN, max_tokens=8, temperature=0.0) for p in prompts])
     assert seen and all(s.step_seconds > 0 for s in seen)
     assert max(s.batch_rows for s in seen) >= 1
+    assert (vllm_engine.load().running, vllm_engine.load().waiting) == (0, 0)  # idle again
