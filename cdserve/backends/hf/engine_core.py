@@ -295,7 +295,9 @@ class EngineCore:
         choice.finish_reason = row.finish_reason
         choice.kl = row.kl
         if ctrl.mode == "none":  # no scorer state was kept: one pass over the finished output
-            out = choice.committed or [row.last_token]
+            # as in the other modes, a sequence that ended with EOS is valued at the EOS token
+            out = choice.committed + ([row.last_token] if row.last_token in self.eos else [])
+            out = out or [row.last_token]
             row.last_values = self.scorer.final_values(choice.request.gen.prompt_token_ids, out).float().cpu()
         if row.last_values is not None:
             choice.values = row.last_values
