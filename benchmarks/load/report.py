@@ -52,12 +52,20 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for p, o in _workloads(results):
         runs = [r for r in results["runs"] if r["prompt_len"] == p and r["output_len"] == o and r.get("completed")]
         labels = list(dict.fromkeys(r["label"] for r in runs))
+        ticks = sorted({r["concurrency"] for r in runs})
+
+        def concurrency_axis(ax) -> None:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [str(c) for c in ticks])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("concurrent requests")
         title = f"prompt +{p} tokens, output {o} tokens"
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -67,8 +75,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
             axes[0].plot(cs, [r["output_throughput"] for r in rs], marker="o", label=label)
             axes[1].plot(cs, [r["request_throughput"] for r in rs], marker="o", label=label)
         for ax, what in zip(axes, ("output tokens/s", "requests/s")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("concurrent requests")
+            concurrency_axis(ax)
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
@@ -90,9 +97,8 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
                         label=f"{label} p99")
         for ax, name in zip(axes, ("time to first token (ms)", "time per output token (ms)",
                                    "end-to-end latency (ms)")):
-            ax.set_xscale("log", base=2)
+            concurrency_axis(ax)
             ax.set_yscale("log")
-            ax.set_xlabel("concurrent requests")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3, which="both")
         axes[0].legend(fontsize=6)

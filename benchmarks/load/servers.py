@@ -119,6 +119,10 @@ def start_server(spec: ServerSpec, log_dir: Path, ready_timeout_s: float,
     argv, ready_path = command(spec, port, upstream_url)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{spec.name}.log"
+    for i in range(2, 100):  # a restarted server keeps its earlier log
+        if not log_path.exists():
+            break
+        log_path = log_dir / f"server-{spec.name}-{i}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
     with log_path.open("w") as log:
         log.write(" ".join(argv) + "\n")
