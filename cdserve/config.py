@@ -42,6 +42,8 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)
     pipeline_parallel_size: int = Field(1, ge=1)
+    distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = Field(
+        "auto", description="vLLM executor: 'ray' for pipeline parallelism across nodes; auto lets vLLM pick.")
     enforce_eager: bool = Field(False, description="vLLM: skip graph compilation (faster start).")
     kv_cache_space_gib: float = Field(4.0, gt=0, description="vLLM on CPU: KV cache size (GiB).")
 

@@ -52,6 +52,8 @@ class ServerSettings(BaseSettings):
                                    description="Default control and its limits (JSON).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: tensor parallel size.")
     pipeline_parallel_size: int = Field(1, ge=1, description="vllm backend: pipeline parallel size.")
+    distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = Field(
+        "auto", description="vllm backend: executor; 'ray' for pipeline parallelism across nodes.")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm backend: GPU memory share.")
     enforce_eager: bool = Field(False, description="vllm backend: skip graph compilation.")
     kv_cache_space_gib: float = Field(4.0, gt=0, description="vllm backend on CPU: KV cache GiB.")

@@ -121,7 +121,12 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
             max_num_seqs=cfg.max_batch_rows, seed=cfg.seed, logits_processors=[ScorerLogitsProcessor],
             additional_config={CONFIG_KEY: str(self.scorer_dir)}, worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=False, **cpu_only)
+            disable_log_stats=False, **cpu_only, **self._executor())
+
+    def _executor(self) -> dict:
+        """Pass the executor through only when set: 'ray' is what spans nodes (pipeline parallel)."""
+        backend = self.config.distributed_executor_backend
+        return {} if backend == "auto" else {"distributed_executor_backend": backend}
 
     def _scorer_dir(self) -> Path:
         cfg = self.config

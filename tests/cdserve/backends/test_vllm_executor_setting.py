@@ -1,0 +1,31 @@
+"""The vLLM executor setting reaches vLLM's engine arguments (Ray spans nodes for pipeline
+parallelism); 'auto' leaves vLLM's own choice alone."""
+
+import pytest
+
+from cdserve.config import EngineConfig
+from cdserve.server.settings import ServerSettings
+
+
+def executor_args(config: EngineConfig) -> dict:
+    vllm_engine = pytest.importorskip("cdserve.backends.vllm.engine")
+    engine = vllm_engine.VLLMEngine.__new__(vllm_engine.VLLMEngine)
+    engine.config = config
+    return engine._executor()
+
+
+def test_ray_is_passed_through(monkeypatch):
+    monkeypatch.setenv("CDSERVE_DISTRIBUTED_EXECUTOR_BACKEND", "ray")
+    monkeypatch.setenv("CDSERVE_PIPELINE_PARALLEL_SIZE", "2")
+    config = ServerSettings().engine_config()
+    assert (config.distributed_executor_backend, config.pipeline_parallel_size) == ("ray", 2)
+    assert executor_args(config) == {"distributed_executor_backend": "ray"}
+
+
+def test_auto_leaves_vllm_to_choose():
+    assert executor_args(EngineConfig()) == {}
+
+
+def test_unknown_executor_is_refused():
+    with pytest.raises(ValueError, match="distributed_executor_backend"):
+        EngineConfig(distributed_executor_backend="slurm")
