@@ -201,7 +201,11 @@ class Sweep:
                 tool = self._tool_run(server, datasets[p.prompt_len], p.num_prompts, p.concurrency,
                                       p.output_len, p.run.control, p.name)
                 t0 = time.monotonic()
-                metrics = run_tool(tool, self.cfg.bench.run_timeout_s, self.logs / f"tool-{p.name}.log")
+                refused = server.refusal(p.run.control)
+                if refused:  # no load against a setting the server refuses
+                    metrics = {"completed": 0, "failed": p.num_prompts, "errors": [refused]}
+                else:
+                    metrics = run_tool(tool, self.cfg.bench.run_timeout_s, self.logs / f"tool-{p.name}.log")
                 self.results["runs"].append({
                     "label": p.run.label, "server": spec.name, "server_kind": spec.kind,
                     "control": p.run.control, "prompt_len": p.prompt_len, "output_len": p.output_len,

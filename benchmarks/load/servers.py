@@ -99,6 +99,18 @@ class Server:
             time.sleep(1.0)
         raise TimeoutError(f"server {self.spec.name} not ready after {timeout_s:.0f}s; log: {self.log_path}")
 
+    def refusal(self, control: dict | None) -> str | None:
+        """The server's error message if it refuses a request with this control (the load tool
+        records only the HTTP reason, e.g. 'Bad Request'); None if it accepts it."""
+        body = {"model": self.model_id, "messages": [{"role": "user", "content": "Hi"}],
+                "max_completion_tokens": 2}
+        if control:
+            body["control"] = control
+        r = httpx.post(self.base_url + "/v1/chat/completions", json=body, timeout=300)
+        if r.status_code < 400:
+            return None
+        return f"HTTP {r.status_code}: {r.text[:300]}"
+
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after `grace_s`."""
         if self.proc.poll() is not None:
