@@ -80,11 +80,22 @@ async def run_mode(engine, mode: str, prompts: list[list[int]], concurrency: int
 
 
 async def measure(engine, modes=("none", "token", "block"), concurrency: int = 16, requests: int = 32,
-                  max_tokens: int = 64) -> list[dict]:
-    """Warm up once, then time each mode on the same prompts; adds each mode's ratio to `none`."""
+                  max_tokens: int = 64, repeats: int = 1) -> list[dict]:
+    """Warm up once, then time each mode on the same prompts, `repeats` rounds with the mode order
+    rotated each round (so a change in machine load hits every mode alike); one row per mode with
+    the median round, and each mode's ratio of medians to `none`."""
     prompts = chat_prompts(engine.tokenizer, requests)
     await run_mode(engine, "none", prompts[:concurrency], concurrency, 8, seed=999)  # warm-up
-    rows = [await run_mode(engine, m, prompts, concurrency, max_tokens) for m in modes]
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(repeats):
+        for m in modes[r % len(modes):] + modes[: r % len(modes)]:
+            runs[m].append(await run_mode(engine, m, prompts, concurrency, max_tokens))
+    rows = []
+    for m in modes:
+        ordered = sorted(runs[m], key=lambda x: x["tokens_per_s"])
+        row = dict(ordered[len(ordered) // 2])
+        row["tokens_per_s_runs"] = [x["tokens_per_s"] for x in runs[m]]
+        rows.append(row)
     base = next((r["tokens_per_s"] for r in rows if r["mode"] == "none"), None)
     for r in rows:
         r["vs_none"] = round(r["tokens_per_s"] / base, 3) if base else None
@@ -92,11 +103,12 @@ async def measure(engine, modes=("none", "token", "block"), concurrency: int = 1
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| backend | concurrency | mode | output tok/s | vs none | base tokens / output token |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| backend | concurrency | mode | output tok/s (median) | rounds | vs none | base tokens / output token |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         cost = r["base_tokens_generated"] / max(r["output_tokens"], 1)
-        lines.append(f"| {r['backend']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']} | "
+        rounds = ", ".join(str(x) for x in r.get("tokens_per_s_runs", [r["tokens_per_s"]]))
+        lines.append(f"| {r['backend']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']} | {rounds} | "
                      f"{r['vs_none']} | {cost:.2f} |")
     return "\n".join(lines)
 
@@ -108,6 +120,7 @@ def main() -> None:
     ap.add_argument("--modes", default="none,token,block,best_of_n")
     ap.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds per mode (median reported)")
     ap.add_argument("--scorer", default="default")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--kv-cache-space-gib", type=float, default=2)
@@ -133,7 +146,7 @@ def main() -> None:
         try:
             for c in (int(x) for x in args.concurrency.split(",")):
                 for row in await measure(engine, modes, concurrency=c, requests=max(4, args.requests_per_level * c),
-                                         max_tokens=args.max_tokens):
+                                         max_tokens=args.max_tokens, repeats=args.repeats):
                     print(json.dumps(row), flush=True)
                     rows.append(row)
         finally:
