@@ -45,6 +45,7 @@ from prefix_scorers.rewards import score_texts
 
 HEADS = {h.name: h.reward for h in DEFAULT_HEADS}
 MODES = ("none", "token", "block", "best_of_n")
+FINDINGS = "### Findings"
 
 
 def plan(quick: bool, heads: list[str]) -> list[dict]:
@@ -60,10 +61,10 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
         runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 20}
                  for s in ([0.5, 1.0, 2.0, 4.0] if full else [1.0, 4.0])]
         if full:
-            runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 0} for s in (0.5, 1.0, 2.0)]
+            runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 0} for s in (0.5, 1.0, 2.0, 4.0)]
         ks = [2, 4, 8] if full else [4]
         runs += [{"mode": "block", "weights": w, "block_size": 8, "num_candidates": k} for k in ks]
-        runs += [{"mode": "best_of_n", "weights": w, "num_candidates": n} for n in ks]
+        runs += [{"mode": "best_of_n", "weights": w, "num_candidates": n} for n in ks + ([16] if full else [])]
     return runs
 
 
@@ -180,11 +181,13 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     base = next(r for r in results if r["mode"] == "none")
     heads = [h for h in HEADS if any(r["mode"] != "none" and steered_head(r) == h and not r.get("sweep")
                                      for r in results)]
-    fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 3.8), squeeze=False)
+    cols = 2 if len(heads) > 1 else 1
+    rows = (len(heads) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
     style = {"token": ("tab:blue", "o"), "token_full": ("tab:cyan", "D"), "block": ("tab:orange", "s"),
              "best_of_n": ("tab:green", "^")}
     curve = lambda r: "token_full" if r["mode"] == "token" and r["top_k"] == 0 else r["mode"]
-    for ax, head in zip(axes[0], heads):
+    for ax, head in zip(axes.flat, heads):
         for mode, (color, marker) in style.items():
             pts = sorted((r["kl"], r["reward"][head], r["reward_sem"][head]) for r in results
                          if curve(r) == mode and not r.get("sweep") and steered_head(r) == head)
@@ -196,6 +199,7 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
         ax.set_title(f"{head} ({HEADS[head]})")
         ax.set_xlabel("KL from base (nats per answer)")
         ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=0)
         ax.set_ylabel(f"mean true {head} reward")
         ax.legend(fontsize=8)
     fig.suptitle(f"Steering one head at a time, {base['n']} held-out prompts (error bars: 1 s.e.)")
@@ -217,13 +221,15 @@ def plot_sweep(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     xs = [r["reward"]["concise"] for r in sweep]
     ys = [r["reward"]["positive"] for r in sweep]
-    ax.plot(xs, ys, "o-", color="tab:purple", label=f"token mode, strength {sweep[0]['strength']:g}")
+    ax.errorbar(xs, ys, xerr=[r["reward_sem"]["concise"] for r in sweep],
+                yerr=[r["reward_sem"]["positive"] for r in sweep], fmt="o-", color="tab:purple", capsize=2,
+                label=f"token mode (top 20), strength {sweep[0]['strength']:g}")
     for r, x, y in zip(sweep, xs, ys):
         ax.annotate(f"w+={r['weights']['positive']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot([base["reward"]["concise"]], [base["reward"]["positive"]], "k*", ms=10, label="none (base)")
     ax.set_xlabel("mean true concise reward")
     ax.set_ylabel("mean true positive reward")
-    ax.set_title("positive vs concise: one scorer, weights swept")
+    ax.set_title(f"positive vs concise: one scorer, weights swept ({sweep[0]['n']} prompts)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -239,6 +245,9 @@ def table(results: list[dict], command: str, meta: dict) -> str:
         f"seeds {meta['seed']}..{meta['seed'] + meta['n'] - 1}; {meta['machine']}). True rewards from "
         "`prefix_scorers.rewards`; KL as the server reports it (token: exact per-step sum; block and "
         "best_of_n: the bound log K - (K-1)/K per selection)."), "",
+        "![reward vs KL](quality_reward_vs_kl.png)", "",
+        "![positive vs concise](quality_weights_sweep.png)", "",
+        "Mean true reward per head (columns) for each run; `steered` is the weights sent.", "",
         "| run | steered | " + " | ".join(heads) + " | KL | gen/accepted | s |",
         "|---|---|" + "---|" * len(heads) + "---|---|---|",
     ]
@@ -291,7 +300,11 @@ async def main_async(args) -> None:
     plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
     plot_sweep(results, HERE / "quality_weights_sweep.png")
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    (HERE / "RESULTS_quality.md").write_text(table(results, command.strip(), data["meta"]))
+    md = HERE / "RESULTS_quality.md"
+    # Hand-written findings below the table survive a rerun.
+    old = md.read_text() if md.exists() else ""
+    findings = old[old.index(FINDINGS):] if FINDINGS in old else ""
+    md.write_text(table(results, command.strip(), data["meta"]) + ("\n" + findings if findings else ""))
     print(f"wrote {out}, {HERE / 'quality_reward_vs_kl.png'}, {HERE / 'RESULTS_quality.md'}")
 
 
