@@ -35,6 +35,6 @@ if [[ ! -x "${BIN}/promtool" ]]; then
 fi
 
 "${BIN}/hadolint" --version
-"${BIN}/kubectl" version --client | head -1
-"${BIN}/promtool" --version | head -1
+"${BIN}/kubectl" version --client | sed -n 1p  # sed reads all input: head would SIGPIPE the tool under pipefail
+"${BIN}/promtool" --version | sed -n 1p  # sed reads all input: head would SIGPIPE the tool under pipefail
 "${BIN}/kubernetes-validate" --version
