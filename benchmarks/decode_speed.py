@@ -20,6 +20,7 @@ import platform
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from cdserve.control.request import resolve_control
@@ -48,6 +49,21 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its children (vLLM's engine and workers run in children).
+    On a shared machine, CPU seconds per token barely move with other load; wall time does."""
+    procs = [psutil.Process()]
+    procs += procs[0].children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 async def _one(engine, req: GenerationRequest) -> tuple[int, int]:
     tokens = generated = 0
     async for out in engine.generate(req):
@@ -70,13 +86,14 @@ async def run_mode(engine, mode: str, prompts: list[list[int]], concurrency: int
         async with sem:
             return await _one(engine, r)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     results = await asyncio.gather(*(bounded(r) for r in reqs))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     tokens = sum(t for t, _ in results)
     return {"backend": engine.backend_name, "mode": mode, "concurrency": concurrency, "requests": len(reqs),
             "max_tokens": max_tokens, "seconds": round(seconds, 2), "output_tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 1), "base_tokens_generated": sum(g for _, g in results)}
+            "tokens_per_s": round(tokens / seconds, 1), "cpu_ms_per_token": round(1000 * cpu / max(tokens, 1), 1),
+            "base_tokens_generated": sum(g for _, g in results)}
 
 
 async def measure(engine, modes=("none", "token", "block"), concurrency: int = 16, requests: int = 32,
@@ -96,20 +113,25 @@ async def measure(engine, modes=("none", "token", "block"), concurrency: int = 1
         row = dict(ordered[len(ordered) // 2])
         row["tokens_per_s_runs"] = [x["tokens_per_s"] for x in runs[m]]
         rows.append(row)
-    base = next((r["tokens_per_s"] for r in rows if r["mode"] == "none"), None)
+    base = next((r for r in rows if r["mode"] == "none"), None)
     for r in rows:
-        r["vs_none"] = round(r["tokens_per_s"] / base, 3) if base else None
+        r["cpu_ms_per_token_runs"] = [x["cpu_ms_per_token"] for x in runs[r["mode"]]]
+        r["cpu_ms_per_token"] = sorted(r["cpu_ms_per_token_runs"])[len(runs[r["mode"]]) // 2]
+        r["vs_none"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3) if base else None
+        # throughput per CPU-second relative to none: robust to other load on a shared machine
+        r["cpu_vs_none"] = round(base["cpu_ms_per_token"] / r["cpu_ms_per_token"], 3) if base else None
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| backend | concurrency | mode | output tok/s (median) | rounds | vs none | base tokens / output token |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| backend | concurrency | mode | output tok/s (median) | rounds | vs none (wall) | "
+             "CPU ms / token | vs none (CPU) | base tokens / output token |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cost = r["base_tokens_generated"] / max(r["output_tokens"], 1)
         rounds = ", ".join(str(x) for x in r.get("tokens_per_s_runs", [r["tokens_per_s"]]))
         lines.append(f"| {r['backend']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']} | {rounds} | "
-                     f"{r['vs_none']} | {cost:.2f} |")
+                     f"{r['vs_none']} | {r['cpu_ms_per_token']} | {r['cpu_vs_none']} | {cost:.2f} |")
     return "\n".join(lines)
 
 
