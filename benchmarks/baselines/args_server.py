@@ -24,8 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import torch
 import uvicorn

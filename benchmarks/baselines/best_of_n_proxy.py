@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import uvicorn

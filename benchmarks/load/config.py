@@ -7,10 +7,11 @@ config cannot start an unbounded load.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 SERVER_KINDS = ("cdserve", "vllm", "args", "best_of_n")
 METRICS = ("request_throughput", "output_throughput", "median_ttft_ms", "median_tpot_ms",
@@ -138,7 +139,7 @@ class LoadConfig:
     def server(self, name: str) -> ServerSpec:
         return next(s for s in self.servers if s.name == name)
 
-    def check(self) -> "LoadConfig":
+    def check(self) -> LoadConfig:
         self.bench.check()
         names = {s.name for s in self.servers}
         if len(names) != len(self.servers):

@@ -61,7 +61,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         labels = list(dict.fromkeys(r["label"] for r in runs))
         ticks = sorted({r["concurrency"] for r in runs})
 
-        def concurrency_axis(ax) -> None:
+        def concurrency_axis(ax, ticks=ticks) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [str(c) for c in ticks])
             ax.xaxis.set_minor_formatter(NullFormatter())
@@ -126,6 +126,10 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _pct(r: dict[str, Any], metric: str) -> str:
+    return "/".join(_f(r.get(f"p{q}_{metric}_ms"), 0) for q in (50, 90, 99))
+
+
 def _f(v: Any, nd: int = 1) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -135,10 +139,10 @@ def markdown(results: dict[str, Any], plots: list[Path], rel_to: Path) -> str:
     lines += ["# Load benchmark", "",
               f"- date: {m['date']}; commit `{m['commit']}`",
               f"- machine: {m['cpu']} ({m['cpu_count']} CPUs), GPU: {m['gpu'] or 'none'}; {m['platform']}",
-              f"- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f", Python {m['python']}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f", Python {m['python']}",
               f"- command: `{m['command']}` (config `{results['config']['source']}`)",
-              "- load tool: `vllm bench serve` (chat completions, streaming), the exact command of each "
-              "run is in the results JSON (`tool_command`)", ""]
+              ("- load tool: `vllm bench serve` (chat completions, streaming), the exact command of each "
+              "run is in the results JSON (`tool_command`)"), ""]
     comps = compare(results)
     if comps:
         lines += ["## Comparisons", "",
@@ -152,15 +156,14 @@ def markdown(results: dict[str, Any], plots: list[Path], rel_to: Path) -> str:
         lines.append("")
     for p, o in _workloads(results):
         lines += [f"## Runs: prompt +{p} tokens, output {o} tokens", "",
-                  "| run | conc. | done/failed | req/s | out tok/s | mean out len | TTFT p50/p90/p99 ms | "
-                  "TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms | E2E p50/p90/p99 ms | RSS MiB |",
+                  ("| run | conc. | done/failed | req/s | out tok/s | mean out len | TTFT p50/p90/p99 ms | "
+                  "TPOT p50/p90/p99 ms | ITL p50/p90/p99 ms | E2E p50/p90/p99 ms | RSS MiB |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in results["runs"] if r["prompt_len"] == p and r["output_len"] == o):
-            pct = lambda k: "/".join(_f(r.get(f"p{q}_{k}_ms"), 0) for q in (50, 90, 99))  # noqa: E731
             lines.append(f"| {r['label']} | {r['concurrency']} | {r.get('completed', 0)}/{r.get('failed', 0)} | "
                          f"{_f(r.get('request_throughput'), 3)} | {_f(r.get('output_throughput'))} | "
-                         f"{_f(r.get('mean_output_len'))} | {pct('ttft')} | {pct('tpot')} | {pct('itl')} | "
-                         f"{pct('e2el')} | {_f(r.get('rss_after_mib'), 0)} |")
+                         f"{_f(r.get('mean_output_len'))} | {_pct(r, 'ttft')} | {_pct(r, 'tpot')} | {_pct(r, 'itl')} | "
+                         f"{_pct(r, 'e2el')} | {_f(r.get('rss_after_mib'), 0)} |")
         lines.append("")
     errors = {(r["label"], e) for r in results["runs"] for e in r.get("errors", [])}
     if errors or results.get("server_errors"):
@@ -171,9 +174,9 @@ def markdown(results: dict[str, Any], plots: list[Path], rel_to: Path) -> str:
     mem = results.get("memory")
     if mem:
         lines += ["## Memory", "",
-                  f"{mem['server']} at concurrency {mem['concurrency']} for {mem['duration_s']:.0f} s: RSS "
+                  (f"{mem['server']} at concurrency {mem['concurrency']} for {mem['duration_s']:.0f} s: RSS "
                   f"{mem['rss_baseline_mib']:.0f} MiB at {mem['baseline_s']:.0f} s, {mem['rss_end_mib']:.0f} MiB "
-                  f"at the end (ratio {mem['ratio_end_to_baseline']:.3f}), max {mem['rss_max_mib']:.0f} MiB.", ""]
+                  f"at the end (ratio {mem['ratio_end_to_baseline']:.3f}), max {mem['rss_max_mib']:.0f} MiB."), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{pl.stem}]({pl.relative_to(rel_to).as_posix()})" for pl in plots] + [""]
     return "\n".join(lines)

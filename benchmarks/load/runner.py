@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from typing_extensions import Self
 
 from benchmarks.load.bench_tool import ToolRun, run_tool
 from benchmarks.load.config import LoadConfig, RunSpec, ServerSpec
@@ -69,7 +70,7 @@ def machine_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             pass
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, check=False).stdout.strip()
     try:
         import torch
 
@@ -97,7 +98,7 @@ class MemorySampler:
             self.samples.append((time.monotonic() - self._t0, self.server.rss_bytes()))
             self._stop.wait(self.period_s)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
