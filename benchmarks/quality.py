@@ -48,11 +48,11 @@ MODES = ("none", "token", "block", "best_of_n")
 FINDINGS = "### Findings"
 
 
-# Settings per steered head. The first head gets the widest sweep; `civil` is near its ceiling on
-# these prompts (base ~0.96), so it gets token mode only. Bounded: this machine is slow and every
+# Settings per steered head. The first head gets the widest sweep, `concise` token mode and
+# best-of-4; `civil` (near its ceiling on these prompts, base ~0.96) and `readable` token mode only. Bounded: this machine is slow and every
 # setting is a full generation pass over the prompts (block/best_of_n with K candidates cost K).
-FULL = {"token": [0.5, 1.0, 2.0, 4.0], "token_all": [0.5, 1.0, 2.0, 4.0], "block": [2, 4], "best_of_n": [2, 4, 8]}
-REDUCED = {"token": [1.0, 4.0], "token_all": [], "block": [4], "best_of_n": [4]}
+FULL = {"token": [0.5, 1.0, 2.0, 4.0], "token_all": [0.5, 1.0, 2.0, 4.0], "block": [2, 4], "best_of_n": [8, 2, 4]}
+REDUCED = {"token": [1.0, 4.0], "token_all": [], "block": [], "best_of_n": [4]}
 TOKEN_ONLY = {"token": [1.0, 4.0], "token_all": [], "block": [], "best_of_n": []}
 QUICK = {"token": [1.0, 4.0], "token_all": [], "block": [4], "best_of_n": [4]}
 
@@ -63,7 +63,7 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
     goes to 0 with the strength (top-20 truncation alone costs KL)."""
     runs = [{"mode": "none", "weights": {heads[0]: 1.0}}]
     for i, head in enumerate(heads):
-        spec = QUICK if quick else FULL if i == 0 else TOKEN_ONLY if head == "civil" else REDUCED
+        spec = QUICK if quick else FULL if i == 0 else REDUCED if head == "concise" else TOKEN_ONLY
         w = {head: 1.0}
         runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 20} for s in spec["token"]]
         runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 0} for s in spec["token_all"]]
@@ -79,8 +79,12 @@ def sweep_plan(strength: float) -> list[dict]:
              "strength": strength, "top_k": 20, "sweep": True} for a in (0.75, 0.5, 0.25, 0.0)]
 
 
+CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "block_size", "num_candidates", "selection")
+
+
 def run_key(run: dict) -> str:
-    return json.dumps({k: v for k, v in run.items() if k != "sweep"}, sort_keys=True)
+    """A run's identity: its control settings (a stored result carries more fields)."""
+    return json.dumps({k: run[k] for k in CONTROL_FIELDS if k in run}, sort_keys=True)
 
 
 # -- talking to the server -----------------------------------------------------------------------
@@ -282,6 +286,9 @@ async def main_async(args) -> None:
     heads = args.heads.split(",")
     runs = plan(args.quick, heads) + (sweep_plan(args.sweep_strength) if "concise" in HEADS else [])
     todo = [r for r in runs if run_key(r) not in cache or cache[run_key(r)]["n"] != len(prompts)]
+    # the base run, the first head, then the sweep, then the other heads: an interrupted run has the
+    # comparisons that matter most
+    todo.sort(key=lambda r: (r["mode"] != "none", bool(r.get("sweep")) and 1 or (2 if steered_head(r) != heads[0] else 0)))
     proc = None
     if todo and not args.url:
         proc, args.url = start_server(args)
