@@ -17,7 +17,7 @@ several N, steering one head at a time (weight 1), plus a weights sweep between 
 
 Results go to benchmarks/results/quality.json (each run is cached there: a rerun only does what
 is missing), the plots to benchmarks/quality_reward_vs_kl.png and
-benchmarks/quality_weights_sweep.png, and a markdown table to benchmarks/RESULTS_quality.md.
+benchmarks/quality_weights_sweep.png, and a markdown table to benchmarks/results/quality_table.md.
 """
 
 from __future__ import annotations
@@ -318,12 +318,12 @@ async def main_async(args) -> None:
     plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
     plot_sweep(results, HERE / "quality_weights_sweep.png")
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    md = HERE / "RESULTS_quality.md"
+    md = HERE / "results" / "quality_table.md"  # findings are written up in RESULTS.md
     # Hand-written findings below the table survive a rerun.
     old = md.read_text() if md.exists() else ""
     findings = old[old.index(FINDINGS):] if FINDINGS in old else ""
     md.write_text(table(results, command.strip(), data["meta"]) + ("\n" + findings if findings else ""))
-    print(f"wrote {out}, {HERE / 'quality_reward_vs_kl.png'}, {HERE / 'RESULTS_quality.md'}")
+    print(f"wrote {out}, {HERE / 'quality_reward_vs_kl.png'}, {HERE / 'results' / 'quality_table.md'}")
 
 
 def main() -> None:
