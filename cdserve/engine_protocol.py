@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-from prefix_scorers.config import ScorerConfig
-
 from cdserve.config import EngineConfig
 from cdserve.outputs import EngineLoad, GenerationRequest, RequestOutput, StepStats
+from prefix_scorers.config import ScorerConfig
 
 
 class QueueFullError(RuntimeError):

@@ -23,7 +23,7 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self, max_tokens_limit: int, max_n: int) -> "SamplingParams":
+    def validate(self, max_tokens_limit: int, max_n: int) -> SamplingParams:
         """Raise InvalidRequestError naming the first bad parameter; returns self."""
         if not 1 <= self.max_tokens <= max_tokens_limit:
             raise InvalidRequestError("max_tokens", f"must be between 1 and {max_tokens_limit} "

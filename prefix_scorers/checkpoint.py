@@ -8,7 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prefix_scorers.config import (
-    Architecture, EmbeddingSpec, HeadSpec, Normalization, Provenance, ScorerConfig, TokenizerSpec,
+    Architecture,
+    EmbeddingSpec,
+    HeadSpec,
+    Normalization,
+    Provenance,
+    ScorerConfig,
+    TokenizerSpec,
 )
 from prefix_scorers.fingerprint import embedding_fingerprint, tokenizer_fingerprint
 from prefix_scorers.model import PrefixScorer

@@ -42,7 +42,7 @@ class Architecture(BaseModel):
     max_position_embeddings: int = 8192
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "Architecture":
+    def _heads_divide(self) -> Architecture:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by "
@@ -91,7 +91,7 @@ class Normalization(BaseModel):
     std: list[list[float]]
 
     @model_validator(mode="after")
-    def _shapes(self) -> "Normalization":
+    def _shapes(self) -> Normalization:
         if len(self.mean) != len(self.std) or any(
             len(m) != len(s) or not m for m, s in zip(self.mean, self.std)
         ):
@@ -101,7 +101,7 @@ class Normalization(BaseModel):
         return self
 
     @classmethod
-    def identity(cls, num_heads: int) -> "Normalization":
+    def identity(cls, num_heads: int) -> Normalization:
         return cls(mean=[[0.0]] * num_heads, std=[[1.0]] * num_heads)
 
 
@@ -129,7 +129,7 @@ class ScorerConfig(BaseModel):
     provenance: Provenance = Field(default_factory=Provenance)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ScorerConfig":
+    def _consistent(self) -> ScorerConfig:
         names = [h.name for h in self.heads]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate head names in {names}")
@@ -151,7 +151,7 @@ class ScorerConfig(BaseModel):
         (Path(directory) / "config.json").write_text(self.model_dump_json(indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: Path) -> "ScorerConfig":
+    def load(cls, directory: Path) -> ScorerConfig:
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no scorer config at {path}: a scorer checkpoint is a "

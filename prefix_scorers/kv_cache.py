@@ -35,7 +35,7 @@ class KVCache:
         self.keys, self.values, self.mask = keys, values, mask
 
     @classmethod
-    def empty(cls, num_layers: int) -> "KVCache":
+    def empty(cls, num_layers: int) -> KVCache:
         return cls([None] * num_layers, [None] * num_layers, None)  # type: ignore[list-item]
 
     @property
@@ -54,7 +54,7 @@ class KVCache:
         self.keys[layer], self.values[layer] = k, v
         return k, v
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
+    def select(self, rows: torch.Tensor) -> KVCache:
         """Keep (or repeat) rows, then drop leading columns no remaining row uses."""
         mask = self.mask.index_select(0, rows)
         keys = [k.index_select(0, rows) for k in self.keys]
@@ -63,7 +63,7 @@ class KVCache:
         out.trim_left()
         return out
 
-    def extend(self, other: "KVCache") -> "KVCache":
+    def extend(self, other: KVCache) -> KVCache:
         """Rows of self followed by rows of other (left-padded to a common length)."""
         if self.batch_size == 0:
             return other

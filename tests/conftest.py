@@ -3,8 +3,8 @@ shares its tokenizer, and random scorers for both. Nothing is downloaded."""
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 
 from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
 from prefix_scorers.checkpoint import DEFAULT_HEADS, init_from_base, save_scorer

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from cdserve.control.steering import combine_heads
 from prefix_scorers.kv_cache import KVCache
 from prefix_scorers.model import PrefixScorer
-
-from cdserve.control.steering import combine_heads
 
 
 class ScorerRunner:

@@ -68,7 +68,7 @@ class ControlConfig(BaseModel):
     max_num_candidates: int = Field(16, ge=1, description="Largest num_candidates.")
 
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> "ControlConfig":
+    def _defaults_within_limits(self) -> ControlConfig:
         for name, limit in (("strength", "max_strength"), ("top_k", "max_top_k"),
                             ("block_size", "max_block_size"), ("num_candidates", "max_num_candidates")):
             if getattr(self, name) > getattr(self, limit):

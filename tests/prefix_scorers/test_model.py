@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from prefix_scorers.base_model import load_model, load_tokenizer
-from prefix_scorers.checkpoint import (DEFAULT_HEADS, FingerprintMismatch, init_from_base, load_scorer,
-                                       random_scorer, save_scorer)
+from prefix_scorers.checkpoint import (
+    DEFAULT_HEADS,
+    FingerprintMismatch,
+    init_from_base,
+    load_scorer,
+    random_scorer,
+    save_scorer,
+)
 from prefix_scorers.kv_cache import KVCache
 
 

@@ -12,9 +12,6 @@ from pathlib import Path
 
 import torch
 
-from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
-from prefix_scorers.checkpoint import load_scorer
-
 from cdserve.backends.hf.engine_core import EngineCore
 from cdserve.backends.hf.model_runner import ModelRunner
 from cdserve.backends.hf.sequence import RequestState
@@ -22,6 +19,8 @@ from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.config import EngineConfig
 from cdserve.outputs import EngineLoad, GenerationRequest, RequestOutput, StepStats
 from cdserve.scorer_store import resolve_scorer
+from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
+from prefix_scorers.checkpoint import load_scorer
 
 log = logging.getLogger(__name__)
 

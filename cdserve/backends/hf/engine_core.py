@@ -19,8 +19,14 @@ from cdserve.backends.hf.sampler import sample
 from cdserve.backends.hf.sequence import Choice, RequestState, Row
 from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.config import EngineConfig
-from cdserve.control.steering import best_of_n_kl_bound, kl_divergence, select_candidate, steer_full, \
-    steer_top_k, top_k_candidates
+from cdserve.control.steering import (
+    best_of_n_kl_bound,
+    kl_divergence,
+    select_candidate,
+    steer_full,
+    steer_top_k,
+    top_k_candidates,
+)
 from cdserve.engine_protocol import QueueFullError
 from cdserve.errors import InvalidRequestError
 from cdserve.outputs import ChoiceDelta, StepStats

@@ -17,7 +17,7 @@ class Row:
     current block's candidate, or a whole best-of-N answer); none/token rows accept every token
     at once, so their pending stays empty."""
 
-    choice: "Choice"
+    choice: Choice
     generator: torch.Generator
     last_token: int  # next decode input (the prompt's last token at first)
     pending: list[int] = field(default_factory=list)
@@ -27,7 +27,7 @@ class Row:
     last_values: torch.Tensor | None = None  # (H,) raw scorer values of the last taken token
     kl: float = 0.0
     sampled: int = 0
-    fork_from: "Row | None" = None  # after a selection: the winner whose cache this row copies
+    fork_from: Row | None = None  # after a selection: the winner whose cache this row copies
 
     @property
     def controlled(self) -> bool:
@@ -45,7 +45,7 @@ class Row:
 
 @dataclass(eq=False)
 class Choice:
-    request: "RequestState"
+    request: RequestState
     index: int
     rows: list[Row] = field(default_factory=list)
     committed: list[int] = field(default_factory=list)

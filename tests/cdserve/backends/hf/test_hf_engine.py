@@ -11,15 +11,14 @@ import math
 import pytest
 import torch
 
-from prefix_scorers.base_model import load_model
-from prefix_scorers.checkpoint import load_scorer
-
 from cdserve.backends.hf.engine import HFEngine
 from cdserve.backends.hf.sequence import RequestState
 from cdserve.config import EngineConfig
 from cdserve.control.request import resolve_control
 from cdserve.outputs import GenerationRequest
 from cdserve.sampling import SamplingParams
+from prefix_scorers.base_model import load_model
+from prefix_scorers.checkpoint import load_scorer
 
 _ids = itertools.count()
 
