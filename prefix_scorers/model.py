@@ -193,6 +193,16 @@ class PrefixScorer(nn.Module):
         e = F.embedding(tokens, self.embedding).to(queries.dtype)  # (N, k, d_e)
         return torch.einsum("nhe,nke->nhk", queries, e) + self.head_bias[:, None]
 
+    def combined_values(self, queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                        weights: torch.Tensor) -> torch.Tensor:
+        """Combined normalised value sum_h w_h (Q_h - mean_h) / std_h of every next token (N, V).
+        Q is linear in the queries, so the heads are mixed first and the vocabulary is touched
+        once: (N, d_e) x (d_e, V). queries (N, H, d_e); mean, std, weights (N, H)."""
+        scale = weights / std  # (N, H)
+        q = (queries * scale[..., None]).sum(1)  # (N, d_e)
+        offset = (scale * (self.head_bias[None] - mean)).sum(1)  # (N,)
+        return q @ self.embedding.T.to(q.dtype) + offset[:, None]
+
     def norm_stats(self, gen_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std (N, H) for generated-token positions (N,), clipped to the last bucket."""
         p = gen_positions.clamp(max=self.norm_mean.shape[1] - 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cdserve.control.steering import combine_heads
+from cdserve.control.steering import combine_heads, steer_full, steer_top_k, top_k_candidates
 from prefix_scorers.kv_cache import KVCache
 from prefix_scorers.model import PrefixScorer
 
@@ -53,15 +53,6 @@ class ScorerRunner:
         """Raw values (N, H, k) of tokens (N, k)."""
         return self.scorer.values_at(queries, tokens)
 
-    def combined_full(self, queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
-        """Combined normalised value of every next token (N, V). Q is linear in the queries, so
-        the heads are mixed first and the vocabulary is touched once: (N, d_e) x (d_e, V)."""
-        scale = weights / std  # (N, H)
-        q = (queries * scale[..., None]).sum(1)  # (N, d_e)
-        offset = (scale * (self.scorer.head_bias[None] - mean)).sum(1)  # (N,)
-        return q @ self.scorer.embedding.T.to(q.dtype) + offset[:, None]
-
     def combine(self, raw: torch.Tensor, gen_positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Combined normalised value of raw values (N, H, ...) at generated positions (N,)."""
         mean, std = self.scorer.norm_stats(gen_positions)
@@ -74,3 +65,26 @@ class ScorerRunner:
         ids = torch.tensor([prompt + output[:-1]], device=self.device)
         q = self.scorer(ids).queries[:, -1]  # (1, H, d_e)
         return self.values_at(q, torch.tensor([[output[-1]]], device=self.device))[0, :, 0]
+
+
+def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
+               strength: torch.Tensor, top_k: list[int], positions: torch.Tensor) -> torch.Tensor:
+    """Token mode for N rows (both engines): logits + strength * sum_h w_h Qnorm_h over each
+    row's top_k (0: the whole vocabulary). base (N, V); queries (N, H, d_e); weights (N, H);
+    strength (N,); top_k on the host (no device sync to split the rows); positions (N,)."""
+    dev = base.device
+    mean, std = scorer.norm_stats(positions)  # (N, H)
+    steered = base.clone()
+    full = [j for j, k in enumerate(top_k) if k == 0]
+    part = [j for j, k in enumerate(top_k) if k > 0]
+    if full:
+        f = torch.tensor(full, device=dev)
+        combined = scorer.combined_values(queries[f], mean[f], std[f], weights[f])
+        steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
+    if part:
+        t = torch.tensor(part, device=dev)
+        cands = top_k_candidates(base[t], torch.tensor([top_k[j] for j in part], device=dev))  # (n, k)
+        raw = scorer.values_at(queries[t], cands.clamp(min=0))  # (n, H, k)
+        combined = combine_heads(raw, mean[t], std[t], weights[t])
+        steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
+    return steered

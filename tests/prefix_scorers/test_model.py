@@ -144,3 +144,16 @@ def test_standalone_scorer_with_own_embedding(smol, tmp_path):
     with torch.no_grad():
         assert loaded.score(ids).shape == (1, 3, 2, len(tok))
         assert torch.equal(loaded.score(ids), scorer.score(ids))
+
+
+def test_combined_values_mix_heads_before_the_vocabulary(smol):
+    """combined_values equals sum_h w_h (Q_h - mean_h) / std_h computed head by head."""
+    model, tok = smol
+    scorer = init_from_base(model, tok, DEFAULT_HEADS, num_layers=1, seed=2)
+    ids = torch.tensor([tok("Nice to meet you", add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        q = scorer(ids).queries[:, -1]  # (1, H, d_e)
+        w, mean, std = torch.tensor([[1.0, -0.5, 2.0, 0.0]]), torch.tensor([[0.1, 0.2, -0.3, 0.0]]), \
+            torch.tensor([[2.0, 0.5, 1.0, 3.0]])
+        want = ((scorer.values(q) - mean[..., None]) / std[..., None] * w[..., None]).sum(1)
+        assert torch.allclose(scorer.combined_values(q, mean, std, w), want, atol=1e-4)

@@ -17,15 +17,12 @@ import torch
 from cdserve.backends.hf.model_runner import ModelRunner
 from cdserve.backends.hf.sampler import sample
 from cdserve.backends.hf.sequence import Choice, RequestState, Row
-from cdserve.backends.scorer_runner import ScorerRunner
+from cdserve.backends.scorer_runner import ScorerRunner, steer_rows
 from cdserve.config import EngineConfig
 from cdserve.control.steering import (
     best_of_n_kl_bound,
     kl_divergence,
     select_candidate,
-    steer_full,
-    steer_top_k,
-    top_k_candidates,
 )
 from cdserve.engine_protocol import QueueFullError
 from cdserve.errors import InvalidRequestError
@@ -192,21 +189,8 @@ class EngineCore:
         q = queries[s_idx]
         weights = torch.tensor([c.weights for c in ctrls], device=self.device, dtype=q.dtype)
         strength = torch.tensor([c.strength for c in ctrls], device=self.device, dtype=base.dtype)
-        top_k = torch.tensor([c.top_k for c in ctrls], device=self.device)
         positions = torch.tensor([self.rows[b].gen_position for b, _ in pick], device=self.device)
-        steered = base.clone()
-        full = top_k == 0
-        if bool(full.any()):
-            f = full.nonzero()[:, 0]
-            mean, std = self.scorer.scorer.norm_stats(positions[f])
-            combined = self.scorer.combined_full(q[f], mean, std, weights[f])
-            steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
-        if bool((~full).any()):
-            t = (~full).nonzero()[:, 0]
-            cands = top_k_candidates(base[t], top_k[t])
-            raw = self.scorer.values_at(q[t], cands.clamp(min=0))
-            combined = self.scorer.combine(raw, positions[t], weights[t])
-            steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
+        steered = steer_rows(self.scorer.scorer, base, q, weights, strength, [c.top_k for c in ctrls], positions)
         temperature = torch.tensor([self.rows[b].choice.request.gen.sampling.temperature for b, _ in pick],
                                    device=self.device)
         kl = kl_divergence(steered, base, temperature)

@@ -29,13 +29,8 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
-from cdserve.control.steering import (
-    combine_heads,
-    kl_divergence,
-    steer_full,
-    steer_top_k,
-    top_k_candidates,
-)
+from cdserve.backends.scorer_runner import steer_rows
+from cdserve.control.steering import kl_divergence
 from prefix_scorers.config import ScorerConfig
 
 if TYPE_CHECKING:
@@ -121,31 +116,5 @@ class ScorerLogitsProcessor(LogitsProcessor):
         q = self.rows.queries.index_select(0, slots)  # (N, H, d_e)
         weights = torch.tensor([r.control.weights for r in rows], device=dev, dtype=q.dtype)
         strength = torch.tensor([r.control.strength for r in rows], device=dev, dtype=base.dtype)
-        top_k = torch.tensor([r.control.top_k for r in rows], device=dev)
         positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
-        mean, std = self.scorer.norm_stats(positions)  # (N, H)
-        steered = base.clone()
-        # Which rows steer the whole vocabulary is known on the host: no device sync here.
-        full = [j for j, r in enumerate(rows) if r.control.top_k == 0]
-        part = [j for j, r in enumerate(rows) if r.control.top_k > 0]
-        if full:
-            f = torch.tensor(full, device=dev)
-            combined = combined_full(self.scorer, q[f], mean[f], std[f], weights[f])
-            steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
-        if part:
-            t = torch.tensor(part, device=dev)
-            cands = top_k_candidates(base[t], top_k[t])  # (n, k)
-            raw = self.scorer.values_at(q[t], cands.clamp(min=0))  # (n, H, k)
-            combined = combine_heads(raw, mean[t], std[t], weights[t])
-            steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
-        return steered
-
-
-def combined_full(scorer, queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                  weights: torch.Tensor) -> torch.Tensor:
-    """Combined normalised value of every next token (N, V). Q is linear in the queries, so the
-    heads are mixed first and the vocabulary is touched once: (N, d_e) x (d_e, V)."""
-    scale = weights / std  # (N, H)
-    q = (queries * scale[..., None]).sum(1)  # (N, d_e)
-    offset = (scale * (scorer.head_bias[None] - mean)).sum(1)  # (N,)
-    return q @ scorer.embedding.T.to(q.dtype) + offset[:, None]
+        return steer_rows(self.scorer, base, q, weights, strength, [r.control.top_k for r in rows], positions)
