@@ -67,6 +67,7 @@ class StepStats:
     scorer_seconds: float
     prefill_tokens: int
     candidates_generated: int  # tokens sampled this step in block / best_of_n rows
+    forked_tokens: int = 0  # vLLM block mode: prompt tokens whose KV was copied, not recomputed
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ class BenchConfig:
     run_timeout_s: float = 900.0  # a run that takes longer is killed and recorded as failed
     ready_timeout_s: float = 600.0  # server start-up
     memory_sample_s: float = 5.0  # resident-memory sampling period while a server is up
+    # > 1: start every server first, then run the whole plan this many times (A, B, A, B...) so that
+    # drift in the machine's load hits each server alike; each point reports per-metric medians.
+    rounds: int = 1
 
     def check(self) -> None:
         if not 1 <= self.num_prompts <= MAX_PROMPTS_PER_RUN:
@@ -48,6 +51,8 @@ class BenchConfig:
                 raise ConfigError(f"bench.concurrency has {c}: use 1..{MAX_CONCURRENCY}")
         if any(n < 1 for n in self.output_len) or any(n < 0 for n in self.prompt_len):
             raise ConfigError("bench.output_len must be >= 1 and bench.prompt_len >= 0")
+        if not 1 <= self.rounds <= 10:
+            raise ConfigError(f"bench.rounds={self.rounds}: use 1..10")
         if self.run_timeout_s <= 0 or self.ready_timeout_s <= 0:
             raise ConfigError("bench.run_timeout_s and bench.ready_timeout_s must be > 0")
 

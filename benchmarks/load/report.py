@@ -7,6 +7,7 @@ everything without re-running the load.
 from __future__ import annotations
 
 import operator
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,23 @@ def compare(results: dict[str, Any]) -> list[dict[str, Any]]:
         cv = cand.get(c["metric"]) if cand and cand.get("completed") else None
         bv = base.get(c["metric"]) if base and base.get("completed") else None
         ratio = cv / bv if cv is not None and bv else None
+        paired = _round_ratios(cand, base, c["metric"]) if ratio is not None else []
+        if paired:  # interleaved rounds: the median of the paired ratios cancels load drift
+            ratio = statistics.median(paired)
         met = None
         if ratio is not None and c["target"]:
             op, bound = c["target"].split()
             met = _OPS[op](ratio, float(bound))
         rows.append({**c, "output_len": o, "prompt_len": p, "candidate_value": cv, "baseline_value": bv,
-                     "ratio": ratio, "met": met})
+                     "ratio": ratio, "round_ratios": paired, "met": met})
     return rows
+
+
+def _round_ratios(cand: dict[str, Any], base: dict[str, Any], metric: str) -> list[float]:
+    """candidate / baseline for each round both completed (empty without rounds)."""
+    b = {r["round"]: r.get(metric) for r in base.get("rounds", []) if r.get("completed")}
+    return [r[metric] / b[r["round"]] for r in cand.get("rounds", [])
+            if r.get("completed") and r.get(metric) is not None and b.get(r["round"])]
 
 
 def _workloads(results: dict[str, Any]) -> list[tuple[int, int]]:
@@ -141,18 +152,22 @@ def markdown(results: dict[str, Any], plots: list[Path], rel_to: Path) -> str:
               f"- machine: {m['cpu']} ({m['cpu_count']} CPUs), GPU: {m['gpu'] or 'none'}; {m['platform']}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f", Python {m['python']}",
               f"- command: `{m['command']}` (config `{results['config']['source']}`)",
+              (f"- {results['config']['bench'].get('rounds', 1)} interleaved rounds (every server up, the plan run "
+               "once per round); values are per-metric medians over rounds, ratios the median of the paired "
+               "per-round ratios" if results["config"]["bench"].get("rounds", 1) > 1 else "- one round"),
               ("- load tool: `vllm bench serve` (chat completions, streaming), the exact command of each "
               "run is in the results JSON (`tool_command`)"), ""]
     comps = compare(results)
     if comps:
         lines += ["## Comparisons", "",
-                  "| comparison | metric | concurrency | candidate | baseline | ratio | target | met |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| comparison | metric | concurrency | candidate | baseline | ratio | per round | target | met |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in comps:
             met = {True: "yes", False: "**no**", None: "-"}[c["met"]]
             lines.append(f"| {c['name']} | {c['metric']} | {c['concurrency']} | {c['candidate']}: "
                          f"{_f(c['candidate_value'], 2)} | {c['baseline']}: {_f(c['baseline_value'], 2)} | "
-                         f"{_f(c['ratio'], 3)} | {c['target'] or '-'} | {met} |")
+                         f"{_f(c['ratio'], 3)} | {', '.join(_f(x, 2) for x in c['round_ratios']) or '-'} | "
+                         f"{c['target'] or '-'} | {met} |")
         lines.append("")
     for p, o in _workloads(results):
         lines += [f"## Runs: prompt +{p} tokens, output {o} tokens", "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -81,6 +82,33 @@ def machine_info() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
             "python": platform.python_version(), "versions": versions, "commit": commit,
             "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.load", *sys.argv[1:]])}
+
+
+_POINT_KEYS = {"prompt_len", "output_len", "concurrency", "num_prompts", "round"}
+
+
+def median_over_rounds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per point: the median of each numeric metric over its rounds (failed rounds
+    excluded), and the rounds themselves under "rounds" (report.py pairs them for ratios)."""
+    points: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        points.setdefault((r["label"], r["prompt_len"], r["output_len"], r["concurrency"]), []).append(r)
+    out = []
+    for rs in points.values():
+        ok = [r for r in rs if r.get("completed")] or rs
+        merged = dict(ok[0])
+        for k, v in ok[0].items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _POINT_KEYS:
+                merged[k] = statistics.median(r[k] for r in ok if isinstance(r.get(k), (int, float)))
+        merged.pop("round", None)
+        merged["completed"] = sum(r.get("completed") or 0 for r in rs)
+        merged["failed"] = sum(r.get("failed") or 0 for r in rs)
+        errors = sorted({e for r in rs for e in r.get("errors", [])})
+        if errors:
+            merged["errors"] = errors
+        merged["rounds"] = rs
+        out.append(merged)
+    return out
 
 
 class MemorySampler:
@@ -172,16 +200,28 @@ class Sweep:
     def run(self) -> dict[str, Any]:
         points = plan(self.cfg)
         datasets = self._datasets(points)
-        mem = self.cfg.memory
+        mem, rounds = self.cfg.memory, self.cfg.bench.rounds
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=self.console) as progress:
-            task = progress.add_task("load benchmark", total=len(points) + (1 if mem else 0))
+            task = progress.add_task("load benchmark", total=rounds * len(points) + (1 if mem else 0))
             try:
-                for spec in self.cfg.servers:
-                    mine = [p for p in points if p.run.server == spec.name]
-                    if mine:
-                        self._stop_except({spec.name, spec.upstream})
-                        self._serve_points(spec, mine, datasets, progress, task)
+                if rounds == 1:  # one server up at a time
+                    for spec in self.cfg.servers:
+                        mine = [p for p in points if p.run.server == spec.name]
+                        if mine:
+                            self._stop_except({spec.name, spec.upstream})
+                            self._serve_points(spec, mine, datasets, progress, task)
+                else:  # every server up for the whole sweep; rounds interleave them
+                    for spec in self.cfg.servers:
+                        if any(p.run.server == spec.name for p in points):
+                            self._start(spec)
+                    for i in range(rounds):
+                        for spec in self.cfg.servers:
+                            mine = [p for p in points if p.run.server == spec.name]
+                            if mine:
+                                self._serve_points(spec, mine, datasets, progress, task, round_=i)
+                    self.results["runs_by_round"] = self.results["runs"]
+                    self.results["runs"] = median_over_rounds(self.results["runs_by_round"])
             finally:
                 self._stop_except(set())
             if mem:
@@ -192,25 +232,27 @@ class Sweep:
         return self.results
 
     def _serve_points(self, spec: ServerSpec, points: list[Point], datasets: dict[int, Path],
-                      progress: Progress, task) -> None:
+                      progress: Progress, task, round_: int | None = None) -> None:
         try:
             server = self._start(spec)
             rss_ready = server.rss_bytes()
             for p in points:
-                progress.update(task, description=f"{p.run.label}: prompt +{p.prompt_len}, "
-                                f"out {p.output_len}, concurrency {p.concurrency}")
+                progress.update(task, description=f"{'' if round_ is None else f'round {round_ + 1}: '}"
+                                f"{p.run.label}: prompt +{p.prompt_len}, out {p.output_len}, "
+                                f"concurrency {p.concurrency}")
                 tool = self._tool_run(server, datasets[p.prompt_len], p.num_prompts, p.concurrency,
-                                      p.output_len, p.run.control, p.name)
+                                      p.output_len, p.run.control, p.name + ("" if round_ is None else f"_r{round_}"))
                 t0 = time.monotonic()
                 refused = server.refusal(p.run.control)
                 if refused:  # no load against a setting the server refuses
                     metrics = {"completed": 0, "failed": p.num_prompts, "errors": [refused]}
                 else:
-                    metrics = run_tool(tool, self.cfg.bench.run_timeout_s, self.logs / f"tool-{p.name}.log")
+                    metrics = run_tool(tool, self.cfg.bench.run_timeout_s, self.logs / f"tool-{tool.name}.log")
                 self.results["runs"].append({
                     "label": p.run.label, "server": spec.name, "server_kind": spec.kind,
                     "control": p.run.control, "prompt_len": p.prompt_len, "output_len": p.output_len,
                     "concurrency": p.concurrency, "num_prompts": p.num_prompts,
+                    **({} if round_ is None else {"round": round_}),
                     "wall_s": round(time.monotonic() - t0, 1), "rss_ready_mib": rss_ready / 2**20,
                     "rss_after_mib": server.rss_bytes() / 2**20, "tool_command": " ".join(tool.argv()),
                     **metrics})
@@ -220,11 +262,11 @@ class Sweep:
         except Exception as e:  # noqa: BLE001 - one server failing must not lose the others' results
             self.console.log(f"[red]server {spec.name} failed: {e}[/]")
             self.results.setdefault("server_errors", {})[spec.name] = str(e)
-            progress.advance(task, len([p for p in points if not self._done(p)]))
+            progress.advance(task, len([p for p in points if not self._done(p, round_)]))
 
-    def _done(self, p: Point) -> bool:
+    def _done(self, p: Point, round_: int | None = None) -> bool:
         return any(r["label"] == p.run.label and r["concurrency"] == p.concurrency and
-                   r["output_len"] == p.output_len and r["prompt_len"] == p.prompt_len
+                   r["output_len"] == p.output_len and r["prompt_len"] == p.prompt_len and r.get("round") == round_
                    for r in self.results["runs"])
 
     def _log_point(self, p: Point, m: dict[str, Any]) -> None:

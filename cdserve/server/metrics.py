@@ -53,6 +53,10 @@ class ServerMetrics:
                                      "scorer and sampling).", buckets=_STEP_BUCKETS, registry=r)
         self.candidates = Counter("cdserve_candidates_generated_total", "Tokens sampled as "
                                   "block / best_of_n candidates.", registry=r)
+        self.prefill = Counter("cdserve_prefill_tokens_total", "Prompt tokens the base model computed "
+                               "(prefix-cache hits and forked KV excluded).", registry=r)
+        self.forked = Counter("cdserve_kv_forked_tokens_total", "vLLM block mode: prompt tokens whose KV "
+                              "was copied from the previous block's winner instead of recomputed.", registry=r)
         self.batch_rows = Gauge("cdserve_batch_rows", "Rows in the engine's last step (0 when idle).",
                                 registry=r)
         self._last_rows = 0
@@ -65,11 +69,16 @@ class ServerMetrics:
         engine.add_stats_listener(self.on_step)
 
     def on_step(self, stats: StepStats) -> None:
-        self.engine_step.observe(stats.step_seconds)
+        if stats.step_seconds > 0:
+            self.engine_step.observe(stats.step_seconds)
         if stats.scorer_seconds > 0:
             self.scorer_step.observe(stats.scorer_seconds)
         if stats.candidates_generated:
             self.candidates.inc(stats.candidates_generated)
+        if stats.prefill_tokens:
+            self.prefill.inc(stats.prefill_tokens)
+        if stats.forked_tokens:
+            self.forked.inc(stats.forked_tokens)
         self._last_rows = stats.batch_rows
 
     def render(self) -> bytes:

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.load.config import ConfigError, load_config
 from benchmarks.load.report import compare
+from benchmarks.load.runner import median_over_rounds
 
 REPO = Path(__file__).resolve().parents[2]
 pytest.importorskip("vllm.benchmarks.serve", reason="the load tool is vllm's `bench serve`")
@@ -27,6 +28,7 @@ num_prompts = 3
 concurrency = [2]
 output_len = [4]
 warmups = 0
+rounds = 2
 run_timeout_s = 150
 ready_timeout_s = 150
 
@@ -70,8 +72,12 @@ def test_load_command_writes_json_plots_and_report(tmp_path, tiny_model_dir, tin
     results = json.loads((out / "results.json").read_text())
     runs = {r["label"]: r for r in results["runs"]}
     assert set(runs) == {"none", "token"}
+    # two interleaved rounds: none, token, none, token; each point the median of its two
+    assert [(r["label"], r["round"]) for r in results["runs_by_round"]] == [
+        ("none", 0), ("token", 0), ("none", 1), ("token", 1)]
     for r in runs.values():
-        assert (r["completed"], r["failed"], r["errors"]) == (3, 0, [])
+        assert (r["completed"], r["failed"]) == (6, 0) and not r.get("errors")
+        assert [x["completed"] for x in r["rounds"]] == [3, 3]
         assert r["output_throughput"] > 0 and r["request_throughput"] > 0
         for key in ("p50_ttft_ms", "p99_ttft_ms", "p90_tpot_ms", "p50_itl_ms", "p99_e2el_ms"):
             assert key in r, key
@@ -85,6 +91,7 @@ def test_load_command_writes_json_plots_and_report(tmp_path, tiny_model_dir, tin
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     report = (out / "report.md").read_text()
     assert "| token vs none | output_throughput | 2 |" in report and "| yes |" in report
+    assert len(compare(results)[0]["round_ratios"]) == 2
 
 
 def test_config_refuses_unknown_names(tmp_path):
@@ -113,6 +120,27 @@ def test_compare_ratio_and_target():
     assert row["ratio"] == pytest.approx(0.9) and row["met"] is False
     results["runs"][0]["completed"] = 0  # a failed run gives no ratio, not a fake one
     assert compare(results)[0]["ratio"] is None
+
+
+def test_interleaved_rounds_pair_their_ratios():
+    """With rounds, a point is the median over rounds and a comparison the median of the ratios
+    of the same round: drift that slows round 2 for both servers cancels."""
+    def run(label, rnd, tput):
+        return {"label": label, "prompt_len": 0, "output_len": 8, "concurrency": 4, "completed": 4,
+                "failed": 0, "round": rnd, "output_throughput": tput}
+    by_round = [run("a", 0, 90.0), run("b", 0, 100.0), run("a", 1, 45.0), run("b", 1, 50.0),
+                run("a", 2, 80.0), run("b", 2, 100.0)]
+    runs = median_over_rounds(by_round)
+    a = next(r for r in runs if r["label"] == "a")
+    assert a["output_throughput"] == 80.0 and a["completed"] == 12 and len(a["rounds"]) == 3
+    results = {"config": {"bench": {"output_len": [8], "prompt_len": [0]},
+                          "comparisons": [{"name": "c", "candidate": "a", "baseline": "b",
+                                           "metric": "output_throughput", "concurrency": 4, "target": ">= 0.85",
+                                           "output_len": None, "prompt_len": None}]},
+               "runs": runs}
+    (row,) = compare(results)
+    assert row["round_ratios"] == pytest.approx([0.9, 0.9, 0.8])
+    assert row["ratio"] == pytest.approx(0.9) and row["met"] is True  # medians alone give 80/100
 
 
 def test_args_decoder_streams_tokens(tiny_model_dir, tiny_scorer_dir):

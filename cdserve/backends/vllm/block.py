@@ -5,6 +5,9 @@ the shared prefix's KV blocks, so only the newest tokens are recomputed), score 
 with the scorer, keep the argmax (or sample softmax(strength * value)), stream it, repeat until a
 candidate that ends the answer is kept. best_of_n is one block as long as the whole answer.
 
+Each candidate of the next block would recompute the accepted prefix's partial last KV block
+(prefix caching reuses whole blocks only); block_fork.py copies it from the winner instead.
+
 The scorer follows the accepted text with its own KV cache (one row, forked K ways per block),
 so each block costs the scorer K x M incremental tokens, never a pass over the prefix.
 """
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cdserve.backends.vllm.block_fork import FORK_KEY, GROUP_KEY
 from cdserve.control.steering import best_of_n_kl_bound, select_candidate
 from cdserve.outputs import ChoiceDelta, ControlValues, GenerationRequest
 from prefix_scorers.kv_cache import KVCache
@@ -92,12 +96,13 @@ class BlockDecoder:
         step = 0
         while True:
             max_tokens = min(block, budget - len(state.accepted))
+            group = f"{request.request_id}-{choice}-b{step}"
             params = eng.sampling_params(request, choice, n=K, max_tokens=max_tokens,
                                          seed=None if sp.seed is None else (seed + 7919 * choice + K * step) % 2**63,
-                                         output_kind=_final_only())
+                                         output_kind=_final_only(), extra_args=fork_args(
+                                             group, K if step > 0 else 0, last=max_tokens >= budget - len(state.accepted)))
             outs = None
-            async for out in eng.llm.generate({"prompt_token_ids": prompt + state.accepted}, params,
-                                              f"{request.request_id}-{choice}-b{step}"):
+            async for out in eng.llm.generate({"prompt_token_ids": prompt + state.accepted}, params, group):
                 outs = out
             cands = sorted(outs.outputs, key=lambda o: o.index)
             tokens = [list(o.token_ids) for o in cands]
@@ -120,6 +125,13 @@ class BlockDecoder:
                 return
             emit(delta)
             prefix = ScorerPrefix(scored.forked.select(torch.tensor([w])), tokens[w][-1])
+
+
+def fork_args(group: str, forks: int, last: bool) -> dict | None:
+    """extra_args for block_fork.py: keep this block's candidates unless it is the answer's last
+    (none can be continued); after the first block, its `forks` requests fork from the winner."""
+    args = {**({} if last else {GROUP_KEY: group}), **({FORK_KEY: forks} if forks else {})}
+    return args or None
 
 
 def _final_only():

@@ -22,6 +22,7 @@ import torch
 
 from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.backends.vllm.block import BlockDecoder
+from cdserve.backends.vllm.block_fork import kv_transfer_config
 from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_ENV, ScorerLogitsProcessor
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.stats import StepStatsLogger
@@ -68,6 +69,7 @@ class VLLMEngine:
         self._rows = 0  # sequences in flight (n x K per request)
         self._forget: list[str] = []  # token-mode keys of aborted choices, sent with the next rpc
         self._scheduler = (0, 0)  # vLLM's last (running, waiting) requests
+        self.prefill_tokens = self.forked_tokens = 0  # totals of vLLM's steps (tests, logs)
 
     # -- loading ----------------------------------------------------------------------------------
     def load_sync(self) -> None:
@@ -121,7 +123,16 @@ class VLLMEngine:
             tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
             max_num_seqs=cfg.max_batch_rows, seed=cfg.seed, logits_processors=[ScorerLogitsProcessor],
             additional_config={CONFIG_KEY: str(self.scorer_dir)}, worker_extension_cls=WORKER_EXTENSION,
-            disable_log_stats=False, **cpu_only, **self._executor())
+            disable_log_stats=False, **cpu_only, **self._executor(), **self._block_fork())
+
+    def _block_fork(self) -> dict:
+        """Block mode's KV fork (block_fork.py): a KV connector, which needs the single-group KV manager."""
+        if not self.config.block_fork_hold_s:
+            return {}
+        from vllm.config import KVTransferConfig
+
+        return {"kv_transfer_config": KVTransferConfig(**kv_transfer_config(self.config.block_fork_hold_s)),
+                "disable_hybrid_kv_cache_manager": True}
 
     def _executor(self) -> dict:
         """Pass the executor through only when set: 'ray' is what spans nodes (pipeline parallel)."""
@@ -294,6 +305,8 @@ class VLLMEngine:
         self._listeners.append(listener)
 
     def _on_step(self, stats: StepStats) -> None:
+        self.forked_tokens += stats.forked_tokens
+        self.prefill_tokens += stats.prefill_tokens
         for listener in self._listeners:
             listener(stats)
 

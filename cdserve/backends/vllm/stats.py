@@ -14,7 +14,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 
 from cdserve.outputs import StepStats
 
-# A gap longer than this between two reports is idle time, not one step.
+# A gap longer than this between two reports is idle time, not one step (step_seconds 0: untimed).
 MAX_STEP_SECONDS = 2.0
 
 
@@ -36,13 +36,16 @@ class StepStatsLogger(StatLoggerBase):
         if iteration_stats is None:
             return
         step, self.last = (None if self.last is None else now - self.last), now
-        if step is None or step > MAX_STEP_SECONDS or self.sink is None:
+        if self.sink is None:
             return
+        if step is None or step > MAX_STEP_SECONDS:
+            step = 0.0  # unknown (idle before it): counted, not timed
         running = scheduler_stats.num_running_reqs if scheduler_stats is not None else 0
         prompt = getattr(iteration_stats, "prompt_token_stats", None)
         self.sink(StepStats(batch_rows=running, step_seconds=step, scorer_seconds=0.0,
                             prefill_tokens=getattr(prompt, "computed", 0) if prompt is not None else 0,
-                            candidates_generated=0))
+                            candidates_generated=0,
+                            forked_tokens=getattr(prompt, "external_kv_transfer", 0) if prompt is not None else 0))
 
     def log_engine_initialized(self) -> None:
         pass

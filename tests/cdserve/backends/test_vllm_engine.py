@@ -41,7 +41,8 @@ class LoopThread:
 
 def engine_config(backend: str) -> EngineConfig:
     return EngineConfig(backend=backend, device="cpu", dtype="float32", scorer="default", enforce_eager=True,
-                        kv_cache_space_gib=1, max_model_len=1024, max_tokens_limit=512, max_batch_rows=64)
+                        kv_cache_space_gib=1, max_model_len=1024, max_tokens_limit=512, max_batch_rows=64,
+                        block_fork_hold_s=60)  # a slow CI machine must not let kept KV expire mid-test
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +179,26 @@ def test_block_mode_keeps_the_scorers_argmax(loop, vllm_engine, prompts, monkeyp
                          torch.tensor([request(vllm_engine, prompts[0], ctrl).control.weights]))[0]
         assert float(full) == pytest.approx(float(combined[k]), rel=1e-3, abs=1e-4)
     assert out["control"].combined == pytest.approx(float(seen[-1][1].max()), rel=1e-5)
+
+
+def test_block_mode_forks_the_winners_kv(loop, vllm_engine, prompts):
+    """Each block after the first copies the accepted prefix's partial KV block from the previous
+    winner (block_fork.py) instead of recomputing it in each of its K requests. Near-greedy block
+    mode (temperature 1e-4: vLLM refuses n > 1 when greedy) has K identical candidates, so its
+    answer must be plain greedy decoding: a wrong copy (wrong block, wrong offset) would change
+    the tokens."""
+    K, M, block = 3, 8, vllm_engine.llm.vllm_config.cache_config.block_size
+    for p in prompts[:2]:
+        plain = run_all(loop, vllm_engine, [request(vllm_engine, p, None, max_tokens=40, temperature=0.0)])[0][0]
+        before = vllm_engine.forked_tokens
+        out = run_all(loop, vllm_engine, [request(vllm_engine, p, {"mode": "block", "block_size": M,
+                                                                   "num_candidates": K},
+                                                  max_tokens=40, temperature=1e-4, seed=0)])[0][0]
+        assert out["ids"] == plain["ids"], f"{out['text']!r} != {plain['text']!r}"
+        # every fork loads the tokens between the last whole cached KV block and the last token
+        expected = sum(K * ((len(p) + M * r - 1) % block) for r in range(1, out["control"].selections))
+        assert expected > 0
+        assert vllm_engine.forked_tokens - before == expected
 
 
 def test_best_of_n_keeps_the_best_answer(loop, vllm_engine, prompts):
