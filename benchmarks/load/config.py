@@ -31,6 +31,7 @@ class BenchConfig:
     prompts: str = "prefix_scorers/data/prompts_eval.jsonl"  # JSONL with a "prompt" field
     tokenizer: str = "smollm2"  # 'smollm2' or a model folder: counts prompt tokens client-side
     num_prompts: int = 16  # requests per run (per concurrency level)
+    prompts_per_concurrency: int = 0  # > 0: at least this many requests per stream (keeps c=64 busy)
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     output_len: list[int] = field(default_factory=lambda: [64])
     prompt_len: list[int] = field(default_factory=lambda: [0])  # extra context tokens per prompt

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from typing_extensions import Self
 
 from benchmarks.load.bench_tool import ToolRun, run_tool
-from benchmarks.load.config import LoadConfig, RunSpec, ServerSpec
+from benchmarks.load.config import MAX_PROMPTS_PER_RUN, LoadConfig, RunSpec, ServerSpec
 from benchmarks.load.dataset import write_prompts
 from benchmarks.load.servers import Server, resolve_model_dir, start_server
 
@@ -53,7 +53,8 @@ def plan(cfg: LoadConfig) -> list[Point]:
             for p in r.prompt_len or b.prompt_len:
                 for o in r.output_len or b.output_len:
                     for c in r.concurrency or b.concurrency:
-                        points.append(Point(r, p, o, c, r.num_prompts or b.num_prompts))
+                        n = max(r.num_prompts or b.num_prompts, b.prompts_per_concurrency * c)
+                        points.append(Point(r, p, o, c, min(n, MAX_PROMPTS_PER_RUN)))
     return points
 
 
