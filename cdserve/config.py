@@ -45,6 +45,10 @@ class EngineConfig(BaseModel):
         "auto", description="vLLM executor: 'ray' for pipeline parallelism across nodes; auto lets vLLM pick.")
     enforce_eager: bool = Field(False, description="vLLM: skip graph compilation (faster start).")
     kv_cache_space_gib: float = Field(4.0, gt=0, description="vLLM on CPU: KV cache size (GiB).")
+    scorer_threads: int | None = Field(
+        None, ge=1, description="vLLM backend: torch threads of each server-process scorer call (block / "
+        "best_of_n selection, final values); default: torch's. On a small CPU host, 1 keeps the scorer's "
+        "thread pool off the vLLM worker's cores.")
     block_fork_hold_s: float = Field(
         2.0, ge=0, description="vLLM block mode: seconds a finished candidate's KV blocks are kept for the next "
         "block to copy its partial last block from (0: off; each candidate then recomputes it).")

@@ -35,6 +35,7 @@ class BenchConfig:
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     output_len: list[int] = field(default_factory=lambda: [64])
     prompt_len: list[int] = field(default_factory=lambda: [0])  # extra context tokens per prompt
+    shared_context: bool = False  # the same context passage for every request (prefix-cacheable)
     temperature: float = 0.7
     warmups: int = 1
     run_timeout_s: float = 900.0  # a run that takes longer is killed and recorded as failed

@@ -1,7 +1,11 @@
 """The prompts every server gets: the project's held-out prompts (JSONL, "prompt" field), cycled
 to the run's size, optionally behind a context passage of about `prompt_len` extra tokens, written
 as the JSONL that `vllm bench serve --dataset-name custom` reads. Same file, same order for every
-server of a run, so the comparison holds the prompts fixed."""
+server of a run, so the comparison holds the prompts fixed.
+
+The passage is distinct per request by default (it opens with the request's number), so prefix
+caching cannot share it: long prompts cost their prefill. `shared=True` gives every request the
+same passage (a fixed document in front of many questions), which prefix caching serves once."""
 
 from __future__ import annotations
 
@@ -16,24 +20,26 @@ _CONTEXT = ("The following notes describe an ordinary day in a small town. The b
             "square fills with neighbours who talk about the weather and the news. ")
 
 
-def context_passage(tokenizer, num_tokens: int) -> str:
-    """About `num_tokens` tokens of filler (cut on a token boundary), or '' for 0."""
+def context_passage(tokenizer, num_tokens: int, tag: str = "") -> str:
+    """About `num_tokens` tokens of filler (cut on a token boundary), or '' for 0; `tag` opens it."""
     if num_tokens <= 0:
         return ""
     ids: list[int] = []
     piece = tokenizer(_CONTEXT, add_special_tokens=False).input_ids
     while len(ids) < num_tokens:
         ids += piece
-    return "Background: " + tokenizer.decode(ids[:num_tokens]).strip() + "\n\n"
+    return f"Background{tag}: " + tokenizer.decode(ids[:num_tokens]).strip() + "\n\n"
 
 
-def write_prompts(source: Path, out: Path, count: int, tokenizer, prompt_len: int = 0) -> Path:
+def write_prompts(source: Path, out: Path, count: int, tokenizer, prompt_len: int = 0,
+                  shared: bool = False) -> Path:
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{source} holds no prompts")
-    prefix = context_passage(tokenizer, prompt_len)
+    shared_prefix = context_passage(tokenizer, prompt_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
-        for row in islice(cycle(rows), count):
+        for i, row in enumerate(islice(cycle(rows), count)):
+            prefix = shared_prefix if shared else context_passage(tokenizer, prompt_len, f" (note {i})")
             f.write(json.dumps({"prompt": prefix + row["prompt"]}) + "\n")
     return out

@@ -184,7 +184,8 @@ class Sweep:
             count = max(count, 4 * self.cfg.memory.concurrency)
         lens = {p.prompt_len for p in points} | {0}
         src = REPO / self.cfg.bench.prompts
-        return {n: write_prompts(src, self.out / "prompts" / f"prompts_p{n}.jsonl", count, tok, n)
+        return {n: write_prompts(src, self.out / "prompts" / f"prompts_p{n}.jsonl", count, tok, n,
+                                 self.cfg.bench.shared_context)
                 for n in sorted(lens)}
 
     def _tool_run(self, server: Server, dataset: Path, num_prompts: int, concurrency: int,

@@ -57,6 +57,8 @@ class ServerSettings(BaseSettings):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm backend: GPU memory share.")
     enforce_eager: bool = Field(False, description="vllm backend: skip graph compilation.")
     kv_cache_space_gib: float = Field(4.0, gt=0, description="vllm backend on CPU: KV cache GiB.")
+    scorer_threads: int | None = Field(None, ge=1, description="vllm backend: torch threads per server-side "
+                                       "scorer call (default: torch's).")
     block_fork_hold_s: float = Field(2.0, ge=0, description="vllm backend, block mode: seconds a finished "
                                      "candidate's KV is kept for the next block to fork (0: off).")
 

@@ -152,3 +152,22 @@ def test_args_decoder_streams_tokens(tiny_model_dir, tiny_scorer_dir):
     n, finish = dec.generate(prompt, 6, {"weights": {"positive": 1.0}}, 0.0, pieces.append)
     assert 1 <= n <= 6 and finish in ("stop", "length")
     assert len(pieces) == n - (finish == "stop")
+
+
+def test_long_prompt_contexts_are_distinct_unless_shared(tmp_path, tiny_model_dir):
+    """Long-prompt runs must cost their prefill: by default no two requests share the context
+    passage (prefix caching could otherwise serve it once); shared_context gives them one."""
+    from benchmarks.load.dataset import write_prompts
+    from prefix_scorers.base_model import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    src = tmp_path / "src.jsonl"
+    src.write_text('{"prompt": "Tell me about rain."}\n{"prompt": "Review a pizza place."}\n')
+
+    def contexts(shared: bool) -> list[str]:
+        out = write_prompts(src, tmp_path / f"p{shared}.jsonl", 5, tok, 64, shared=shared)
+        return [json.loads(line)["prompt"].split("\n\n")[0] for line in out.read_text().splitlines()]
+
+    distinct, shared = contexts(False), contexts(True)
+    assert len(set(distinct)) == 5 and len(set(shared)) == 1
+    assert all(abs(len(tok(c, add_special_tokens=False).input_ids) - 64) <= 8 for c in distinct + shared)

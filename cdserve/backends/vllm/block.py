@@ -14,7 +14,6 @@ so each block costs the scorer K x M incremental tokens, never a pass over the p
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import torch
@@ -91,7 +90,7 @@ class BlockDecoder:
         budget = min(sp.max_tokens, eng.max_model_len - len(prompt))
         seed = sp.seed if sp.seed is not None else int(torch.randint(2**62, (1,)))
         chooser = torch.Generator().manual_seed((seed * 1_000_003 + choice) % 2**63)
-        prefix = await asyncio.to_thread(self.prefix, prompt)
+        prefix = await eng.in_scorer_thread(self.prefix, prompt)
         state = ChoiceState()
         step = 0
         while True:
@@ -106,7 +105,7 @@ class BlockDecoder:
                 outs = out
             cands = sorted(outs.outputs, key=lambda o: o.index)
             tokens = [list(o.token_ids) for o in cands]
-            scored = await asyncio.to_thread(self.score, prefix, tokens, len(state.accepted), ctrl.weights)
+            scored = await eng.in_scorer_thread(self.score, prefix, tokens, len(state.accepted), ctrl.weights)
             w = select_candidate(scored.combined, ctrl.selection, ctrl.strength, chooser)
             win = cands[w]
             state.accepted += tokens[w]

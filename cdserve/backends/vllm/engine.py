@@ -16,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -97,6 +98,10 @@ class VLLMEngine:
         self.max_model_len = self.llm.model_config.max_model_len
         self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
         self.blocks = BlockDecoder(self)
+        threads = cfg.scorer_threads
+        self.scorer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cdserve-scorer",
+                                              initializer=torch.set_num_threads if threads else None,
+                                              initargs=(threads,) if threads else ())
         log.info("vllm engine: %s (%s, %s) started in %.1f s, scorer %s (%s, heads %s)", self.model_name,
                  "cpu" if on_cpu else current_platform.device_name, self.dtype, time.perf_counter() - started,
                  self.scorer_dir, "trained" if scorer.config.provenance.trained else "UNTRAINED", self.head_names)
@@ -164,6 +169,7 @@ class VLLMEngine:
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+            self.scorer_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ---------------------------------------------------------------------------------
     def _admit(self, request: GenerationRequest) -> int:
@@ -261,8 +267,12 @@ class VLLMEngine:
             kl = await self._fetch_kl(self._key(request, choice), len(output))
         if not output:
             return ControlValues(ctrl.mode, dict.fromkeys(self.head_names, 0.0), 0.0, kl, 0, 0)
-        raw, combined = await asyncio.to_thread(self.final_values, request.prompt_token_ids, output, ctrl.weights)
+        raw, combined = await self.in_scorer_thread(self.final_values, request.prompt_token_ids, output, ctrl.weights)
         return ControlValues(ctrl.mode, dict(zip(self.head_names, raw)), combined, kl, 0, len(output))
+
+    async def in_scorer_thread(self, fn, *args):
+        """Run a server-side scorer call off the event loop, in the scorer's thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.scorer_pool, fn, *args)
 
     def final_values(self, prompt: list[int], output: list[int], weights) -> tuple[list[float], float]:
         """Raw per-head values and the combined value of a finished output (one scorer pass)."""

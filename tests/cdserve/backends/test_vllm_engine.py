@@ -42,7 +42,8 @@ class LoopThread:
 def engine_config(backend: str) -> EngineConfig:
     return EngineConfig(backend=backend, device="cpu", dtype="float32", scorer="default", enforce_eager=True,
                         kv_cache_space_gib=1, max_model_len=1024, max_tokens_limit=512, max_batch_rows=64,
-                        block_fork_hold_s=60)  # a slow CI machine must not let kept KV expire mid-test
+                        block_fork_hold_s=60,  # a slow CI machine must not let kept KV expire mid-test
+                        scorer_threads=1 if backend == "vllm" else None)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,12 @@ def test_block_mode_forks_the_winners_kv(loop, vllm_engine, prompts):
         expected = sum(K * ((len(p) + M * r - 1) % block) for r in range(1, out["control"].selections))
         assert expected > 0
         assert vllm_engine.forked_tokens - before == expected
+
+
+def test_scorer_threads_setting_reaches_the_scorer_pool(loop, vllm_engine):
+    """The server-process scorer calls (block selection, final values) run in a pool whose threads
+    use `scorer_threads` torch threads (1 in this module's config)."""
+    assert loop.run(vllm_engine.in_scorer_thread(torch.get_num_threads)) == 1
 
 
 def test_best_of_n_keeps_the_best_answer(loop, vllm_engine, prompts):
