@@ -32,7 +32,9 @@ def context_passage(tokenizer, num_tokens: int, tag: str = "") -> str:
 
 
 def write_prompts(source: Path, out: Path, count: int, tokenizer, prompt_len: int = 0,
-                  shared: bool = False) -> Path:
+                  shared: bool = False, salt: str = "") -> Path:
+    """`salt` makes the distinct passages differ from another file's (give each run its own, so no
+    run finds another's prompts in a server's prefix cache)."""
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{source} holds no prompts")
@@ -40,6 +42,6 @@ def write_prompts(source: Path, out: Path, count: int, tokenizer, prompt_len: in
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for i, row in enumerate(islice(cycle(rows), count)):
-            prefix = shared_prefix if shared else context_passage(tokenizer, prompt_len, f" (note {i})")
+            prefix = shared_prefix if shared else context_passage(tokenizer, prompt_len, f" (note {salt}{i})")
             f.write(json.dumps({"prompt": prefix + row["prompt"]}) + "\n")
     return out

@@ -188,6 +188,18 @@ class Sweep:
                                  self.cfg.bench.shared_context)
                 for n in sorted(lens)}
 
+    def _dataset(self, p: Point, datasets: dict[int, Path], round_: int | None) -> Path:
+        """The point's prompts. Distinct long contexts get a file per point and round, so no point
+        finds an earlier point's contexts in the server's prefix cache."""
+        if p.prompt_len == 0 or self.cfg.bench.shared_context:
+            return datasets[p.prompt_len]
+        from prefix_scorers.base_model import load_tokenizer
+
+        index = plan(self.cfg).index(p) + 1000 * (round_ or 0)
+        return write_prompts(REPO / self.cfg.bench.prompts, self.out / "prompts" / f"{p.name}_{index}.jsonl",
+                             p.num_prompts + self.cfg.bench.warmups, load_tokenizer(Path(self.tokenizer_dir)),
+                             p.prompt_len, salt=f"{index:04d}-")
+
     def _tool_run(self, server: Server, dataset: Path, num_prompts: int, concurrency: int,
                   output_len: int, control: dict | None, name: str, warmups: int | None = None) -> ToolRun:
         b = self.cfg.bench
@@ -242,7 +254,7 @@ class Sweep:
                 progress.update(task, description=f"{'' if round_ is None else f'round {round_ + 1}: '}"
                                 f"{p.run.label}: prompt +{p.prompt_len}, out {p.output_len}, "
                                 f"concurrency {p.concurrency}")
-                tool = self._tool_run(server, datasets[p.prompt_len], p.num_prompts, p.concurrency,
+                tool = self._tool_run(server, self._dataset(p, datasets, round_), p.num_prompts, p.concurrency,
                                       p.output_len, p.run.control, p.name + ("" if round_ is None else f"_r{round_}"))
                 t0 = time.monotonic()
                 refused = server.refusal(p.run.control)
