@@ -36,6 +36,8 @@ METRICS = {
     "cdserve_scorer_step_seconds": "histogram",
     "cdserve_engine_step_seconds": "histogram",
     "cdserve_candidates_generated_total": "counter",
+    "cdserve_prefill_tokens_total": "counter",
+    "cdserve_kv_forked_tokens_total": "counter",
     "cdserve_batch_rows": "gauge",
 }
 # Series a query may name: gauges and counters as they are, histograms by their three series.
