@@ -20,15 +20,14 @@ _CONTEXT = ("The following notes describe an ordinary day in a small town. The b
             "square fills with neighbours who talk about the weather and the news. ")
 
 
-def context_passage(tokenizer, num_tokens: int, tag: str = "") -> str:
-    """About `num_tokens` tokens of filler (cut on a token boundary), or '' for 0; `tag` opens it."""
-    if num_tokens <= 0:
-        return ""
+def _filler(tokenizer, num_tokens: int) -> str:
+    """About `num_tokens` tokens of filler text, cut on a token boundary ('' for 0)."""
     ids: list[int] = []
     piece = tokenizer(_CONTEXT, add_special_tokens=False).input_ids
     while len(ids) < num_tokens:
         ids += piece
-    return f"Background{tag}: " + tokenizer.decode(ids[:num_tokens]).strip() + "\n\n"
+    return tokenizer.decode(ids[:num_tokens]).strip()
+
 
 
 def write_prompts(source: Path, out: Path, count: int, tokenizer, prompt_len: int = 0,
@@ -38,10 +37,11 @@ def write_prompts(source: Path, out: Path, count: int, tokenizer, prompt_len: in
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{source} holds no prompts")
-    shared_prefix = context_passage(tokenizer, prompt_len)
+    filler = _filler(tokenizer, prompt_len)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for i, row in enumerate(islice(cycle(rows), count)):
-            prefix = shared_prefix if shared else context_passage(tokenizer, prompt_len, f" (note {salt}{i})")
+            tag = "" if shared else f" (note {salt}{i})"
+            prefix = f"Background{tag}: {filler}\n\n" if filler else ""
             f.write(json.dumps({"prompt": prefix + row["prompt"]}) + "\n")
     return out

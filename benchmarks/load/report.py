@@ -92,10 +92,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[0].legend(fontsize=7)
         fig.suptitle(f"Throughput vs concurrency ({title})")
         fig.tight_layout()
-        path = out_dir / f"throughput_p{p}_o{o}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"throughput_p{p}_o{o}.png"))
 
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
         for i, label in enumerate(labels):
@@ -115,10 +112,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[0].legend(fontsize=6)
         fig.suptitle(f"Latency percentiles, p50 solid, p99 dashed ({title})")
         fig.tight_layout()
-        path = out_dir / f"latency_p{p}_o{o}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"latency_p{p}_o{o}.png"))
 
     mem = results.get("memory")
     if mem and mem.get("samples"):
@@ -130,11 +124,16 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title(f"Resident memory of {mem['server']} at concurrency {mem['concurrency']}")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        path = out_dir / "memory.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / "memory.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pct(r: dict[str, Any], metric: str) -> str:

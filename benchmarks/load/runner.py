@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ class Sweep:
         self.logs = out_dir / "logs"
         self.raw = out_dir / "raw"
         self.tokenizer_dir = str(resolve_model_dir(cfg.bench.tokenizer))
+        self.points = plan(cfg)
         self.live: dict[str, Server] = {}  # started and not yet stopped, in start order
         self.results: dict[str, Any] = {"meta": machine_info(), "config": self._config_dict(),
                                         "runs": [], "memory": None}
@@ -175,16 +177,19 @@ class Sweep:
                 self.live.pop(name).stop()
 
     # -- datasets -------------------------------------------------------------------------------
-    def _datasets(self, points: list[Point]) -> dict[int, Path]:
+    @cached_property
+    def tokenizer(self):
         from prefix_scorers.base_model import load_tokenizer
 
-        tok = load_tokenizer(Path(self.tokenizer_dir))
+        return load_tokenizer(Path(self.tokenizer_dir))
+
+    def _datasets(self, points: list[Point]) -> dict[int, Path]:
         count = max([p.num_prompts for p in points] + [self.cfg.bench.num_prompts]) + self.cfg.bench.warmups
         if self.cfg.memory:
             count = max(count, 4 * self.cfg.memory.concurrency)
         lens = {p.prompt_len for p in points} | {0}
         src = REPO / self.cfg.bench.prompts
-        return {n: write_prompts(src, self.out / "prompts" / f"prompts_p{n}.jsonl", count, tok, n,
+        return {n: write_prompts(src, self.out / "prompts" / f"prompts_p{n}.jsonl", count, self.tokenizer, n,
                                  self.cfg.bench.shared_context)
                 for n in sorted(lens)}
 
@@ -193,11 +198,9 @@ class Sweep:
         finds an earlier point's contexts in the server's prefix cache."""
         if p.prompt_len == 0 or self.cfg.bench.shared_context:
             return datasets[p.prompt_len]
-        from prefix_scorers.base_model import load_tokenizer
-
-        index = plan(self.cfg).index(p) + 1000 * (round_ or 0)
+        index = self.points.index(p) + 1000 * (round_ or 0)
         return write_prompts(REPO / self.cfg.bench.prompts, self.out / "prompts" / f"{p.name}_{index}.jsonl",
-                             p.num_prompts + self.cfg.bench.warmups, load_tokenizer(Path(self.tokenizer_dir)),
+                             p.num_prompts + self.cfg.bench.warmups, self.tokenizer,
                              p.prompt_len, salt=f"{index:04d}-")
 
     def _tool_run(self, server: Server, dataset: Path, num_prompts: int, concurrency: int,
@@ -212,28 +215,25 @@ class Sweep:
 
     # -- the sweep ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        points = plan(self.cfg)
+        points = self.points
         datasets = self._datasets(points)
         mem, rounds = self.cfg.memory, self.cfg.bench.rounds
+        by_server = [(spec, [p for p in points if p.run.server == spec.name]) for spec in self.cfg.servers]
+        by_server = [(spec, mine) for spec, mine in by_server if mine]
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=self.console) as progress:
             task = progress.add_task("load benchmark", total=rounds * len(points) + (1 if mem else 0))
             try:
                 if rounds == 1:  # one server up at a time
-                    for spec in self.cfg.servers:
-                        mine = [p for p in points if p.run.server == spec.name]
-                        if mine:
-                            self._stop_except({spec.name, spec.upstream})
-                            self._serve_points(spec, mine, datasets, progress, task)
+                    for spec, mine in by_server:
+                        self._stop_except({spec.name, spec.upstream})
+                        self._serve_points(spec, mine, datasets, progress, task)
                 else:  # every server up for the whole sweep; rounds interleave them
-                    for spec in self.cfg.servers:
-                        if any(p.run.server == spec.name for p in points):
-                            self._start(spec)
+                    for spec, _ in by_server:
+                        self._start(spec)
                     for i in range(rounds):
-                        for spec in self.cfg.servers:
-                            mine = [p for p in points if p.run.server == spec.name]
-                            if mine:
-                                self._serve_points(spec, mine, datasets, progress, task, round_=i)
+                        for spec, mine in by_server:
+                            self._serve_points(spec, mine, datasets, progress, task, round_=i)
                     self.results["runs_by_round"] = self.results["runs"]
                     self.results["runs"] = median_over_rounds(self.results["runs_by_round"])
             finally:

@@ -82,7 +82,6 @@ class BlockForkConnector(KVConnectorBase_V1):
         self._copies: list[tuple[int, int]] = []
         self._release: set[str] = set()
         self._consumed: set[str] = set()  # groups forked from in this step
-        self.forks = self.forked_tokens = 0  # counters, for tests and logs
         # worker side
         self._kv_caches: list[torch.Tensor] = []
         self._finished: set[str] = set()
@@ -129,8 +128,6 @@ class BlockForkConnector(KVConnectorBase_V1):
         self._served[kept.group] = self._served.get(kept.group, 0) + 1
         if self._served[kept.group] >= expected:
             self._consumed.add(kept.group)  # released at the end of this step
-        self.forks += 1
-        self.forked_tokens += num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         """This step's copies, and the kept requests to free: the groups all K forks have been

@@ -70,7 +70,7 @@ class VLLMEngine:
         self._rows = 0  # sequences in flight (n x K per request)
         self._forget: list[str] = []  # token-mode keys of aborted choices, sent with the next rpc
         self._scheduler = (0, 0)  # vLLM's last (running, waiting) requests
-        self.prefill_tokens = self.forked_tokens = 0  # totals of vLLM's steps (tests, logs)
+        self.forked_tokens = 0  # block-fork tokens over vLLM's steps (tests, logs)
 
     # -- loading ----------------------------------------------------------------------------------
     def load_sync(self) -> None:
@@ -316,7 +316,6 @@ class VLLMEngine:
 
     def _on_step(self, stats: StepStats) -> None:
         self.forked_tokens += stats.forked_tokens
-        self.prefill_tokens += stats.prefill_tokens
         for listener in self._listeners:
             listener(stats)
 
