@@ -47,14 +47,36 @@ def steer_full(logits: torch.Tensor, combined: torch.Tensor, strength: torch.Ten
     return logits + strength[:, None] * combined
 
 
-def kl_divergence(steered: torch.Tensor, base: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """KL(steered || base) per row between the distributions actually sampled from, at each row's
-    temperature (greedy rows use 1). steered, base (N, V) logits -> (N,)."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
-    log_p = torch.log_softmax(steered.float() / t, dim=-1)
-    log_q = torch.log_softmax(base.float() / t, dim=-1)
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (per row), as vLLM's
+    sampler does: a token stays if the mass strictly above it is below top_p."""
+    if bool((top_p >= 1.0).all()):  # host sync; the common case skips the sort
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each token
+    drop = before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def sampled_kl(sampled: torch.Tensor, base: torch.Tensor, temperature: torch.Tensor,
+               top_p: torch.Tensor) -> torch.Tensor:
+    """KL(pi || p) per row: pi is the distribution the sampler actually draws from (logits
+    `sampled`, -inf outside token mode's top-k, divided by the temperature, then top-p
+    truncated); p is the base model's whole-vocabulary distribution at the same temperature.
+    Finite for temperature > 0 (p has full support). Greedy rows (temperature 0) compare two
+    point masses: 0 if their argmaxes agree, +inf otherwise.
+    sampled, base (N, V) logits; temperature, top_p (N,) -> (N,) float32."""
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None].float()
+    log_pi = torch.log_softmax(apply_top_p(sampled.float() / t, top_p), dim=-1)
+    log_p = torch.log_softmax(base.float() / t, dim=-1)
+    pi = log_pi.exp()
+    kl = torch.where(pi > 0, pi * (log_pi - log_p), torch.zeros_like(pi)).sum(-1)
+    changed = sampled.argmax(-1) != base.argmax(-1)
+    point = torch.where(changed, torch.full_like(kl, float("inf")), torch.zeros_like(kl))
+    return torch.where(greedy, point, kl)
 
 
 def best_of_n_kl_bound(n: int) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cdserve.admission import Admission
 from cdserve.backends.hf.engine_core import EngineCore
 from cdserve.backends.hf.model_runner import ModelRunner
 from cdserve.backends.hf.sequence import RequestState
@@ -54,6 +55,7 @@ class HFEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: set[str] = set()
+        self.admission = Admission(config.max_batch_rows, config.max_waiting)
 
     # -- loading ----------------------------------------------------------------------------------
     def load_sync(self) -> None:
@@ -123,7 +125,8 @@ class HFEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         state = RequestState(gen=request, sink=lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-        self.core.submit(state)  # raises InvalidRequestError / QueueFullError before any work
+        self.admission.admit(request, self.max_model_len)  # 400 / 503 before any work
+        self.core.submit(state)
         self._running.add(request.request_id)
         self._wake.set()
         finished = False
@@ -136,6 +139,7 @@ class HFEngine:
                 yield out
         finally:
             self._running.discard(request.request_id)
+            self.admission.release(request.request_id)
             if not finished:  # the caller went away (disconnect, cancel): free the rows now
                 self.abort(request.request_id)
 
@@ -144,7 +148,7 @@ class HFEngine:
         self._wake.set()
 
     def load(self) -> EngineLoad:
-        return EngineLoad(waiting=self.core.pending_count if self.core else 0, running=len(self._running))
+        return self.admission.load()
 
     def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)

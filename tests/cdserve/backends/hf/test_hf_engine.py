@@ -88,7 +88,12 @@ def test_strength_zero_top_k_zero_equals_plain_decoding(engine, sampling):
     a, b = single(engine, plain), single(engine, steered)
     assert len(a["ids"]) > 0
     assert a["ids"] == b["ids"] and a["text"] == b["text"]
-    assert b["control"].kl == pytest.approx(0.0, abs=1e-6)
+    # Both report the same KL to the base: 0, or top-p truncation's own (sum of -log kept mass).
+    assert b["control"].kl == pytest.approx(a["control"].kl, abs=1e-5)
+    if sampling.get("top_p", 1.0) < 1.0:
+        assert a["control"].kl > 0.01
+    else:
+        assert a["control"].kl == 0.0
 
 
 # -- the steered distribution ------------------------------------------------------------------
@@ -272,19 +277,28 @@ def test_requests_join_at_the_next_step_and_aborts_leave_at_once(tiny_model_dir,
     assert not core.has_work()
 
 
-def test_queue_full_and_context_limits(tiny_model_dir, tiny_scorer_dir):
+def test_admission_refuses_before_any_work(tiny_model_dir, tiny_scorer_dir):
+    """The hf engine applies the shared admission policy (cdserve/admission.py) in generate()."""
     from cdserve.engine_protocol import QueueFullError
     from cdserve.errors import InvalidRequestError
 
     eng = HFEngine(EngineConfig(model=str(tiny_model_dir), scorer=str(tiny_scorer_dir), backend="hf",
-                                device="cpu", max_waiting=2, max_model_len=64, max_tokens_limit=32))
-    eng.load_sync()
-    for _ in range(2):
-        eng.core.submit(_state(eng, request(eng, PROMPTS[0], {}, max_tokens=4), lambda o: None))
-    with pytest.raises(QueueFullError):
-        eng.core.submit(_state(eng, request(eng, PROMPTS[0], {}, max_tokens=4), lambda o: None))
+                                device="cpu", max_waiting=0, max_batch_rows=4, max_model_len=64,
+                                max_tokens_limit=32, control={"max_num_candidates": 4}))
+    eng.load_sync()  # no loop thread: nothing runs, so admission alone decides
+
+    async def first(req):
+        return await eng.generate(req).__anext__()
+
     long = GenerationRequest("long", list(range(100, 200)), SamplingParams(max_tokens=4),
                              resolve_control({}, eng.config.control, eng.head_names))
     with pytest.raises(InvalidRequestError) as e:
-        eng.core.submit(_state(eng, long, lambda o: None))
+        asyncio.run(first(long))
     assert e.value.param == "prompt"
+    wide = request(eng, PROMPTS[0], {"mode": "best_of_n", "num_candidates": 2}, max_tokens=4, n=3)
+    with pytest.raises(InvalidRequestError) as e:
+        asyncio.run(first(wide))
+    assert e.value.param == "n"
+    eng.admission.in_flight["busy"] = 4  # the batch is full; max_waiting=0: no room to wait
+    with pytest.raises(QueueFullError):
+        asyncio.run(first(request(eng, PROMPTS[0], {}, max_tokens=4)))

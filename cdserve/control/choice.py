@@ -1,0 +1,188 @@
+"""One choice of a request, in every mode, for both engines: `ChoiceController`.
+
+It owns what must not differ between engines: the accepted answer, the K candidates of the
+current block, the stop / EOS / length checks on the whole answer (so a stop string that spans a
+block boundary is found), selection, KL, token counts, the reported values and the streamed
+deltas. An engine only samples tokens (`push`) and values candidates (`value_positions` ->
+`select`); none/token choices stream: one candidate whose tokens are accepted as they come.
+
+Positions: a value is normalised at the index, in the answer, of the last token taken, EOS
+included (the scorer reads a finished prefix at the token taken, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from cdserve.control.request import ResolvedControl
+from cdserve.control.steering import best_of_n_kl_bound, select_candidate
+from cdserve.outputs import ChoiceDelta, ControlValues
+from cdserve.sampling import SamplingParams
+from cdserve.text import find_stop, safe_prefix_len
+
+
+@dataclass(eq=False)
+class Candidate:
+    """One candidate of the current block (the only one, for none/token)."""
+
+    text: str  # the answer's text with this candidate's tokens (cut before a stop string)
+    tokens: list[int] = field(default_factory=list)  # taken this block, a final EOS included
+    eos: bool = False  # ended by EOS (the last of `tokens`)
+    finish_reason: str | None = None  # set when this candidate would end the answer
+    done: bool = False  # no more tokens this block: finished, or the block is full
+    kl: float = 0.0  # sum of the per-token KL terms of its tokens
+
+    @property
+    def ids(self) -> list[int]:
+        """Its tokens that belong to the answer (EOS excluded)."""
+        return self.tokens[:-1] if self.eos else self.tokens
+
+
+class ChoiceController:
+    def __init__(self, index: int, control: ResolvedControl, sampling: SamplingParams, prompt_len: int,
+                 max_model_len: int, eos_token_ids: Iterable[int], decode: Callable[[list[int]], str],
+                 seed: int):
+        self.index, self.control, self.sampling = index, control, sampling
+        self.eos = frozenset(eos_token_ids)
+        self.decode = decode
+        self.budget = max(1, min(sampling.max_tokens, max_model_len - prompt_len))  # answer tokens
+        self.K = control.candidates
+        self.streaming = control.mode in ("none", "token")  # one candidate, accepted token by token
+        self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)  # selection
+        self.accepted: list[int] = []  # the answer's tokens (EOS excluded)
+        self.text = ""
+        self.eos_token: int | None = None  # the EOS that ended the answer, if one did
+        self.finish_reason: str | None = None
+        self.values: list[float] | None = None  # raw per-head values of the answer so far
+        self.combined = 0.0
+        self.kl = 0.0
+        self.selections = 0
+        self.tokens_generated = 0  # tokens the base model sampled for this choice, EOS included
+        self._stop_len = max((len(s) for s in sampling.stop), default=0)
+        self._emitted_chars = self._emitted_ids = 0
+        self._sent_finish = False
+        self.candidates = self._fresh()
+
+    def _fresh(self) -> list[Candidate]:
+        return [Candidate(text=self.text) for _ in range(self.K)]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def block_len(self) -> int:
+        """Tokens the current block may take (block: M, or what is left of max_tokens)."""
+        left = self.budget - len(self.accepted)
+        return min(self.control.block_size, left) if self.control.mode == "block" else left
+
+    @property
+    def waiting(self) -> bool:
+        """Every candidate is done: the block awaits selection."""
+        return all(c.done for c in self.candidates)
+
+    # -- tokens in ------------------------------------------------------------------------------
+    def push(self, k: int, token: int, kl: float = 0.0) -> bool:
+        """Candidate k took `token` (with its KL term); returns whether it is done this block."""
+        c = self.candidates[k]
+        if c.done:
+            raise ValueError(f"candidate {k} of choice {self.index} is done; it cannot take token {token}")
+        c.tokens.append(token)
+        c.kl += kl
+        if token in self.eos:
+            c.eos, c.finish_reason = True, "stop"
+        else:
+            text = self.decode(self.accepted + c.ids)
+            stops = self.sampling.stop
+            cut = find_stop(text, stops, max(0, len(c.text) - self._stop_len)) if stops else -1
+            c.text = text if cut < 0 else text[:cut]
+            if cut >= 0:
+                c.finish_reason = "stop"
+            elif len(self.accepted) + len(c.ids) >= self.budget:
+                c.finish_reason = "length"
+        c.done = c.finish_reason is not None or (self.control.mode == "block"
+                                                 and len(c.tokens) >= self.control.block_size)
+        if self.streaming:  # none / token: every token is accepted as it comes
+            self._accept(c)
+            self.candidates = [Candidate(text=self.text)] if not self.finished else [c]
+        return c.done
+
+    def push_all(self, k: int, tokens: Iterable[int], kls: Iterable[float] | None = None) -> list[int]:
+        """Feed a whole sampled block (vLLM); tokens past the candidate's end are dropped. Returns
+        the tokens kept."""
+        kls = list(kls) if kls is not None else None
+        for i, t in enumerate(tokens):
+            if self.push(k, t, kls[i] if kls else 0.0):
+                break
+        return self.accepted if self.streaming else self.candidates[k].tokens
+
+    def _accept(self, c: Candidate) -> None:
+        self.accepted = self.accepted + c.ids
+        self.text = c.text
+        self.kl += c.kl
+        self.tokens_generated += len(c.tokens)
+        if c.finish_reason:
+            self.finish_reason = c.finish_reason
+            self.eos_token = c.tokens[-1] if c.eos else None
+
+    # -- selection (block / best_of_n) --------------------------------------------------------
+    def value_positions(self) -> list[int]:
+        """Per candidate, the answer index of its last token (where its value is normalised)."""
+        return [max(len(self.accepted) + len(c.tokens) - 1, 0) for c in self.candidates]
+
+    def select(self, raw: torch.Tensor, combined: torch.Tensor) -> int:
+        """Keep one candidate by its combined value (K,); raw (K, H) per-head values. Returns
+        the winner, which every candidate of the next block continues from."""
+        if not self.waiting:
+            raise ValueError(f"choice {self.index}: selection before all {self.K} candidates are done")
+        w = select_candidate(combined, self.control.selection, self.control.strength, self.generator)
+        winner = self.candidates[w]
+        self.tokens_generated += sum(len(c.tokens) for c in self.candidates) - len(winner.tokens)
+        self._accept(winner)
+        self.kl += best_of_n_kl_bound(self.K)
+        self.selections += 1
+        self.set_values(raw[w], float(combined[w]))
+        if not self.finished:
+            self.candidates = self._fresh()
+        return w
+
+    # -- values and output ----------------------------------------------------------------------
+    def taken(self) -> list[int]:
+        """The answer's tokens with the EOS that ended it: what the scorer values."""
+        return self.accepted + ([self.eos_token] if self.eos_token is not None else [])
+
+    def final_position(self) -> int:
+        return max(len(self.taken()) - 1, 0)
+
+    def set_values(self, raw: torch.Tensor | list[float], combined: float) -> None:
+        self.values = [float(v) for v in raw]
+        self.combined = float(combined)
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finish_reason = "abort"
+
+    def control_values(self, heads: list[str]) -> ControlValues:
+        vals = self.values if self.values is not None else [math.nan] * len(heads)
+        return ControlValues(mode=self.control.mode, values=dict(zip(heads, vals)), combined=self.combined,
+                             kl=self.kl, selections=self.selections, tokens_generated=self.tokens_generated)
+
+    def take_delta(self, heads: list[str]) -> ChoiceDelta | None:
+        """The accepted text and tokens not yet sent (text that could begin a stop string is held
+        back until it cannot), with the control values once finished; None if nothing is new."""
+        if self._sent_finish:
+            return None
+        end = len(self.text) if self.finished else safe_prefix_len(self.text, self.sampling.stop)
+        ids = self.accepted[self._emitted_ids:]
+        if end <= self._emitted_chars and not ids and not self.finished:
+            return None
+        delta = ChoiceDelta(index=self.index, text=self.text[self._emitted_chars:end], token_ids=ids,
+                            finish_reason=self.finish_reason,
+                            control=self.control_values(heads) if self.finished else None)
+        self._emitted_chars, self._emitted_ids = max(self._emitted_chars, end), len(self.accepted)
+        self._sent_finish = self.finished
+        return delta

@@ -1,0 +1,162 @@
+"""The per-choice controller both engines drive, with a fake token source: token ids are
+characters (id 0 is EOS), so texts and stop strings can be read off the tokens."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cdserve.control.choice import ChoiceController
+from cdserve.control.request import ControlConfig, resolve_control
+from cdserve.sampling import SamplingParams
+
+EOS = 0
+HEADS = ["positive", "concise"]
+
+
+def ids(s: str) -> list[int]:
+    return [ord(ch) for ch in s]
+
+
+def decode(tokens: list[int]) -> str:
+    return "".join(chr(t) for t in tokens if t != EOS)
+
+
+def controller(control: dict, index: int = 0, prompt_len: int = 5, max_model_len: int = 1000,
+               seed: int = 0, **sampling) -> ChoiceController:
+    ctrl = resolve_control(control, ControlConfig(), HEADS)
+    return ChoiceController(index, ctrl, SamplingParams(**sampling), prompt_len, max_model_len, {EOS},
+                            decode, seed)
+
+
+def select(ctl: ChoiceController, combined: list[float]) -> int:
+    raw = torch.tensor([[v, -v] for v in combined])
+    return ctl.select(raw, torch.tensor(combined))
+
+
+def fill(ctl: ChoiceController, blocks: list[str | list[int]]) -> None:
+    for k, toks in enumerate(blocks):
+        ctl.push_all(k, ids(toks) if isinstance(toks, str) else toks)
+
+
+def drain(ctl: ChoiceController):
+    text, tokens, last = "", [], None
+    while (d := ctl.take_delta(HEADS)) is not None:
+        text, tokens, last = text + d.text, tokens + d.token_ids, d
+    return text, tokens, last
+
+
+BLOCK = {"mode": "block", "num_candidates": 2, "block_size": 3}
+
+
+def test_a_losing_candidate_that_hit_eos_does_not_end_the_next_block():
+    ctl = controller(BLOCK, max_tokens=12)
+    fill(ctl, [ids("a") + [EOS], "bcd"])  # candidate 0 ends by EOS after one token
+    assert ctl.waiting and ctl.candidates[0].finish_reason == "stop"
+    assert select(ctl, [0.1, 0.9]) == 1 and not ctl.finished
+    # The next block starts clean for both rows: a 3-token block each, nothing finished.
+    assert all(c.tokens == [] and c.finish_reason is None and not c.done for c in ctl.candidates)
+    assert not ctl.push(0, ord("e")) and not ctl.push(0, ord("f")) and ctl.push(0, ord("g"))
+    ctl.push_all(1, ids("xyz"))
+    select(ctl, [1.0, 0.0])
+    assert ctl.text == "bcdefg" and ctl.accepted == ids("bcdefg") and not ctl.finished
+
+
+def test_the_winner_that_hit_eos_ends_the_answer_and_is_valued_at_the_eos():
+    ctl = controller(BLOCK, max_tokens=12)
+    fill(ctl, ["abc", "def"])
+    select(ctl, [1.0, 0.0])
+    fill(ctl, [ids("g") + [EOS], "hij"])
+    assert ctl.value_positions() == [4, 5]  # the EOS is the answer's 5th token (index 4)
+    select(ctl, [1.0, 0.0])
+    assert ctl.finish_reason == "stop" and ctl.text == "abcg" and ctl.accepted == ids("abcg")
+    assert ctl.taken() == ids("abcg") + [EOS] and ctl.final_position() == 4
+    assert ctl.values == [1.0, -1.0] and ctl.combined == 1.0
+    assert ctl.tokens_generated == 6 + 5  # every sampled token, both candidates, EOS included
+
+
+def test_a_stop_string_that_spans_a_block_boundary_ends_the_answer():
+    ctl = controller(BLOCK, max_tokens=12, stop=("XY",))
+    fill(ctl, ["abX", "cdX"])  # each block ends with the stop string's first half
+    select(ctl, [1.0, 0.0])
+    text, _, _ = drain(ctl)
+    assert text == "ab"  # "X" is held back: it may start the stop string
+    fill(ctl, ["Yzz", "qrs"])  # candidate 0 completes "XY" at its first token: the rest is dropped
+    assert ctl.candidates[0].tokens == ids("Y") and ctl.candidates[0].finish_reason == "stop"
+    select(ctl, [1.0, 0.0])
+    assert ctl.finish_reason == "stop" and ctl.text == "ab"
+    text, tokens, last = drain(ctl)
+    assert text == "" and last.finish_reason == "stop" and last.control.selections == 2
+
+
+def test_max_tokens_inside_a_block_ends_it_early():
+    ctl = controller(BLOCK, max_tokens=4)
+    assert ctl.block_len == 3
+    fill(ctl, ["abc", "def"])
+    select(ctl, [0.0, 1.0])
+    assert ctl.block_len == 1
+    assert ctl.push(0, ord("g")) and ctl.candidates[0].finish_reason == "length"
+    ctl.push(1, ord("h"))
+    select(ctl, [0.0, 1.0])
+    assert ctl.finish_reason == "length" and ctl.text == "defh"
+
+
+def test_the_context_limit_is_a_length_finish():
+    ctl = controller({"mode": "token"}, prompt_len=8, max_model_len=10, max_tokens=100)
+    assert ctl.budget == 2
+    ctl.push(0, ord("a"))
+    assert ctl.push(0, ord("b")) and ctl.finish_reason == "length"
+
+
+def test_best_of_n_is_one_block_as_long_as_the_answer():
+    ctl = controller({"mode": "best_of_n", "num_candidates": 3}, max_tokens=5)
+    assert ctl.block_len == 5
+    fill(ctl, ["abcde", ids("ab") + [EOS], "vwxyz"])
+    assert [c.finish_reason for c in ctl.candidates] == ["length", "stop", "length"]
+    select(ctl, [0.0, 2.0, 1.0])
+    assert ctl.finish_reason == "stop" and ctl.text == "ab"
+    assert ctl.kl == pytest.approx(math.log(3) - 2 / 3)
+
+
+def test_streaming_modes_accept_every_token_and_hold_back_stop_prefixes():
+    ctl = controller({"mode": "token"}, max_tokens=10, stop=("END",))
+    ctl.push(0, ord("h"), kl=0.25)
+    ctl.push(0, ord("i"), kl=0.5)
+    ctl.push(0, ord("E"))
+    assert drain(ctl)[0] == "hi"  # "E" could start "END"
+    ctl.push(0, ord("x"))
+    assert drain(ctl)[0] == "Ex"
+    ctl.push(0, ord("E"))
+    ctl.push(0, ord("N"))
+    assert ctl.push(0, ord("D")) and ctl.finish_reason == "stop"
+    text, tokens, last = drain(ctl)
+    assert text == "" and last.control.kl == 0.75 and last.control.tokens_generated == 7
+    assert ctl.take_delta(HEADS) is None  # the finish is sent once
+
+
+def test_n_choices_are_independent_and_sample_selection_follows_softmax():
+    # Two choices of one request select with generators of their own (seeded by index).
+    a = controller({"mode": "best_of_n", "num_candidates": 2, "selection": "sample", "strength": 1.0}, index=0)
+    b = controller({"mode": "best_of_n", "num_candidates": 2, "selection": "sample", "strength": 1.0}, index=1)
+    assert not torch.equal(a.generator.get_state(), b.generator.get_state())
+    # sample: P(winner = 1) = softmax(strength * (0, log 3))[1] = 3/4
+    wins = 0
+    for seed in range(2000):
+        ctl = controller({"mode": "best_of_n", "num_candidates": 2, "selection": "sample", "strength": 1.0},
+                         seed=seed, max_tokens=1)
+        fill(ctl, ["a", "b"])
+        wins += select(ctl, [0.0, math.log(3)])
+    assert wins / 2000 == pytest.approx(0.75, abs=0.03)
+
+
+def test_argmax_selection_and_abort():
+    ctl = controller(BLOCK, max_tokens=12)
+    fill(ctl, ["abc", "def"])
+    assert select(ctl, [-1.0, -0.5]) == 1
+    with pytest.raises(ValueError, match="before all 2 candidates"):
+        select(ctl, [0.0, 0.0])
+    ctl.abort()
+    assert ctl.finish_reason == "abort"
+    assert drain(ctl)[2].finish_reason == "abort"
