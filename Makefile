@@ -11,7 +11,7 @@ PORT ?= 8000
 # Extra flags for `make serve`, e.g. SERVE_ARGS="--backend hf" (see `cdserve serve --help`).
 SERVE_ARGS ?=
 
-.PHONY: install serve test bench lint clean deploy-tools
+.PHONY: install serve test bench lint clean deploy-tools browser
 DEPLOY_TOOLS := $(VENV)/.deploy-tools
 
 install: $(STAMP)
@@ -39,7 +39,14 @@ $(DEPLOY_TOOLS): deploy/install-tools.sh $(STAMP)
 	bash deploy/install-tools.sh $(VENV)
 	touch $@
 
-test: $(STAMP) $(DEPLOY_TOOLS)
+# Chromium from Debian for the playground's browser tests (Playwright drives it; no browser download).
+BROWSER := $(VENV)/.browser
+browser: $(BROWSER)
+$(BROWSER): deploy/install-chromium.sh $(STAMP)
+	bash deploy/install-chromium.sh
+	touch $@
+
+test: $(STAMP) $(DEPLOY_TOOLS) $(BROWSER)
 	$(PY) -m pytest -q -ra tests
 
 bench: $(STAMP)
