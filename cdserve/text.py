@@ -21,3 +21,16 @@ def safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:
                 end -= k
                 break
     return end
+
+
+def eos_token_ids(model_dir, tokenizer) -> set[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the generation config's (as vLLM stops)."""
+    from transformers import GenerationConfig
+
+    eos = {tokenizer.eos_token_id}
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir, local_files_only=True).eos_token_id
+    except OSError:  # no generation_config.json
+        gen = None
+    eos |= set(gen if isinstance(gen, list) else [gen])
+    return eos - {None}

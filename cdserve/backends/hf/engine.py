@@ -20,6 +20,7 @@ from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.config import EngineConfig
 from cdserve.outputs import EngineLoad, GenerationRequest, RequestOutput, StepStats
 from cdserve.scorer_store import resolve_scorer
+from cdserve.text import eos_token_ids
 from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
 from prefix_scorers.checkpoint import load_scorer
 
@@ -72,11 +73,9 @@ class HFEngine:
                              device=self.device, dtype=self.dtype, base_name=self.model_name)
         self.scorer_config = scorer.config
         cfg.control.check_heads(self.head_names)
-        eos = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        eos = eos_token_ids(self.model_dir, self.tokenizer)
         self.core = EngineCore(ModelRunner(model, self.device), ScorerRunner(scorer, self.device),
-                               self.tokenizer, cfg, self.head_names, eos - {None}, self.max_model_len)
+                               self.tokenizer, cfg, self.head_names, eos, self.max_model_len)
         log.info("hf engine: %s on %s (%s), scorer %s (%s, heads %s)", self.model_name, self.device,
                  self.dtype, self.scorer_dir, "trained" if scorer.config.provenance.trained else "UNTRAINED",
                  self.head_names)

@@ -14,13 +14,12 @@ so each block costs the scorer K x M incremental tokens, never a pass over the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from cdserve.backends.vllm.block_fork import FORK_KEY, GROUP_KEY
-from cdserve.control.steering import best_of_n_kl_bound, select_candidate
-from cdserve.outputs import ChoiceDelta, ControlValues, GenerationRequest
+from cdserve.outputs import GenerationRequest
 from prefix_scorers.kv_cache import KVCache
 
 
@@ -39,14 +38,6 @@ class Scored:
     forked: KVCache  # K rows: the prefix plus each candidate but its last token
 
 
-@dataclass
-class ChoiceState:
-    accepted: list[int] = field(default_factory=list)  # tokens kept, EOS included
-    kl: float = 0.0
-    selections: int = 0
-    tokens_generated: int = 0
-
-
 class BlockDecoder:
     def __init__(self, engine):
         self.engine = engine
@@ -57,10 +48,11 @@ class BlockDecoder:
         return ScorerPrefix(self.engine.scorer.prefill(prompt), prompt[-1])
 
     @torch.inference_mode()
-    def score(self, prefix: ScorerPrefix, candidates: list[list[int]], gen_start: int,
+    def score(self, prefix: ScorerPrefix, candidates: list[list[int]], value_positions: list[int],
               weights: tuple[float, ...]) -> Scored:
         """Value each candidate (a list of >= 1 tokens) at its last token, read at the position
-        before it: the scorer reads [last prefix token] + candidate[:-1] on K forks of the cache."""
+        before it: the scorer reads [last prefix token] + candidate[:-1] on K forks of the cache.
+        value_positions: each candidate's last token's index in the answer (ChoiceController)."""
         runner = self.engine.scorer
         K, lengths = len(candidates), [len(c) for c in candidates]
         T = max(lengths)
@@ -77,53 +69,44 @@ class BlockDecoder:
         q_last = q[torch.arange(K), at]  # (K, H, d_e)
         taken = torch.tensor([[c[-1]] for c in candidates])
         raw = runner.values_at(q_last, taken)[:, :, 0].float()  # (K, H)
-        pos = gen_start + at  # index of each candidate's last token in the answer
         w = torch.tensor([weights] * K, dtype=torch.float32)
-        return Scored(raw, runner.combine(raw, pos, w).float(), forked)
+        return Scored(raw, runner.combine(raw, torch.tensor(value_positions), w).float(), forked)
 
     # -- one choice ------------------------------------------------------------------------------
     async def run_choice(self, request: GenerationRequest, choice: int, emit) -> None:
+        """Blocks of K candidates from vLLM until the ChoiceController ends the answer; it checks
+        each candidate (EOS, stop strings over the whole answer, length) and selects."""
         eng, ctrl, sp = self.engine, request.control, request.sampling
-        K = ctrl.num_candidates
-        block = ctrl.block_size if ctrl.mode == "block" else sp.max_tokens
         prompt = request.prompt_token_ids
-        budget = min(sp.max_tokens, eng.max_model_len - len(prompt))
         seed = sp.seed if sp.seed is not None else int(torch.randint(2**62, (1,)))
-        chooser = torch.Generator().manual_seed((seed * 1_000_003 + choice) % 2**63)
+        ctl = eng.controller(request, choice, seed)
         prefix = await eng.in_scorer_thread(self.prefix, prompt)
-        state = ChoiceState()
         step = 0
-        while True:
-            max_tokens = min(block, budget - len(state.accepted))
+        while not ctl.finished:
+            max_tokens = ctl.block_len
             group = f"{request.request_id}-{choice}-b{step}"
-            params = eng.sampling_params(request, choice, n=K, max_tokens=max_tokens,
-                                         seed=None if sp.seed is None else (seed + 7919 * choice + K * step) % 2**63,
+            params = eng.sampling_params(request, choice, n=ctl.K, max_tokens=max_tokens,
+                                         seed=None if sp.seed is None else (seed + 7919 * choice + ctl.K * step) % 2**63,
                                          output_kind=_final_only(), extra_args=fork_args(
-                                             group, K if step > 0 else 0, last=max_tokens >= budget - len(state.accepted)))
+                                             group, ctl.K if step > 0 else 0,
+                                             last=max_tokens >= ctl.budget - len(ctl.accepted)))
             outs = None
-            async for out in eng.llm.generate({"prompt_token_ids": prompt + state.accepted}, params, group):
+            async for out in eng.llm.generate({"prompt_token_ids": prompt + ctl.accepted}, params, group):
                 outs = out
-            cands = sorted(outs.outputs, key=lambda o: o.index)
-            tokens = [list(o.token_ids) for o in cands]
-            scored = await eng.in_scorer_thread(self.score, prefix, tokens, len(state.accepted), ctrl.weights)
-            w = select_candidate(scored.combined, ctrl.selection, ctrl.strength, chooser)
-            win = cands[w]
-            state.accepted += tokens[w]
-            state.selections += 1
-            state.kl += best_of_n_kl_bound(K)
-            state.tokens_generated += sum(len(t) for t in tokens)
-            step += 1
-            ended = win.finish_reason == "stop" or len(state.accepted) >= budget
-            delta = ChoiceDelta(choice, win.text, [t for t in tokens[w] if t not in eng.eos_token_ids])
-            if ended:
-                delta.finish_reason = win.finish_reason if win.finish_reason == "stop" else "length"
-                delta.control = ControlValues(ctrl.mode, dict(zip(eng.head_names, scored.raw[w].tolist())),
-                                              float(scored.combined[w]), state.kl, state.selections,
-                                              state.tokens_generated)
+            for o in outs.outputs:
+                ctl.push_all(o.index, o.token_ids)  # tokens past a candidate's end are dropped
+            if not ctl.waiting:
+                raise RuntimeError(f"vLLM ended a block of {request.request_id} early: "
+                                   f"{[(o.finish_reason, len(o.token_ids)) for o in outs.outputs]}")
+            eng.count_candidates(sum(len(c.tokens) for c in ctl.candidates))
+            tokens = [c.tokens for c in ctl.candidates]
+            scored = await eng.in_scorer_thread(self.score, prefix, tokens, ctl.value_positions(), ctrl.weights)
+            w = ctl.select(scored.raw, scored.combined)
+            delta = ctl.take_delta(eng.head_names)
+            if delta is not None:
                 emit(delta)
-                return
-            emit(delta)
             prefix = ScorerPrefix(scored.forked.select(torch.tensor([w])), tokens[w][-1])
+            step += 1
 
 
 def fork_args(group: str, forks: int, last: bool) -> dict | None:

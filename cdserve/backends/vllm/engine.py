@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cdserve.admission import Admission
 from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.backends.vllm.block import BlockDecoder
 from cdserve.backends.vllm.block_fork import kv_transfer_config
@@ -28,17 +29,16 @@ from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_ENV, Score
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.stats import StepStatsLogger
 from cdserve.config import EngineConfig
-from cdserve.engine_protocol import QueueFullError
+from cdserve.control.choice import ChoiceController
 from cdserve.errors import InvalidRequestError
 from cdserve.outputs import (
-    ChoiceDelta,
-    ControlValues,
     EngineLoad,
     GenerationRequest,
     RequestOutput,
     StepStats,
 )
 from cdserve.scorer_store import resolve_scorer
+from cdserve.text import eos_token_ids
 from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,11 @@ class VLLMEngine:
         self.llm = None
         self._listeners: list[Callable[[StepStats], None]] = []
         self._tasks: dict[str, set[asyncio.Task]] = {}
-        self._rows = 0  # sequences in flight (n x K per request)
+        self.admission = Admission(config.max_batch_rows, config.max_waiting)
         self._forget: list[str] = []  # token-mode keys of aborted choices, sent with the next rpc
         self._scheduler = (0, 0)  # vLLM's last (running, waiting) requests
         self.forked_tokens = 0  # block-fork tokens over vLLM's steps (tests, logs)
+        self.candidate_tokens = 0  # block / best_of_n candidate tokens sampled
 
     # -- loading ----------------------------------------------------------------------------------
     def load_sync(self) -> None:
@@ -96,7 +97,7 @@ class VLLMEngine:
         stats = StepStatsLogger.factory(self._on_step, self._on_scheduler)
         self.llm = AsyncLLM.from_engine_args(self._engine_args(on_cpu), stat_loggers=[stats])
         self.max_model_len = self.llm.model_config.max_model_len
-        self.eos_token_ids = {self.tokenizer.eos_token_id} - {None}
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.blocks = BlockDecoder(self)
         threads = cfg.scorer_threads
         self.scorer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cdserve-scorer",
@@ -172,32 +173,14 @@ class VLLMEngine:
             self.scorer_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- requests ---------------------------------------------------------------------------------
-    def _admit(self, request: GenerationRequest) -> int:
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise InvalidRequestError("prompt", "the prompt is empty")
-        if len(prompt) >= self.max_model_len:
-            raise InvalidRequestError("prompt", f"the prompt has {len(prompt)} tokens; this model's context "
-                                      f"is {self.max_model_len}", code="context_length_exceeded")
-        rows = request.sampling.n * request.control.candidates
-        if request.control.candidates > self.config.max_batch_rows:
-            raise InvalidRequestError("control.num_candidates", f"{request.control.candidates} candidates "
-                                      f"exceed the server's max_batch_rows={self.config.max_batch_rows}")
-        waiting = max(0, self._rows - self.config.max_batch_rows)
-        if waiting >= self.config.max_waiting:
-            raise QueueFullError(f"{waiting} sequences are waiting (max_waiting={self.config.max_waiting}); "
-                                 "retry later")
-        return rows
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        rows = self._admit(request)  # raises before any work
+        self.admission.admit(request, self.max_model_len)  # 400 / 503 before any work
         deltas: asyncio.Queue = asyncio.Queue()
         mode = request.control.mode
         run_choice = self.blocks.run_choice if mode in ("block", "best_of_n") else self._stream_choice
         tasks = {asyncio.create_task(self._guard(run_choice(request, c, deltas.put_nowait), deltas))
                  for c in range(request.sampling.n)}
         self._tasks[request.request_id] = tasks
-        self._rows += rows
         done, finished = 0, False
         try:
             while done < request.sampling.n:
@@ -208,7 +191,7 @@ class VLLMEngine:
                 finished = done == request.sampling.n
                 yield RequestOutput(request.request_id, len(request.prompt_token_ids), [item], finished)
         finally:
-            self._rows -= rows
+            self.admission.release(request.request_id)
             self._tasks.pop(request.request_id, None)
             if not finished:  # the caller went away (disconnect, cancel) or a choice failed
                 for t in tasks:
@@ -245,39 +228,49 @@ class VLLMEngine:
                 "output_kind": RequestOutputKind.DELTA, "extra_args": extra}
         return SamplingParams(**{**args, **override})
 
+    def controller(self, request: GenerationRequest, choice: int, seed: int = 0) -> ChoiceController:
+        """The choice's controller (shared with the hf engine): checks, selection, values, deltas."""
+        return ChoiceController(choice, request.control, request.sampling, len(request.prompt_token_ids),
+                                self.max_model_len, self.eos_token_ids, self._decode, seed)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     async def _stream_choice(self, request: GenerationRequest, choice: int, emit) -> None:
-        """none / token: stream one vLLM request; at the end, the control values."""
-        params = self.sampling_params(request, choice)
-        prompt = request.prompt_token_ids
-        output: list[int] = []
-        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, self._key(request, choice)):
+        """none / token: stream one vLLM request through the choice's controller; at the end, the
+        control values."""
+        ctl = self.controller(request, choice)
+        async for out in self.llm.generate({"prompt_token_ids": request.prompt_token_ids},
+                                           self.sampling_params(request, choice), self._key(request, choice)):
             c = out.outputs[0]
-            output += c.token_ids
-            delta = ChoiceDelta(choice, c.text, [t for t in c.token_ids if t not in self.eos_token_ids])
-            if c.finish_reason is not None or out.finished:
-                delta.finish_reason = _finish_reason(c.finish_reason)
-                delta.control = await self._final_values(request, choice, output)
-            if delta.text or delta.token_ids or delta.finish_reason:
+            for t in c.token_ids:
+                if not ctl.finished:
+                    ctl.push(0, t)
+            if (c.finish_reason is not None or out.finished) and not ctl.finished:
+                ctl.finish_reason = _finish_reason(c.finish_reason)  # vLLM ended it (abort)
+            if ctl.finished:
+                await self._final_values(request, choice, ctl)
+            delta = ctl.take_delta(self.head_names)
+            if delta is not None:
                 emit(delta)
 
-    async def _final_values(self, request: GenerationRequest, choice: int, output: list[int]) -> ControlValues:
-        ctrl = request.control
-        kl = 0.0
-        if ctrl.mode == "token":
-            kl = await self._fetch_kl(self._key(request, choice), len(output))
-        if not output:
-            return ControlValues(ctrl.mode, dict.fromkeys(self.head_names, 0.0), 0.0, kl, 0, 0)
-        raw, combined = await self.in_scorer_thread(self.final_values, request.prompt_token_ids, output, ctrl.weights)
-        return ControlValues(ctrl.mode, dict(zip(self.head_names, raw)), combined, kl, 0, len(output))
+    async def _final_values(self, request: GenerationRequest, choice: int, ctl: ChoiceController) -> None:
+        if request.control.mode == "token":  # the worker measured the KL while steering
+            ctl.kl += await self._fetch_kl(self._key(request, choice), ctl.tokens_generated)
+        raw, combined = await self.in_scorer_thread(self.final_values, request.prompt_token_ids, ctl.taken(),
+                                                    request.control.weights, ctl.final_position())
+        ctl.set_values(raw, combined)
 
     async def in_scorer_thread(self, fn, *args):
         """Run a server-side scorer call off the event loop, in the scorer's thread pool."""
         return await asyncio.get_running_loop().run_in_executor(self.scorer_pool, fn, *args)
 
-    def final_values(self, prompt: list[int], output: list[int], weights) -> tuple[list[float], float]:
-        """Raw per-head values and the combined value of a finished output (one scorer pass)."""
+    def final_values(self, prompt: list[int], output: list[int], weights,
+                     position: int | None = None) -> tuple[list[float], float]:
+        """Raw per-head values and the combined value of a finished output (one scorer pass),
+        normalised at `position` (default: its last token's index)."""
         raw = self.scorer.final_values(prompt, output).float()  # (H,)
-        pos = torch.tensor([len(output) - 1])
+        pos = torch.tensor([len(output) - 1 if position is None else position])
         w = torch.tensor([weights], dtype=torch.float32)
         combined = float(self.scorer.combine(raw[None], pos, w)[0])
         return raw.tolist(), combined
@@ -302,14 +295,12 @@ class VLLMEngine:
             t.cancel()  # cancelling vLLM's generate() aborts the request in vLLM
 
     def load(self) -> EngineLoad:
-        """Sequences in flight, split as vLLM's scheduler last reported them."""
-        if self._rows == 0:  # idle (vLLM's last report may predate the last requests finishing)
-            return EngineLoad(waiting=0, running=0)
-        running, waiting = self._scheduler
-        if running + waiting == 0:  # no report yet: estimate from what was submitted
-            waiting = max(0, self._rows - self.config.max_batch_rows)
-            running = self._rows - waiting
-        return EngineLoad(waiting=waiting, running=running)
+        """Requests running and waiting under the shared admission policy (cdserve/admission.py)."""
+        return self.admission.load()
+
+    def count_candidates(self, tokens: int) -> None:
+        """Block / best_of_n: candidate tokens sampled in a block (for the metrics)."""
+        self.candidate_tokens += tokens
 
     def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)

@@ -30,7 +30,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
 from cdserve.backends.scorer_runner import steer_rows
-from cdserve.control.steering import kl_divergence
+from cdserve.control.steering import sampled_kl
 from prefix_scorers.config import ScorerConfig
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ class ScorerLogitsProcessor(LogitsProcessor):
             return
         if not scorer_dir:
             raise ValueError("cdserve control needs a scorer: set $CDSERVE_VLLM_SCORER")
-        parse_control(sampling_params.extra_args, _num_heads(scorer_dir), sampling_params.temperature)
+        parse_control(sampling_params.extra_args, _num_heads(scorer_dir), sampling_params.temperature,
+                      sampling_params.top_p)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
@@ -82,7 +83,7 @@ class ScorerLogitsProcessor(LogitsProcessor):
         for index in batch_update.removed:
             self.rows.remove(index)
         for index, params, prompt, output in batch_update.added:
-            control = parse_control(params.extra_args, self.scorer.num_heads, params.temperature)
+            control = parse_control(params.extra_args, self.scorer.num_heads, params.temperature, params.top_p)
             self.rows.add(index, control, prompt, output)
         for src, dst, direction in batch_update.moved:
             self.rows.move(src, dst, swap=direction == MoveDirectionality.SWAP)
@@ -101,7 +102,8 @@ class ScorerLogitsProcessor(LogitsProcessor):
         base = logits.index_select(0, index)  # (N, V)
         steered = self._steer(base, [r for _, r in picked])
         temperature = torch.tensor([r.control.temperature for _, r in picked], device=logits.device)
-        kl = kl_divergence(steered, base, temperature)  # (N,)
+        top_p = torch.tensor([r.control.top_p for _, r in picked], device=logits.device)
+        kl = sampled_kl(steered, base, temperature, top_p)  # (N,) KL(sampled || base), the control.kl contract
         for j, (_, row) in enumerate(picked):
             # One entry per generated token; a step whose sample vLLM discards (a partial prefill
             # chunk) is overwritten by the next one.

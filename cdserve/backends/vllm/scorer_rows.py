@@ -33,6 +33,7 @@ class TokenControl:
     strength: float
     top_k: int
     temperature: float
+    top_p: float = 1.0
 
 
 @dataclass
@@ -54,7 +55,8 @@ class Row:
         return self.prompt[i] if i < n else self.output[i - n]
 
 
-def parse_control(extra_args: dict | None, num_heads: int, temperature: float) -> TokenControl | None:
+def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
+                  top_p: float = 1.0) -> TokenControl | None:
     """None unless the request asks for token mode. Raises ValueError naming the bad field
     (vLLM turns it into a 400 when raised from `validate_params`)."""
     spec = (extra_args or {}).get("cdserve")
@@ -72,7 +74,8 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float) -
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"cdserve.top_k must be an integer >= 0 (0: whole vocabulary), got {top_k!r}")
     return TokenControl(key=str(spec.get("key", "")), weights=tuple(float(w) for w in weights),
-                        strength=float(strength), top_k=top_k, temperature=float(temperature))
+                        strength=float(strength), top_k=top_k, temperature=float(temperature),
+                        top_p=float(top_p))
 
 
 class ScorerRows:
