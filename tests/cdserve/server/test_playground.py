@@ -280,16 +280,16 @@ def test_out_of_range_weight_shows_the_servers_400_message(open_page, server, tm
         shown = page.locator(f"#{panel} [data-role=error]")
         assert shown.is_visible()
         assert error["message"] in shown.inner_text()
-        assert "refused" in shown.inner_text()
+        assert "refused the request (400)" in shown.inner_text()
         assert page.inner_text(f"#{panel} [data-role=text]") == ""
     assert page.get_attribute("#wn-civil", "aria-invalid") == "true"
 
 
 @pytest.mark.parametrize("status, body, headers, words", [
     (503, {"error": {"message": "the queue is full (64 waiting)", "type": "service_unavailable_error"}},
-     {"Retry-After": "3"}, "busy or not ready: the queue is full (64 waiting). Try again in 3 s."),
+     {"Retry-After": "3"}, "busy or not ready (503): the queue is full (64 waiting). Try again in 3 s."),
     (401, {"error": {"message": "incorrect API key", "type": "authentication_error"}},
-     {}, "needs a valid API key: incorrect API key"),
+     {}, "needs a valid API key (401): incorrect API key"),
 ])
 def test_errors_are_shown_in_words(open_page, server, status, body, headers, words):
     """Errors a test cannot provoke cheaply (a full queue) are answered by a stub route."""

@@ -58,15 +58,16 @@ async function apiGet(path) {
 function describe(err) {
   if (err.name === "AbortError") return "Stopped.";
   if (!(err instanceof ApiError)) return "Could not reach the server: " + err.message;
-  const param = err.param ? " (parameter " + err.param + ")" : "";
+  // The server's messages usually start with the parameter they name; say it only when not.
+  const param = err.param && !err.message.startsWith(err.param) ? " (parameter " + err.param + ")" : "";
   switch (err.status) {
     case 0: return "The answer failed while streaming: " + err.message + param;
-    case 400: return "The server refused the request" + param + ": " + err.message;
-    case 401: return "The server needs a valid API key: " + err.message +
+    case 400: return "The server refused the request (400)" + param + ": " + err.message;
+    case 401: return "The server needs a valid API key (401): " + err.message +
                      ". Enter the key in the API key box at the top.";
     case 404: return "Not found: " + err.message;
     case 413: return "The request is too large: " + err.message;
-    case 503: return "The server is busy or not ready: " + err.message +
+    case 503: return "The server is busy or not ready (503): " + err.message +
                      (err.retryAfter ? ". Try again in " + err.retryAfter + " s." : ".");
     default: return "The server answered " + err.status + ": " + err.message + param;
   }
