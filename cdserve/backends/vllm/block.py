@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from cdserve.backends.vllm.block_fork import FORK_KEY, GROUP_KEY
+from cdserve.backends.vllm.scorer_rows import result_key
 from cdserve.outputs import GenerationRequest
 from prefix_scorers.kv_cache import KVCache
 
@@ -85,11 +86,13 @@ class BlockDecoder:
         while not ctl.finished:
             max_tokens = ctl.block_len
             group = f"{request.request_id}-{choice}-b{step}"
+            extra = fork_args(group, ctl.K if step > 0 else 0, last=max_tokens >= ctl.budget - len(ctl.accepted))
+            if sp.top_p < 1.0:  # the worker measures each candidate's truncation KL, kept by its tokens
+                extra = {**(extra or {}), "cdserve": {"mode": ctrl.mode, "key": group, "measure": True,
+                                                      "by_output": True}}
             params = eng.sampling_params(request, choice, n=ctl.K, max_tokens=max_tokens,
                                          seed=None if sp.seed is None else (seed + 7919 * choice + ctl.K * step) % 2**63,
-                                         output_kind=_final_only(), extra_args=fork_args(
-                                             group, ctl.K if step > 0 else 0,
-                                             last=max_tokens >= ctl.budget - len(ctl.accepted)))
+                                         output_kind=_final_only(), extra_args=extra)
             outs = None
             async for out in eng.llm.generate({"prompt_token_ids": prompt + ctl.accepted}, params, group):
                 outs = out
@@ -102,6 +105,9 @@ class BlockDecoder:
             tokens = [c.tokens for c in ctl.candidates]
             scored = await eng.in_scorer_thread(self.score, prefix, tokens, ctl.value_positions(), ctrl.weights)
             w = ctl.select(scored.raw, scored.combined)
+            if sp.top_p < 1.0:
+                keys = {o.index: result_key(group, o.token_ids) for o in outs.outputs}
+                ctl.kl += await eng.fetch_kl(keys.pop(w), len(tokens[w]), forget=list(keys.values()))
             delta = ctl.take_delta(eng.head_names)
             if delta is not None:
                 emit(delta)

@@ -222,6 +222,8 @@ class VLLMEngine:
         extra = None
         if ctrl.mode == "token":
             extra = {"cdserve": {**ctrl.extra_args(), "key": self._key(request, choice)}}
+        elif sp.top_p < 1.0:  # the worker measures top-p truncation's KL (the control.kl contract)
+            extra = {"cdserve": {"mode": ctrl.mode, "key": self._key(request, choice), "measure": True}}
         seed = None if sp.seed is None else (sp.seed + choice) % 2**63
         args = {"n": 1, "max_tokens": min(sp.max_tokens, self.max_model_len - len(request.prompt_token_ids)),
                 "temperature": sp.temperature, "top_p": sp.top_p, "seed": seed, "stop": list(sp.stop) or None,
@@ -255,8 +257,8 @@ class VLLMEngine:
                 emit(delta)
 
     async def _final_values(self, request: GenerationRequest, choice: int, ctl: ChoiceController) -> None:
-        if request.control.mode == "token":  # the worker measured the KL while steering
-            ctl.kl += await self._fetch_kl(self._key(request, choice), ctl.tokens_generated)
+        if request.control.mode == "token" or request.sampling.top_p < 1.0:  # measured in the worker
+            ctl.kl += await self.fetch_kl(self._key(request, choice), ctl.tokens_generated)
         raw, combined = await self.in_scorer_thread(self.final_values, request.prompt_token_ids, ctl.taken(),
                                                     request.control.weights, ctl.final_position())
         ctl.set_values(raw, combined)
@@ -275,8 +277,10 @@ class VLLMEngine:
         combined = float(self.scorer.combine(raw[None], pos, w)[0])
         return raw.tolist(), combined
 
-    async def _fetch_kl(self, key: str, num_tokens: int) -> float:
-        forget, self._forget = self._forget, []
+    async def fetch_kl(self, key: str, num_tokens: int, forget: list[str] | None = None) -> float:
+        """The KL the worker measured over a choice's (or candidate's) first num_tokens tokens;
+        `forget`: results that will never be fetched (a block's losing candidates)."""
+        forget, self._forget = self._forget + (forget or []), []
         results = await self.llm.collective_rpc("cdserve_kl", args=([(key, num_tokens)], forget))
         for r in results:
             if r and key in r:

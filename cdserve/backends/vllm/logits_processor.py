@@ -95,21 +95,27 @@ class ScorerLogitsProcessor(LogitsProcessor):
         # Output ids are read now, not in update_state: with async scheduling the newest id is a
         # placeholder until vLLM fills it in right before the logits processors run.
         self.rows.sync()
-        picked = self.rows.controlled(logits.shape[0])
-        if not picked:
+        picked = self.rows.controlled(logits.shape[0])  # token mode: steer, then measure
+        measured = picked + self.rows.measured(logits.shape[0])  # others with top_p < 1: measure
+        if not measured:
             return logits
-        index = torch.tensor([i for i, _ in picked], device=logits.device)
+        index = torch.tensor([i for i, _ in measured], device=logits.device)
         base = logits.index_select(0, index)  # (N, V)
-        steered = self._steer(base, [r for _, r in picked])
-        temperature = torch.tensor([r.control.temperature for _, r in picked], device=logits.device)
-        top_p = torch.tensor([r.control.top_p for _, r in picked], device=logits.device)
-        kl = sampled_kl(steered, base, temperature, top_p)  # (N,) KL(sampled || base), the control.kl contract
-        for j, (_, row) in enumerate(picked):
+        sampled = base
+        if picked:
+            sampled = base.clone()
+            sampled[: len(picked)] = self._steer(base[: len(picked)], [r for _, r in picked])
+        temperature = torch.tensor([r.control.temperature for _, r in measured], device=logits.device)
+        top_p = torch.tensor([r.control.top_p for _, r in measured], device=logits.device)
+        kl = sampled_kl(sampled, base, temperature, top_p)  # (N,) KL(sampled || base), the control.kl contract
+        for j, (_, row) in enumerate(measured):
             # One entry per generated token; a step whose sample vLLM discards (a partial prefill
             # chunk) is overwritten by the next one.
             del row.kl[len(row.output):]
             row.kl.append(kl[j])
-        return logits.index_copy_(0, index, steered)
+        if not picked:
+            return logits
+        return logits.index_copy_(0, index[: len(picked)], sampled[: len(picked)])
 
     @torch.inference_mode()
     def _steer(self, base: torch.Tensor, rows: list[Row]) -> torch.Tensor:

@@ -34,6 +34,8 @@ class TokenControl:
     top_k: int
     temperature: float
     top_p: float = 1.0
+    steer: bool = True  # False: only measure the KL of top-p truncation (modes none/block/best_of_n)
+    by_output: bool = False  # results keyed by key@output ids (block candidates share one key)
 
 
 @dataclass
@@ -47,6 +49,10 @@ class Row:
     forget: bool = False  # the server aborted it: drop its results when it leaves
 
     @property
+    def result_key(self) -> str:
+        return result_key(self.control.key, self.output) if self.control.by_output else self.control.key
+
+    @property
     def length(self) -> int:
         return len(self.prompt) + len(self.output)
 
@@ -55,13 +61,24 @@ class Row:
         return self.prompt[i] if i < n else self.output[i - n]
 
 
+def result_key(key: str, output: Sequence[int]) -> str:
+    """Where a block candidate's KL is kept: its group's key and its tokens."""
+    return f"{key}@{','.join(map(str, output))}"
+
+
 def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
                   top_p: float = 1.0) -> TokenControl | None:
     """None unless the request asks for token mode. Raises ValueError naming the bad field
     (vLLM turns it into a 400 when raised from `validate_params`)."""
     spec = (extra_args or {}).get("cdserve")
-    if spec is None or spec.get("mode") != "token":
+    if spec is None:
         return None
+    if spec.get("mode") != "token":
+        if not spec.get("measure"):
+            return None
+        return TokenControl(key=str(spec.get("key", "")), weights=(), strength=0.0, top_k=0,
+                            temperature=float(temperature), top_p=float(top_p), steer=False,
+                            by_output=bool(spec.get("by_output")))
     weights = spec.get("weights")
     if not isinstance(weights, (list, tuple)) or len(weights) != num_heads:
         raise ValueError(f"cdserve.weights must list one weight per scorer head ({num_heads}), got {weights!r}")
@@ -104,8 +121,8 @@ class ScorerRows:
             self._dropped = True
         if not row.forget and row.control.key:
             # Preemption also removes a request; it may come back and continue its KL sum.
-            self.finished[row.control.key] = row.kl
-            self.finished.move_to_end(row.control.key)
+            self.finished[row.result_key] = row.kl
+            self.finished.move_to_end(row.result_key)
             while len(self.finished) > MAX_FINISHED:
                 self.finished.popitem(last=False)
 
@@ -117,7 +134,7 @@ class ScorerRows:
         if prompt is None:
             raise ValueError("token-mode control needs prompt token ids (prompt embeddings are not supported)")
         row = Row(control, list(prompt), output)
-        row.kl = self.finished.pop(control.key, [])[: len(output)]
+        row.kl = self.finished.pop(row.result_key, [])[: len(output)]
         self.by_index[index] = row
 
     def move(self, src: int, dst: int, swap: bool) -> None:
@@ -143,14 +160,14 @@ class ScorerRows:
         """The server aborted these choices: drop their results now or when they leave."""
         keys = set(keys)
         for row in self.by_index.values():
-            if row.control.key in keys:
+            if row.control.key in keys or row.result_key in keys:
                 row.forget = True
         for k in keys:
             self.finished.pop(k, None)
 
     def kl_of(self, key: str, num_tokens: int) -> float | None:
         """Sum of KL(steered || base) over a choice's first num_tokens tokens (None if unknown)."""
-        row = next((r for r in self.by_index.values() if r.control.key == key), None)
+        row = next((r for r in self.by_index.values() if r.result_key == key), None)
         steps = None
         if row is not None:  # finished but not yet removed from vLLM's batch
             row.forget = True
@@ -178,7 +195,7 @@ class ScorerRows:
             self._dropped = True
             self._compact()
         self._step_cached()
-        fresh = [r for r in self.by_index.values() if r.slot < 0]
+        fresh = [r for r in self.by_index.values() if r.slot < 0 and r.control.steer]
         if fresh:
             self._prefill(fresh)
 
@@ -231,4 +248,8 @@ class ScorerRows:
 
     def controlled(self, num_rows: int) -> list[tuple[int, Row]]:
         """(batch index, row) of the rows to steer this step, in batch order."""
-        return sorted((i, r) for i, r in self.by_index.items() if i < num_rows)
+        return sorted((i, r) for i, r in self.by_index.items() if i < num_rows and r.control.steer)
+
+    def measured(self, num_rows: int) -> list[tuple[int, Row]]:
+        """(batch index, row) of the unsteered rows whose top-p truncation KL is kept."""
+        return sorted((i, r) for i, r in self.by_index.items() if i < num_rows and not r.control.steer)

@@ -4,6 +4,7 @@ and one HFEngine for the whole module (vLLM start-up is ~30 s), both with the `d
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 
 import pytest
@@ -188,6 +189,34 @@ def test_block_parity_at_an_eos_mid_block_and_a_stop_string_across_blocks(loop, 
         (long, BLOCK, {"max_tokens": 24, "stop": [stop], **NEAR_GREEDY})])
     assert got[0]["finish"] == got[1]["finish"] == "stop"
     assert got[2]["finish"] == "stop" and got[2]["text"] == plain["text"][: boundary - 2]
+
+
+def test_kl_counts_top_p_truncation_the_same_on_both_engines(loop, vllm_engine, hf_engine, prompts):
+    """control.kl = sum over tokens of KL(what was sampled from || base at the temperature): with
+    top_p < 1 plain decoding reports the truncation's -log(kept mass), block mode adds it to the
+    selection bound, token mode measures the steered, truncated distribution. One token, so the
+    value depends on the prompt only, not on which token each engine drew."""
+    from cdserve.control.steering import apply_top_p, best_of_n_kl_bound
+
+    model = hf_engine.core.runner.model
+    sp = {"max_tokens": 1, "temperature": 0.8, "top_p": 0.5, "seed": 1}
+    cases = [(p, c) for p in prompts[:2] for c in (None, TOKEN, {"mode": "block", "num_candidates": 2,
+                                                                   "block_size": 4})]
+    got_v = run_all(loop, vllm_engine, [request(vllm_engine, p, c, **sp) for p, c in cases])
+    got_h = run_all(loop, hf_engine, [request(hf_engine, p, c, **sp) for p, c in cases])
+    for (p, c), v, h in zip(cases, got_v, got_h):
+        with torch.no_grad():
+            logits = model(torch.tensor([p])).logits[0, -1:].float() / 0.8
+        kept = torch.softmax(logits, -1)[torch.isfinite(apply_top_p(logits, torch.tensor([0.5])))].sum()
+        truncation = -math.log(float(kept))
+        assert truncation > 0.05  # top_p 0.5 really truncates here
+        assert v[0]["control"].kl == pytest.approx(h[0]["control"].kl, rel=1e-3, abs=1e-4), c
+        if c is None:
+            assert h[0]["control"].kl == pytest.approx(truncation, rel=1e-3)
+        elif c["mode"] == "block":
+            assert h[0]["control"].kl == pytest.approx(best_of_n_kl_bound(2) + truncation, rel=1e-3)
+        else:
+            assert h[0]["control"].kl > 0
 
 
 def test_mixed_batch_leaves_plain_requests_alone(loop, vllm_engine, prompts):

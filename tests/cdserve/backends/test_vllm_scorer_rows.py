@@ -108,3 +108,27 @@ def test_parse_control_ignores_other_modes():
     assert parse_control({"cdserve": {"mode": "block"}}, 2, 0.0) is None
     c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 0, "key": "x"}}, 2, 0.7)
     assert c == TokenControl("x", (1.0, 0.0), 2.0, 0, 0.7)
+
+
+def test_measure_only_rows_keep_kl_without_scorer_state(scorer):
+    """Unsteered requests with top_p < 1 only measure KL: no scorer slot; block candidates, which
+    share one key, keep their results by key and tokens."""
+    from cdserve.backends.vllm.scorer_rows import ScorerRows, parse_control, result_key
+
+    spec = {"cdserve": {"mode": "block", "key": "g", "measure": True, "by_output": True}}
+    control = parse_control(spec, 4, 0.8, 0.5)
+    assert control is not None and not control.steer and control.by_output
+    assert parse_control({"cdserve": {"mode": "none", "key": "k"}}, 4, 0.8, 0.5) is None
+    rows = ScorerRows(scorer, torch.device("cpu"))
+    outs = [[5, 6], [7]]
+    for i, out in enumerate(outs):
+        rows.add(i, control, [1, 2, 3], out)
+    rows.sync()
+    assert rows.slots == [] and rows.controlled(2) == [] and [i for i, _ in rows.measured(2)] == [0, 1]
+    for i, out in enumerate(outs):
+        rows.by_index[i].kl = [torch.tensor(0.5)] * len(out)
+    rows.remove(0)
+    rows.remove(1)
+    assert rows.kl_of(result_key("g", [5, 6]), 2) == 1.0
+    rows.forget([result_key("g", [7])])
+    assert not rows.finished
