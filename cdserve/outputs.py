@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from cdserve.control.request import ResolvedControl
@@ -21,10 +22,11 @@ class ControlValues:
     """What the steering did, reported with each finished choice.
 
     values: the scorer's value of the final output per head, in reward units (read at the last
-    position, at the token taken). combined: sum_h w_h * normalised value. kl: token mode, the
-    exact sum over steps of KL(steered || base); block/best_of_n, the paper's bound
-    (log K - (K-1)/K per selection). tokens_generated: tokens the base model sampled for this
-    choice, candidates included (tokens_generated / completion tokens = cost per accepted token).
+    token taken, EOS included). combined: sum_h w_h * normalised value. kl: the control.kl
+    contract (README, "What control.kl measures"; steering.sampled_kl per token, plus the
+    best-of-K bound per selection); +inf for a greedy request whose steering changed a token.
+    tokens_generated: tokens the base model sampled for this choice, candidates and EOS included
+    (tokens_generated / completion tokens = cost per accepted token).
     """
 
     mode: str
@@ -35,7 +37,8 @@ class ControlValues:
     tokens_generated: int = 0
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "values": self.values, "combined": self.combined, "kl": self.kl,
+        kl = self.kl if math.isfinite(self.kl) else None  # JSON has no infinity: null
+        return {"mode": self.mode, "values": self.values, "combined": self.combined, "kl": kl,
                 "selections": self.selections, "tokens_generated": self.tokens_generated}
 
 
