@@ -15,3 +15,11 @@ class InvalidRequestError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.param}: {self.message}"
+
+
+def reward_failed(error: Exception) -> InvalidRequestError:
+    """A reward the request named failed (timeout, error, bad scores): that request alone ends
+    with HTTP 502 naming the reward."""
+    name = getattr(error, "reward", "?")
+    return InvalidRequestError(f"control.rewards.{name}", f"reward '{name}' failed: {error}", status_code=502,
+                               code="reward_failed")

@@ -35,11 +35,13 @@ class ControlValues:
     kl: float = 0.0
     selections: int = 0
     tokens_generated: int = 0
+    rewards: dict[str, float] | None = None  # the request's rewards of the kept answer (block/best_of_n)
 
     def to_dict(self) -> dict:
         kl = self.kl if math.isfinite(self.kl) else None  # JSON has no infinity: null
         return {"mode": self.mode, "values": self.values, "combined": self.combined, "kl": kl,
-                "selections": self.selections, "tokens_generated": self.tokens_generated}
+                "selections": self.selections, "tokens_generated": self.tokens_generated,
+                **({"rewards": self.rewards} if self.rewards is not None else {})}
 
 
 @dataclass

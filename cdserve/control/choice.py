@@ -13,7 +13,8 @@ included (the scorer reads a finished prefix at the token taken, DESIGN.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,9 @@ from cdserve.control.steering import best_of_n_kl_bound, select_candidate
 from cdserve.outputs import ChoiceDelta, ControlValues
 from cdserve.sampling import SamplingParams
 from cdserve.text import find_stop, safe_prefix_len
+
+
+SENTENCE_END = re.compile(r"[.!?\n]")  # segment "sentence": a block ends after the first of these
 
 
 @dataclass(eq=False)
@@ -58,6 +62,7 @@ class ChoiceController:
         self.eos_token: int | None = None  # the EOS that ended the answer, if one did
         self.finish_reason: str | None = None
         self.values: list[float] | None = None  # raw per-head values of the answer so far
+        self.reward_values: dict[str, float] | None = None  # the request's rewards of the answer so far
         self.combined = 0.0
         self.kl = 0.0
         self.selections = 0
@@ -104,12 +109,26 @@ class ChoiceController:
                 c.finish_reason = "stop"
             elif len(self.accepted) + len(c.ids) >= self.budget:
                 c.finish_reason = "length"
-        c.done = c.finish_reason is not None or (self.control.mode == "block"
-                                                 and len(c.tokens) >= self.control.block_size)
+        c.done = c.finish_reason is not None or self._block_ends(c)
         if self.streaming:  # none / token: every token is accepted as it comes
             self._accept(c)
             self.candidates = [Candidate(text=self.text)] if not self.finished else [c]
         return c.done
+
+    def _block_ends(self, c: Candidate) -> bool:
+        """Block mode: after block_size tokens, or (segment "sentence") at the first sentence end
+        in the text this block added."""
+        if self.control.mode != "block":
+            return False
+        if len(c.tokens) >= self.control.block_size:
+            return True
+        return self.control.segment == "sentence" and SENTENCE_END.search(c.text, len(self.text)) is not None
+
+    def end_block(self, k: int) -> None:
+        """The engine ended candidate k's block (vLLM stopped it at a segment end)."""
+        if not self.candidates[k].tokens:
+            raise ValueError(f"candidate {k} of choice {self.index} cannot end a block with no tokens")
+        self.candidates[k].done = True
 
     def push_all(self, k: int, tokens: Iterable[int], kls: Iterable[float] | None = None) -> list[int]:
         """Feed a whole sampled block (vLLM); tokens past the candidate's end are dropped. Returns
@@ -134,12 +153,24 @@ class ChoiceController:
         """Per candidate, the answer index of its last token (where its value is normalised)."""
         return [max(len(self.accepted) + len(c.tokens) - 1, 0) for c in self.candidates]
 
-    def select(self, raw: torch.Tensor, combined: torch.Tensor) -> int:
-        """Keep one candidate by its combined value (K,); raw (K, H) per-head values. Returns
-        the winner, which every candidate of the next block continues from."""
+    def reward_texts(self) -> list[str]:
+        """What the request's rewards score: each candidate's answer text so far."""
+        return [c.text for c in self.candidates]
+
+    def select(self, raw: torch.Tensor, combined: torch.Tensor,
+               rewards: Mapping[str, Sequence[float]] | None = None) -> int:
+        """Keep one candidate by its value (K,): the scorer's combined value, plus sum_r weight_r *
+        reward_r(text) for the request's rewards (scores per reward name, one per candidate);
+        raw (K, H) per-head values. Returns the winner, which every candidate of the next block
+        continues from."""
         if not self.waiting:
             raise ValueError(f"choice {self.index}: selection before all {self.K} candidates are done")
-        w = select_candidate(combined, self.control.selection, self.control.strength, self.generator)
+        value = combined.double()
+        for name, weight in self.control.rewards:
+            value = value + weight * torch.tensor(rewards[name], dtype=torch.float64)
+        w = select_candidate(value, self.control.selection, self.control.strength, self.generator)
+        if self.control.rewards:
+            self.reward_values = {name: float(rewards[name][w]) for name, _ in self.control.rewards}
         winner = self.candidates[w]
         self.tokens_generated += sum(len(c.tokens) for c in self.candidates) - len(winner.tokens)
         self._accept(winner)
@@ -166,10 +197,16 @@ class ChoiceController:
         if not self.finished:
             self.finish_reason = "abort"
 
+    def fail(self) -> None:
+        """The request failed (its error went out instead): end it, with nothing more to send."""
+        self.abort()
+        self._sent_finish = True
+
     def control_values(self, heads: list[str]) -> ControlValues:
         vals = self.values if self.values is not None else [math.nan] * len(heads)
         return ControlValues(mode=self.control.mode, values=dict(zip(heads, vals)), combined=self.combined,
-                             kl=self.kl, selections=self.selections, tokens_generated=self.tokens_generated)
+                             kl=self.kl, selections=self.selections, tokens_generated=self.tokens_generated,
+                             rewards=self.reward_values)
 
     def take_delta(self, heads: list[str]) -> ChoiceDelta | None:
         """The accepted text and tokens not yet sent (text that could begin a stop string is held

@@ -8,6 +8,7 @@ raising `InvalidRequestError` that names the parameter.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,8 +24,8 @@ Selection = Literal["argmax", "sample"]
 _FIELDS_BY_MODE: dict[str, set[str]] = {
     "none": {"weights"},
     "token": {"weights", "strength", "top_k"},
-    "block": {"weights", "strength", "block_size", "num_candidates", "selection"},
-    "best_of_n": {"weights", "strength", "num_candidates", "selection"},
+    "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment"},
+    "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards"},
 }
 
 
@@ -46,6 +47,13 @@ class ControlRequest(BaseModel):
     num_candidates: int | None = Field(None, description="block/best_of_n: candidates per selection (K or N).")
     selection: Selection | None = Field(None, description="block/best_of_n: argmax, or sample by "
                                         "softmax(strength * value).")
+    rewards: dict[str, float] | None = Field(
+        None, description="block/best_of_n: rewards from the server's registry (GET /v1/rewards) to rank "
+        "candidates by, with a weight each: a candidate's value is sum_r weight_r * reward_r(answer text so "
+        "far) plus the scorer's combined value (send weights {} to rank by the rewards alone).")
+    segment: Literal["fixed", "sentence"] | None = Field(
+        None, description="block mode: where a block ends. fixed: after block_size tokens; sentence: at the "
+        "first sentence end (. ! ? or a newline) in the block's text, or after block_size tokens at most.")
 
 
 class ControlConfig(BaseModel):
@@ -61,6 +69,7 @@ class ControlConfig(BaseModel):
     block_size: int = Field(8, ge=1, description="Default block size M.")
     num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
     selection: Selection = "argmax"
+    segment: Literal["fixed", "sentence"] = Field("fixed", description="Default block segmentation.")
     max_strength: float = Field(100.0, gt=0, description="Largest strength a request may ask for.")
     max_abs_weight: float = Field(100.0, gt=0, description="Largest |weight| a request may ask for.")
     max_top_k: int = Field(1000, ge=1, description="Largest top_k (0, the whole vocabulary, is always allowed).")
@@ -98,6 +107,8 @@ class ResolvedControl:
     block_size: int
     num_candidates: int
     selection: str
+    rewards: tuple[tuple[str, float], ...] = ()  # (reward name, weight) to rank candidates by
+    segment: str = "fixed"
 
     @property
     def candidates(self) -> int:
@@ -137,8 +148,10 @@ def _within(param: str, value: float, lo: float, hi: float, hint: str = "") -> N
         raise InvalidRequestError(param, f"must be between {lo} and {hi}, got {value}{hint}")
 
 
-def resolve_control(raw: Any, config: ControlConfig, heads: list[str]) -> ResolvedControl:
-    """Validate a client's control object against the scorer's heads and the server's limits."""
+def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
+                    rewards: Sequence[str] = ()) -> ResolvedControl:
+    """Validate a client's control object against the scorer's heads, the rewards the server can
+    call and the server's limits."""
     req = parse_control(raw)
     given = req.model_fields_set - {"mode"}
     mode = req.mode or config.mode
@@ -170,6 +183,15 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str]) -> Resolv
     num_candidates = req.num_candidates if req.num_candidates is not None else config.num_candidates
     _within("control.num_candidates", num_candidates, 1, config.max_num_candidates)
 
+    for name, w in (req.rewards or {}).items():
+        param = f"control.rewards.{name}"
+        if name not in rewards:
+            raise InvalidRequestError(param, f"unknown reward '{name}'; this server can call {sorted(rewards)} "
+                                      "(GET /v1/rewards)")
+        _within(param, _finite(param, w), -config.max_abs_weight, config.max_abs_weight)
+
     return ResolvedControl(mode=mode, weights=tuple(float(weights.get(h, 0.0)) for h in heads),
                            strength=strength, top_k=int(top_k), block_size=int(block_size),
-                           num_candidates=int(num_candidates), selection=selection)
+                           num_candidates=int(num_candidates), selection=selection,
+                           rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
+                           segment=req.segment or config.segment)

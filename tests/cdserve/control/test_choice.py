@@ -3,6 +3,7 @@ characters (id 0 is EOS), so texts and stop strings can be read off the tokens."
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -160,3 +161,38 @@ def test_argmax_selection_and_abort():
     ctl.abort()
     assert ctl.finish_reason == "abort"
     assert drain(ctl)[2].finish_reason == "abort"
+
+
+SENTENCE = {"mode": "block", "num_candidates": 2, "block_size": 6, "segment": "sentence"}
+
+
+def test_sentence_segments_end_candidates_at_different_lengths():
+    ctl = controller(SENTENCE, max_tokens=40)
+    assert ctl.push_all(0, ids("Hi. You")) == ids("Hi.")  # ends after the first sentence end
+    assert ctl.push_all(1, ids("abcdefgh")) == ids("abcdef")  # no end: block_size is the guard
+    assert ctl.value_positions() == [2, 5]
+    select(ctl, [1.0, 0.0])
+    assert ctl.text == "Hi." and ctl.selections == 1
+    # The next segment looks only at its own text: the "." already accepted does not end it.
+    assert not ctl.push(0, ord(" ")) and not ctl.push(0, ord("Y")) and ctl.push(0, ord("!"))
+    assert ctl.push_all(1, ids("\nx")) == ids("\n")
+    select(ctl, [0.0, 1.0])
+    assert ctl.text == "Hi.\n"
+
+
+def test_fixed_segments_ignore_sentence_ends():
+    ctl = controller(BLOCK, max_tokens=40)
+    assert ctl.push_all(0, ids("a. b")) == ids("a. ")
+
+
+def test_rewards_mix_with_the_scorer_value_in_selection():
+    ctl = controller({"mode": "best_of_n", "num_candidates": 3, "weights": {"positive": 1.0}}, max_tokens=4)
+    ctl.control = dataclasses.replace(ctl.control, rewards=(("concise", 2.0), ("len", -1.0)))
+    fill(ctl, ["abcd", ids("ab") + [EOS], "wxyz"])
+    assert ctl.reward_texts() == ["abcd", "ab", "wxyz"]
+    # values: scorer combined + 2 * concise - len
+    w = ctl.select(torch.zeros(3, 2), torch.tensor([0.0, 0.1, 1.0]),
+                   {"concise": [0.2, 0.9, 0.1], "len": [4, 2, 4]})
+    assert w == 1  # 0.1 + 1.8 - 2 = -0.1 beats 0 + 0.4 - 4 and 1 + 0.2 - 4
+    assert ctl.control_values(HEADS).rewards == {"concise": 0.9, "len": 2.0}
+    assert ctl.combined == pytest.approx(0.1)  # the scorer's combined value, as without rewards

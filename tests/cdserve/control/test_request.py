@@ -94,3 +94,22 @@ def test_invalid_sampling_names_the_parameter(params, param):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**params).validate(max_tokens_limit=512, max_n=8)
     assert e.value.param == param
+
+
+def test_rewards_and_segment_are_validated():
+    from cdserve.control.request import ControlConfig, resolve_control
+    from cdserve.errors import InvalidRequestError
+
+    heads, rewards = ["positive", "concise"], ["concise", "vader_compound"]
+    ok = resolve_control({"mode": "block", "rewards": {"concise": 1.0}, "segment": "sentence", "weights": {}},
+                         ControlConfig(), heads, rewards)
+    assert ok.rewards == (("concise", 1.0),) and ok.segment == "sentence" and ok.weights == (0.0, 0.0)
+    for control, param in (({"mode": "block", "rewards": {"nope": 1.0}}, "control.rewards.nope"),
+                           ({"mode": "best_of_n", "rewards": {"concise": float("nan")}}, "control.rewards.concise"),
+                           ({"mode": "best_of_n", "rewards": {"concise": 1e9}}, "control.rewards.concise"),
+                           ({"mode": "token", "rewards": {"concise": 1.0}}, "control.rewards"),
+                           ({"mode": "best_of_n", "segment": "sentence"}, "control.segment"),
+                           ({"mode": "block", "segment": "paragraph"}, "control.segment")):
+        with pytest.raises(InvalidRequestError) as e:
+            resolve_control(control, ControlConfig(), heads, rewards)
+        assert e.value.param == param, control
