@@ -38,6 +38,7 @@ class Candidate:
     eos: bool = False  # ended by EOS (the last of `tokens`)
     finish_reason: str | None = None  # set when this candidate would end the answer
     done: bool = False  # no more tokens this block: finished, or the block is full
+    pruned: bool = False  # pruned best-of-N dropped it: it takes no more tokens and cannot win
     kl: float = 0.0  # sum of the per-token KL terms of its tokens
 
     @property
@@ -56,6 +57,7 @@ class ChoiceController:
         self.budget = max(1, min(sampling.max_tokens, max_model_len - prompt_len))  # answer tokens
         self.K = control.candidates
         self.streaming = control.mode in ("none", "token")  # one candidate, accepted token by token
+        self.pruning = control.mode == "best_of_n" and control.prune_every > 0  # speculative rejection
         self.generator = torch.Generator().manual_seed((seed * 1_000_003 + index) % 2**63)  # selection
         self.accepted: list[int] = []  # the answer's tokens (EOS excluded)
         self.text = ""
@@ -81,14 +83,24 @@ class ChoiceController:
 
     @property
     def block_len(self) -> int:
-        """Tokens the current block may take (block: M, or what is left of max_tokens)."""
+        """Tokens the current block may take (block: M; pruned best-of-N: up to the next pruning
+        point; or what is left of max_tokens)."""
         left = self.budget - len(self.accepted)
-        return min(self.control.block_size, left) if self.control.mode == "block" else left
+        if self.control.mode == "block":
+            return min(self.control.block_size, left)
+        if self.pruning and not self.streaming:
+            grown = max((len(c.tokens) for c in self.candidates if not c.pruned and not c.finish_reason), default=0)
+            return min(self.control.prune_every - grown % self.control.prune_every, left - grown)
+        return left
 
     @property
     def waiting(self) -> bool:
-        """Every candidate is done: the block awaits selection."""
-        return all(c.done for c in self.candidates)
+        """Every candidate is done: the block awaits selection (or pruning)."""
+        return all(c.done or c.pruned for c in self.candidates)
+
+    @property
+    def alive(self) -> list[int]:
+        return [k for k, c in enumerate(self.candidates) if not c.pruned]
 
     # -- tokens in ------------------------------------------------------------------------------
     def push(self, k: int, token: int, kl: float = 0.0) -> bool:
@@ -110,14 +122,17 @@ class ChoiceController:
             elif len(self.accepted) + len(c.ids) >= self.budget:
                 c.finish_reason = "length"
         c.done = c.finish_reason is not None or self._block_ends(c)
-        if self.streaming:  # none / token: every token is accepted as it comes
+        if self.streaming:  # none / token (or the last survivor of pruning): accepted as it comes
             self._accept(c)
-            self.candidates = [Candidate(text=self.text)] if not self.finished else [c]
+            if not self.finished:
+                self.candidates[k] = Candidate(text=self.text)
         return c.done
 
     def _block_ends(self, c: Candidate) -> bool:
         """Block mode: after block_size tokens, or (segment "sentence") at the first sentence end
         in the text this block added."""
+        if self.pruning:
+            return not self.streaming and len(c.tokens) % self.control.prune_every == 0
         if self.control.mode != "block":
             return False
         if len(c.tokens) >= self.control.block_size:
@@ -154,32 +169,59 @@ class ChoiceController:
         return [max(len(self.accepted) + len(c.tokens) - 1, 0) for c in self.candidates]
 
     def reward_texts(self) -> list[str]:
-        """What the request's rewards score: each candidate's answer text so far."""
-        return [c.text for c in self.candidates]
+        """What the request's rewards score: each candidate's answer text so far ("" if pruned)."""
+        return ["" if c.pruned else c.text for c in self.candidates]
 
     def select(self, raw: torch.Tensor, combined: torch.Tensor,
                rewards: Mapping[str, Sequence[float]] | None = None) -> int:
         """Keep one candidate by its value (K,): the scorer's combined value, plus sum_r weight_r *
         reward_r(text) for the request's rewards (scores per reward name, one per candidate);
         raw (K, H) per-head values. Returns the winner, which every candidate of the next block
-        continues from."""
+        continues from; pruned best-of-N prunes instead (-1) until its survivors have finished."""
         if not self.waiting:
             raise ValueError(f"choice {self.index}: selection before all {self.K} candidates are done")
         value = combined.double()
         for name, weight in self.control.rewards:
             value = value + weight * torch.tensor(rewards[name], dtype=torch.float64)
+        if self.pruning and not all(self.candidates[k].finish_reason for k in self.alive):
+            self._prune(value)
+            if self.streaming or not all(self.candidates[k].finish_reason for k in self.alive):
+                return -1  # the survivors go on (or the last one streams)
+        value = value.masked_fill(torch.tensor([c.pruned for c in self.candidates]), float("-inf"))
         w = select_candidate(value, self.control.selection, self.control.strength, self.generator)
         if self.control.rewards:
             self.reward_values = {name: float(rewards[name][w]) for name, _ in self.control.rewards}
         winner = self.candidates[w]
         self.tokens_generated += sum(len(c.tokens) for c in self.candidates) - len(winner.tokens)
         self._accept(winner)
-        self.kl += best_of_n_kl_bound(self.K)
+        # Pruning selects one of K samples too, by another rule: only log K is guaranteed.
+        self.kl += math.log(self.K) if self.pruning else best_of_n_kl_bound(self.K)
         self.selections += 1
         self.set_values(raw[w], float(combined[w]))
         if not self.finished:
             self.candidates = self._fresh()
         return w
+
+    def _prune(self, value: torch.Tensor) -> None:
+        """Pruned best-of-N at a pruning point: keep the best keep_fraction of the candidates alive
+        (finished ones compete too), by value, ties to the lower index; the others stop. With one
+        unfinished survivor left, it streams: its tokens are accepted from now on."""
+        alive = self.alive
+        keep = max(1, math.ceil(len(alive) * self.control.keep_fraction))
+        ranked = sorted(alive, key=lambda k: -float(value[k]))
+        for k in ranked[keep:]:
+            self.candidates[k].pruned = True
+        self.selections += 1
+        for k in ranked[:keep]:
+            c = self.candidates[k]
+            c.done = c.finish_reason is not None
+        if keep == 1 and not self.candidates[ranked[0]].finish_reason:
+            survivor = self.candidates[ranked[0]]
+            self.tokens_generated += sum(len(c.tokens) for c in self.candidates if c is not survivor)
+            self._accept(survivor)
+            self.kl += math.log(self.K)
+            self.candidates[ranked[0]] = Candidate(text=self.text)
+            self.streaming = True
 
     # -- values and output ----------------------------------------------------------------------
     def taken(self) -> list[int]:

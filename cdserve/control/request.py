@@ -25,7 +25,8 @@ _FIELDS_BY_MODE: dict[str, set[str]] = {
     "none": {"weights"},
     "token": {"weights", "strength", "top_k"},
     "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment"},
-    "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards"},
+    "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards", "prune_every",
+                  "keep_fraction"},
 }
 
 
@@ -51,6 +52,11 @@ class ControlRequest(BaseModel):
         None, description="block/best_of_n: rewards from the server's registry (GET /v1/rewards) to rank "
         "candidates by, with a weight each: a candidate's value is sum_r weight_r * reward_r(answer text so "
         "far) plus the scorer's combined value (send weights {} to rank by the rewards alone).")
+    prune_every: int | None = Field(
+        None, description="best_of_n: every this many tokens, keep the best keep_fraction of the candidates "
+        "still running, by the same value as the final selection (speculative rejection); 0: no pruning.")
+    keep_fraction: float | None = Field(None, description="best_of_n with prune_every: fraction of the "
+                                        "candidates kept at each pruning point (at least one).")
     segment: Literal["fixed", "sentence"] | None = Field(
         None, description="block mode: where a block ends. fixed: after block_size tokens; sentence: at the "
         "first sentence end (. ! ? or a newline) in the block's text, or after block_size tokens at most.")
@@ -70,11 +76,14 @@ class ControlConfig(BaseModel):
     num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
     selection: Selection = "argmax"
     segment: Literal["fixed", "sentence"] = Field("fixed", description="Default block segmentation.")
+    prune_every: int = Field(0, ge=0, description="Default pruning interval of best_of_n (0: off).")
+    keep_fraction: float = Field(0.5, gt=0, le=1, description="Default fraction kept at each pruning point.")
     max_strength: float = Field(100.0, gt=0, description="Largest strength a request may ask for.")
     max_abs_weight: float = Field(100.0, gt=0, description="Largest |weight| a request may ask for.")
     max_top_k: int = Field(1000, ge=1, description="Largest top_k (0, the whole vocabulary, is always allowed).")
     max_block_size: int = Field(64, ge=1, description="Largest block_size.")
     max_num_candidates: int = Field(16, ge=1, description="Largest num_candidates.")
+    max_prune_every: int = Field(1024, ge=1, description="Largest prune_every.")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ControlConfig:
@@ -109,6 +118,8 @@ class ResolvedControl:
     selection: str
     rewards: tuple[tuple[str, float], ...] = ()  # (reward name, weight) to rank candidates by
     segment: str = "fixed"
+    prune_every: int = 0
+    keep_fraction: float = 0.5
 
     @property
     def candidates(self) -> int:
@@ -183,6 +194,12 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
     num_candidates = req.num_candidates if req.num_candidates is not None else config.num_candidates
     _within("control.num_candidates", num_candidates, 1, config.max_num_candidates)
 
+    prune_every = req.prune_every if req.prune_every is not None else config.prune_every
+    _within("control.prune_every", prune_every, 0, config.max_prune_every)
+    keep_fraction = _finite("control.keep_fraction",
+                            req.keep_fraction if req.keep_fraction is not None else config.keep_fraction)
+    if not 0 < keep_fraction <= 1:
+        raise InvalidRequestError("control.keep_fraction", f"must be in (0, 1], got {keep_fraction}")
     for name, w in (req.rewards or {}).items():
         param = f"control.rewards.{name}"
         if name not in rewards:
@@ -194,4 +211,5 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
                            strength=strength, top_k=int(top_k), block_size=int(block_size),
                            num_candidates=int(num_candidates), selection=selection,
                            rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
-                           segment=req.segment or config.segment)
+                           segment=req.segment or config.segment,
+                           prune_every=int(prune_every) if mode == "best_of_n" else 0, keep_fraction=keep_fraction)

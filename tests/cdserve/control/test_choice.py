@@ -196,3 +196,39 @@ def test_rewards_mix_with_the_scorer_value_in_selection():
     assert w == 1  # 0.1 + 1.8 - 2 = -0.1 beats 0 + 0.4 - 4 and 1 + 0.2 - 4
     assert ctl.control_values(HEADS).rewards == {"concise": 0.9, "len": 2.0}
     assert ctl.combined == pytest.approx(0.1)  # the scorer's combined value, as without rewards
+
+
+PRUNED = {"mode": "best_of_n", "num_candidates": 4, "prune_every": 2, "keep_fraction": 0.5}
+
+
+def test_pruned_best_of_n_keeps_the_best_half_then_streams_the_last_survivor():
+    ctl = controller(PRUNED, max_tokens=8)
+    assert ctl.block_len == 2
+    fill(ctl, ["ab", "cd", "ef", "gh"])
+    assert ctl.waiting and ctl.select(torch.zeros(4, 2), torch.tensor([0.1, 0.9, 0.5, 0.2])) == -1
+    assert ctl.alive == [1, 2] and ctl.selections == 1 and not ctl.finished and ctl.text == ""
+    assert ctl.block_len == 2 and not ctl.waiting
+    assert ctl.push_all(1, ids("ij")) == ids("cdij") and ctl.push_all(2, ids("kl")) == ids("efkl")
+    assert ctl.value_positions()[1:3] == [3, 3]
+    assert ctl.select(torch.zeros(4, 2), torch.tensor([9.0, 0.1, 0.3, 9.0])) == -1  # pruned ones cannot win
+    assert ctl.alive == [2] and ctl.streaming and ctl.text == "efkl"
+    assert drain(ctl)[0] == "efkl"  # one survivor: it streams from now on
+    ctl.push(2, ord("m"))
+    assert drain(ctl)[0] == "m"
+    ctl.push(2, ord("n"))
+    ctl.push(2, ord("o"))
+    assert ctl.push(2, ord("p")) and ctl.finish_reason == "length" and ctl.text == "efklmnop"
+    assert ctl.tokens_generated == 8 + 4 + 4  # all four to 2 tokens, two to 4, the survivor to 8
+    assert ctl.kl == pytest.approx(math.log(4))
+
+
+def test_pruned_best_of_n_where_candidates_finish_between_pruning_points():
+    ctl = controller({**PRUNED, "keep_fraction": 0.75}, max_tokens=8)
+    fill(ctl, [ids("a") + [EOS], "cd", "ef", "gh"])  # candidate 0 ends early and waits
+    assert ctl.select(torch.zeros(4, 2), torch.tensor([5.0, 0.1, 0.5, 0.2])) == -1
+    assert ctl.alive == [0, 2, 3] and ctl.candidates[0].done and not ctl.candidates[2].done
+    ctl.push_all(2, ids("k") + [EOS])
+    ctl.push_all(3, ids("m") + [EOS])
+    # all survivors finished: the final selection among them
+    assert ctl.select(torch.zeros(4, 2), torch.tensor([0.0, 9.0, 0.2, 0.1])) == 2
+    assert ctl.finish_reason == "stop" and ctl.text == "efk" and ctl.selections == 2

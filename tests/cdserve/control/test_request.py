@@ -113,3 +113,20 @@ def test_rewards_and_segment_are_validated():
         with pytest.raises(InvalidRequestError) as e:
             resolve_control(control, ControlConfig(), heads, rewards)
         assert e.value.param == param, control
+
+
+def test_pruning_fields_are_validated():
+    from cdserve.control.request import ControlConfig, resolve_control
+    from cdserve.errors import InvalidRequestError
+
+    heads = ["positive"]
+    ok = resolve_control({"mode": "best_of_n", "prune_every": 8, "keep_fraction": 0.25}, ControlConfig(), heads)
+    assert (ok.prune_every, ok.keep_fraction) == (8, 0.25)
+    for control, param in (({"mode": "block", "prune_every": 4}, "control.prune_every"),
+                           ({"mode": "best_of_n", "prune_every": -1}, "control.prune_every"),
+                           ({"mode": "best_of_n", "keep_fraction": 0.0}, "control.keep_fraction"),
+                           ({"mode": "best_of_n", "keep_fraction": 1.5}, "control.keep_fraction"),
+                           ({"mode": "best_of_n", "keep_fraction": float("inf")}, "control.keep_fraction")):
+        with pytest.raises(InvalidRequestError) as e:
+            resolve_control(control, ControlConfig(), heads)
+        assert e.value.param == param, control
