@@ -135,8 +135,12 @@ class OpenAIServing:
                 # The stream's own finally finishes the job; the background task covers a client
                 # that left before the stream started. sse-starlette's shutdown cut-off is only a
                 # backstop: Drain ends the stream (error event, [DONE]) when the grace is over.
+                # No keep-alive comments (ping=0): vLLM's benchmark client (`vllm bench serve`)
+                # loses every event after a `: ping` that arrives alone in a read, so answers
+                # longer than the ping interval came back cut short (issue 11, problem 7; vLLM's
+                # own server sends none either). Events flow from the first token on.
                 return EventSourceResponse(
-                    self._stream(job, include_usage, chat), ping=15, sep="\n",
+                    self._stream(job, include_usage, chat), ping=0, sep="\n",
                     background=BackgroundTask(self._finish, job, CLIENT_CLOSED),
                     shutdown_grace_period=self.settings.shutdown_grace_seconds + 2)
             body = await cancel_on_disconnect(raw, self._collect(job, chat))
