@@ -63,7 +63,13 @@ def load_scorer(directory: str | Path, tokenizer=None, base_embedding: torch.Ten
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"no weights at {weights}")
-    missing, unexpected = scorer.load_state_dict(load_file(str(weights)), strict=False)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types, or OSError)
+        raise ValueError(f"scorer weights {weights} cannot be read ({type(e).__name__}: {e}): the file "
+                         "is truncated or corrupt. Copy the checkpoint folder again, re-export it "
+                         "(`prefix-scorers export`), or pass another --scorer") from None
+    missing, unexpected = scorer.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in ("norm_mean", "norm_std")]
     if missing or unexpected:
         raise ValueError(f"scorer weights in {weights} do not match config.json: "

@@ -14,6 +14,7 @@ from cdserve.engine_protocol import Engine
 from cdserve.server import routes
 from cdserve.server.errors import PayloadTooLargeError, install_error_handlers
 from cdserve.server.metrics import ServerMetrics
+from cdserve.server.openapi import install_openapi
 from cdserve.server.playground import install_playground
 from cdserve.server.serving import OpenAIServing
 from cdserve.server.settings import ServerSettings
@@ -93,4 +94,5 @@ def build_app(settings: ServerSettings, engine: Engine | None = None) -> FastAPI
     app.include_router(routes.v1)
     app.include_router(routes.probes)
     install_playground(app)
+    install_openapi(app)
     return app

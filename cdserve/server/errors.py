@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from cdserve.engine_protocol import QueueFullError
 from cdserve.errors import InvalidRequestError
+from cdserve.server.protocol import UNSUPPORTED, neutral_values
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,78 @@ class APIError:
     param: str | None = None
     code: str | None = None
     retry_after: int | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+        return {"error": {"message": _printable(self.message), "type": self.type,
+                          "param": None if self.param is None else _printable(self.param),
                           "code": self.code}}
 
 
+def _printable(text: str) -> str:
+    """`text` as UTF-8 can carry it: a lone surrogate a client sent (in a model name, say) is
+    written as its escape instead of failing the error response itself."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# Labels pydantic adds to an error's location that are not parameter names: union branches
+# ("str", "list[int]", "constrained-str") and the control union's tags (mode, then selection).
+_CONTROL_TAGS = {"none", "token", "block", "best_of_n", "argmax", "sample"}
+
+
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
-    # pydantic's union branches add type tags to the path ("str", "list[str]"): drop them
-    parts = [p for p in parts if not any(c in p for c in "[]") and p not in ("str", "int")]
+    parts: list[str] = []
+    for part in loc:
+        text = str(part)
+        if part == "body" or text == "[key]" or (parts == ["control"] and text in _CONTROL_TAGS):
+            continue
+        if not isinstance(part, int) and ("[" in text or text in _TYPE_LABELS or text.startswith(_LABEL_PREFIXES)):
+            continue
+        parts.append(text)
     return ".".join(parts) or None
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict"}
+_LABEL_PREFIXES = ("constrained-", "function-", "literal", "nullable")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    err = errors[0]
+    param = _param(tuple(err.get("loc", ())))
+    kind = err.get("type")
+    if kind == "json_invalid":
+        return APIError(400, "request body is not valid JSON", "invalid_request_error", None, "invalid_json")
+    if param is None and isinstance(err.get("input"), (bytes, str)):
+        return APIError(400, "the request body must be a JSON object, sent with 'Content-Type: "
+                        "application/json'", "invalid_request_error", None, "invalid_json")
+    top = param.split(".")[0] if param else None
+    if top in UNSUPPORTED:
+        return APIError(400, f"{top}: not supported by this server (accepted only: "
+                        f"{neutral_values(top)})", "invalid_request_error", top, "unsupported_parameter")
+    too_long = [e for e in errors if e.get("type") == "too_long" and _param(tuple(e["loc"])).startswith("prompt")]
+    if top == "prompt" and too_long:  # token ids past the context
+        ctx = too_long[0].get("ctx", {})
+        return APIError(400, f"prompt: this model's maximum context length is {ctx.get('max_length', 0) + 1} "
+                        f"tokens; the prompt has {ctx.get('actual_length')} tokens", "invalid_request_error",
+                        "prompt", "context_length_exceeded")
+    if kind == "extra_forbidden":
+        if top == "control" and param.count(".") == 1:
+            return APIError(400, f"{param}: does not apply to this mode (or is not a control field); "
+                            "see GET /v1/scorers", "invalid_request_error", param, "unknown_parameter")
+        return APIError(400, f"unknown parameter '{param}'", "invalid_request_error", param,
+                        "unknown_parameter")
+    if kind == "union_tag_invalid":  # control.mode or control.selection
+        tag = "selection" if "'argmax'" in err.get("msg", "") else "mode"
+        param = f"{param}.{tag}"
+        return APIError(400, f"{param}: {err.get('ctx', {}).get('tag', 'this value')!s} is not one of "
+                        f"{err.get('ctx', {}).get('expected_tags', '')}", "invalid_request_error", param)
+    # a union (prompt, stop, ...): the branch that got furthest says most
+    same = [e for e in errors if _param(tuple(e.get("loc", ())))
+            and _param(tuple(e.get("loc", ()))).split(".")[0] == top] or [err]
+    deepest = max(same, key=lambda e: len(e.get("loc", ())))
+    msg = deepest.get("msg", "invalid value")
+    return APIError(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param)
 
 
 def classify(exc: BaseException, retry_after: int = 1) -> APIError:
@@ -72,18 +134,7 @@ def classify(exc: BaseException, retry_after: int = 1) -> APIError:
         return APIError(exc.status_code, message, _TYPE_BY_STATUS.get(exc.status_code,
                         "invalid_request_error"), exc.param, exc.code)
     if isinstance(exc, RequestValidationError):
-        err = exc.errors()[0]
-        param = _param(tuple(err.get("loc", ())))
-        if err.get("type") == "json_invalid":
-            return APIError(400, "request body is not valid JSON", "invalid_request_error", None, "invalid_json")
-        if err.get("type") == "extra_forbidden":
-            return APIError(400, f"unknown parameter '{param}'", "invalid_request_error", param,
-                            "unknown_parameter")
-        if param is None and isinstance(err.get("input"), (bytes, str)):
-            return APIError(400, "the request body must be a JSON object, sent with 'Content-Type: "
-                            "application/json'", "invalid_request_error", None, "invalid_json")
-        msg = err.get("msg", "invalid value")
-        return APIError(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param)
+        return _validation_error(exc)
     if isinstance(exc, QueueFullError):
         return APIError(503, "the server is at capacity (request queue full); retry later",
                         "service_unavailable_error", None, "queue_full", retry_after)
@@ -94,17 +145,29 @@ def classify(exc: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(exc, AuthenticationError):
         return APIError(401, str(exc), "authentication_error", None, "invalid_api_key")
     if isinstance(exc, HTTPException):
-        return APIError(exc.status_code, str(exc.detail), _TYPE_BY_STATUS.get(exc.status_code, "api_error"))
+        return APIError(exc.status_code, str(exc.detail), _TYPE_BY_STATUS.get(exc.status_code, "api_error"),
+                        headers=tuple((exc.headers or {}).items()))  # 405's Allow
     log.exception("internal error", exc_info=exc)
     return APIError(500, "internal server error", "internal_error")
 
 
 def error_response(exc: BaseException, retry_after: int = 1) -> JSONResponse:
-    err = classify(exc, retry_after)
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    if err.status == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    """The HTTP answer to `exc`. It cannot fail itself: anything going wrong here is a bare 500."""
+    try:
+        err = classify(exc, retry_after)
+        headers = dict(err.headers)
+        if err.retry_after is not None:
+            headers["Retry-After"] = str(err.retry_after)
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(err.body(), status_code=err.status, headers=headers or None)
+    except Exception:
+        log.exception("the error handler failed on %s", type(exc).__name__)
+        return JSONResponse(_INTERNAL, status_code=500)
+
+
+_INTERNAL = {"error": {"message": "internal server error", "type": "internal_error", "param": None,
+                       "code": None}}
 
 
 def install_error_handlers(app: FastAPI, retry_after: int = 1,

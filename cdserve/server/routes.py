@@ -17,14 +17,12 @@ from cdserve.server.metrics import CONTENT_TYPE_LATEST
 from cdserve.server.state import ServerState
 
 _ERRORS = {status: {"model": p.ErrorResponse, "description": what} for status, what in (
-    (400, "Invalid parameter (`error.param` names it), prompt too long, unsupported parameter."),
-    (401, "Missing or wrong API key."),
+    (400, ("Invalid parameter (`error.param` names it), prompt too long for the context, a request "
+           "the engine cannot schedule (n x num_candidates over max_batch_rows).")),
+    (401, "Missing or wrong API key (only when the server has one)."),
     (404, "Unknown model."),
     (413, "Request body too large."),
     (503, "Queue full or still loading (see Retry-After), or shutting down."))}
-_SSE = {"text/event-stream": {"schema": {"type": "string", "description": "With stream=true: "
-        "`data: <chunk JSON>` events (the *StreamResponse schemas), then `data: [DONE]`. A failure "
-        "after the stream started is one `data: {\"error\": {...}}` event, then `data: [DONE]`."}}}
 
 
 def get_state(request: Request) -> ServerState:
@@ -54,21 +52,28 @@ def require_ready(state: State) -> None:
 
 
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(require_ready)],
-               responses=_ERRORS)
+               responses={s: _ERRORS[s] for s in (401, 503)})
+_GENERATION_ERRORS = {s: _ERRORS[s] for s in (400, 404, 413)}
 probes = APIRouter()
 
 
+# The body is read here, not declared: its model depends on the loaded engine (model name,
+# vocabulary, heads), so cdserve/server/openapi.py documents it from the same models.
 @v1.post("/completions", response_model=p.CompletionResponse, tags=["OpenAI"],
-         responses={200: {"content": _SSE}})
-async def create_completion(body: p.CompletionRequest, request: Request,
-                            state: State) -> Response:
+         responses=_GENERATION_ERRORS)
+async def create_completion(request: Request, state: State) -> Response:
+    """Create a completion (the `control` field steers it)."""
+    body = p.parse_request(state.models.completion, await request.body(), state.engine.model_name,
+                           request.headers.get("content-type"))
     return await state.serving.complete(body, request, "/v1/completions")
 
 
 @v1.post("/chat/completions", response_model=p.ChatCompletionResponse, tags=["OpenAI"],
-         responses={200: {"content": _SSE}})
-async def create_chat_completion(body: p.ChatCompletionRequest, request: Request,
-                                 state: State) -> Response:
+         responses=_GENERATION_ERRORS)
+async def create_chat_completion(request: Request, state: State) -> Response:
+    """Create a chat completion (the `control` field steers it)."""
+    body = p.parse_request(state.models.chat, await request.body(), state.engine.model_name,
+                           request.headers.get("content-type"))
     return await state.serving.complete(body, request, "/v1/chat/completions")
 
 

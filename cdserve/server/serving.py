@@ -39,6 +39,11 @@ class OpenAIServing:
         self.drain = Drain()
 
     # ------------------------------------------------------------------ request -> engine requests
+    def reward_names(self) -> list[str]:
+        """The rewards control.rewards may name: those of the engine's reward service."""
+        service = getattr(self.engine, "rewards", None)
+        return [r["name"] for r in service.describe()] if service is not None else []
+
     def _check_model(self, model: str) -> None:
         if model != self.engine.model_name:
             raise InvalidRequestError("model", f"the model '{model}' does not exist; this server "
@@ -106,11 +111,10 @@ class OpenAIServing:
         if self.drain.started:
             raise ShuttingDownError("the server is shutting down; retry on another replica")
         self._check_model(req.model)
-        req.refuse_unsupported()
         # the mode label of this request's metrics, should it be refused from here on
         raw.state.mode = (req.control and req.control.mode) or self.engine.config.control.mode
-        control: ResolvedControl = resolve_control(req.control, self.engine.config.control,
-                                                   self.engine.head_names)
+        control: ResolvedControl = resolve_control(req.control_request(), self.engine.config.control,
+                                                   self.engine.head_names, self.reward_names())
         prompts = self._prompt_ids(req)
         sampling = self._sampling(req, max(len(ids) for ids in prompts))
         response_id = p.new_id("chatcmpl" if endpoint.endswith("chat/completions") else "cmpl")
@@ -129,7 +133,8 @@ class OpenAIServing:
         self.metrics.in_flight.inc()
         chat = isinstance(req, p.ChatCompletionRequest)
         try:
-            await cancel_on_disconnect(raw, job.start(self.engine.generate))
+            # best_of_n's first output is its whole answer: the start too ends at the drain deadline
+            await cancel_on_disconnect(raw, self.drain.wait(job.start(self.engine.generate)))
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
                 # The stream's own finally finishes the job; the background task covers a client

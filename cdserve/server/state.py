@@ -30,6 +30,7 @@ class ServerState:
     status: Status = "loading"
     started_at: int = field(default_factory=lambda: int(time.time()))
     loop: asyncio.AbstractEventLoop | None = None  # the server's loop, set at start-up
+    models: p.RequestModels | None = None  # the request models, with the loaded engine's limits
     on_fatal: Callable[[], None] | None = None  # how to stop the server if loading fails
 
     async def load(self) -> None:
@@ -45,6 +46,7 @@ class ServerState:
                 self.on_fatal()
             return
         self.metrics.bind(engine)
+        self.models = p.RequestModels.build(self.limits(loaded=True))
         if self.status == "loading":
             self.status = "ready"
         log.info("ready: model '%s' (max_model_len %d), scorer '%s' (heads %s), backend %s%s",
@@ -71,6 +73,20 @@ class ServerState:
         grace = self.settings.shutdown_grace_seconds
         log.info("draining: up to %gs for in-flight requests", grace)
         self.loop.call_soon_threadsafe(self.serving.drain.begin, grace)
+
+    def limits(self, loaded: bool) -> p.Limits:
+        """What requests are held to: the settings, and the engine's facts once it has loaded."""
+        s, engine = self.settings, self.engine
+        if not loaded:
+            return p.Limits(max_tokens_limit=s.max_tokens_limit, max_n=s.max_n, control=s.control,
+                            max_model_len=s.max_model_len)
+        return p.Limits(max_tokens_limit=s.max_tokens_limit, max_n=s.max_n, control=engine.config.control,
+                        max_model_len=engine.max_model_len, model=engine.model_name,
+                        vocab_size=len(engine.tokenizer), heads=tuple(engine.head_names),
+                        rewards=self._reward_names())
+
+    def _reward_names(self) -> tuple[str, ...]:
+        return tuple(self.serving.reward_names())
 
     @property
     def scorer_id(self) -> str:

@@ -175,6 +175,23 @@ class Drain:
         if not self._begun_future().done():
             self._begun_future().set_result(None)
 
+    async def wait(self, work: Awaitable[T]) -> T:
+        """`await work`, until the deadline passes (then `work` is cancelled: ShuttingDownError)."""
+        task = asyncio.ensure_future(work)
+        try:
+            if not self.started:
+                await asyncio.wait({task, self._begun_future()}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                await asyncio.wait({task}, timeout=max(0.0, self._deadline - time.monotonic()))
+            if not task.done():
+                raise ShuttingDownError(f"the server is shutting down and its grace period "
+                                        f"({self._grace:g}s) is over")
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
     async def until_deadline(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
         """`items`, until the deadline passes (then ShuttingDownError)."""
         items = aiter(items)

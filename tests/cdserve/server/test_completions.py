@@ -136,9 +136,15 @@ def test_health_ready_openapi(server):
                  "/ready", "/metrics"):
         assert path in paths, path
     schemas = doc["components"]["schemas"]
-    ref = schemas["CompletionRequest"]["properties"]["control"]["anyOf"][0]["$ref"]
-    control = schemas[ref.rsplit("/", 1)[1]]["properties"]
-    assert {"mode", "weights", "strength", "top_k", "block_size", "num_candidates", "selection"} <= set(control)
+    union = schemas["CompletionRequest"]["properties"]["control"]["anyOf"][0]  # a union on mode
+    assert union["discriminator"]["propertyName"] == "mode"
+    control: set[str] = set()
+    for ref in union["discriminator"]["mapping"].values():
+        branch = schemas[ref.rsplit("/", 1)[1]]
+        for inner in branch.get("oneOf", [branch]):  # block/best_of_n: a union on selection
+            control |= set(schemas[inner["$ref"].rsplit("/", 1)[1]]["properties"] if "$ref" in inner
+                           else inner["properties"])
+    assert {"mode", "weights", "strength", "top_k", "block_size", "num_candidates", "selection"} <= control
     assert "control" in schemas["ChatCompletionRequest"]["properties"]
     assert "control" in schemas["CompletionChoice"]["properties"]
     assert "400" in paths["/v1/completions"]["post"]["responses"]
