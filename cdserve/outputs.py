@@ -65,13 +65,20 @@ class RequestOutput:
 
 @dataclass(frozen=True)
 class StepStats:
-    """One engine step, for metrics (the Prometheus logger in the server consumes these)."""
+    """Engine work, for metrics (the Prometheus metrics in the server consume these;
+    cdserve/server/metrics.py has each metric's meaning).
 
-    batch_rows: int
-    step_seconds: float
-    scorer_seconds: float
-    prefill_tokens: int
-    candidates_generated: int  # tokens sampled this step in block / best_of_n rows
+    Usually one engine step. On vLLM some work is reported apart from the step that did it: the
+    worker's scorer times arrive in batches (one report per step, `batch_rows` None), as do the
+    server-side scorer calls (block / best_of_n selection, final values) and the candidate tokens
+    of each block. A report with `batch_rows` None is not a step: it leaves the batch gauge alone.
+    """
+
+    batch_rows: int | None = None  # sequences that sampled a token in the step (every candidate counts)
+    step_seconds: float = 0.0  # the step's wall time (0: not timed)
+    scorer_seconds: float = 0.0  # scorer time of the step, or of one server-side scorer call (0: none)
+    prefill_tokens: int = 0  # prompt tokens the base model computed (cache hits excluded)
+    candidates_generated: int = 0  # tokens sampled as block / best_of_n candidates
     forked_tokens: int = 0  # vLLM block mode: prompt tokens whose KV was copied, not recomputed
 
 

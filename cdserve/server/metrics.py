@@ -1,7 +1,9 @@
 """Prometheus metrics. Request metrics are recorded by the serving layer; engine metrics come from
 the engine's StepStats (a stats listener) and its load, read at scrape time.
 
-The metric names are a contract with the dashboards in deploy/: do not rename them.
+The metric names are a contract with the dashboards in deploy/: do not rename them. Each help
+text says what the metric means; it means the same on the hf and the vllm engine (deploy/README.md,
+"Monitoring", says where each engine measures it).
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ class ServerMetrics:
         self.requests = Counter("cdserve_requests_total", "Generation requests by endpoint, control "
                                 "mode and HTTP status (499: the client went away).",
                                 ["endpoint", "mode", "status"], registry=r)
-        self.queue_depth = Gauge("cdserve_queue_depth", "Requests waiting for a batch slot.", registry=r)
+        self.queue_depth = Gauge("cdserve_queue_depth", "Requests waiting for admission: accepted requests "
+                                 "whose n x K rows do not yet fit beside the earlier ones in max_batch_rows "
+                                 "(the shared admission policy, cdserve/admission.py; max_waiting caps it).",
+                                 registry=r)
         self.in_flight = Gauge("cdserve_requests_in_flight", "Generation requests being served "
                                "(queued or running).", registry=r)
-        self.running = Gauge("cdserve_requests_running", "Requests inside the engine (waiting or decoding).",
-                             registry=r)
+        self.running = Gauge("cdserve_requests_running", "Requests admitted to the batch (their n x K rows "
+                             "count against max_batch_rows).", registry=r)
         self.ttft = Histogram("cdserve_time_to_first_token_seconds", "Request arrival to first "
                               "output token.", ["mode"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("cdserve_time_per_output_token_seconds", "Mean time between output "
@@ -47,18 +52,26 @@ class ServerMetrics:
                                      "requests.", ["mode"], registry=r)
         self.generation_tokens = Counter("cdserve_generation_tokens_total", "Output tokens sent to "
                                          "clients.", ["mode"], registry=r)
-        self.scorer_step = Histogram("cdserve_scorer_step_seconds", "Scorer time per engine step.",
+        self.scorer_step = Histogram("cdserve_scorer_step_seconds", "Prefix-scorer time: one observation "
+                                     "per engine step that ran the scorer (its time in that step: hf the "
+                                     "scorer step and steering; vLLM the logits processor in the worker) and "
+                                     "one per scorer call outside the step (vLLM: block / best_of_n "
+                                     "selection, final values). _sum / cdserve_engine_step_seconds_sum is "
+                                     "the scorer's share of engine time.", buckets=_STEP_BUCKETS, registry=r)
+        self.engine_step = Histogram("cdserve_engine_step_seconds", "Wall time of one engine step (base "
+                                     "model, scorer in the step, sampling, bookkeeping), idle time excluded; "
+                                     "vLLM: the engine core's time between two consecutive outputs of a "
+                                     "sequence (steps with only first tokens are not timed).",
                                      buckets=_STEP_BUCKETS, registry=r)
-        self.engine_step = Histogram("cdserve_engine_step_seconds", "Engine step time (base model, "
-                                     "scorer and sampling).", buckets=_STEP_BUCKETS, registry=r)
-        self.candidates = Counter("cdserve_candidates_generated_total", "Tokens sampled as "
-                                  "block / best_of_n candidates.", registry=r)
+        self.candidates = Counter("cdserve_candidates_generated_total", "Tokens sampled as block / "
+                                  "best_of_n candidates, all K candidates counted (kept or not).", registry=r)
         self.prefill = Counter("cdserve_prefill_tokens_total", "Prompt tokens the base model computed "
                                "(prefix-cache hits and forked KV excluded).", registry=r)
         self.forked = Counter("cdserve_kv_forked_tokens_total", "vLLM block mode: prompt tokens whose KV "
                               "was copied from the previous block's winner instead of recomputed.", registry=r)
-        self.batch_rows = Gauge("cdserve_batch_rows", "Rows in the engine's last step (0 when idle).",
-                                registry=r)
+        self.batch_rows = Gauge("cdserve_batch_rows", "Sequences decoded in the engine's last step: each "
+                                "choice of a request is one, each block / best_of_n candidate is one (0 when "
+                                "idle).", registry=r)
         self._last_rows = 0
 
     def bind(self, engine: Engine) -> None:
@@ -79,7 +92,8 @@ class ServerMetrics:
             self.prefill.inc(stats.prefill_tokens)
         if stats.forked_tokens:
             self.forked.inc(stats.forked_tokens)
-        self._last_rows = stats.batch_rows
+        if stats.batch_rows is not None:  # None: work reported apart from its step (vLLM)
+            self._last_rows = stats.batch_rows
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,7 +27,7 @@ from cdserve.backends.vllm.block import BlockDecoder
 from cdserve.backends.vllm.block_fork import kv_transfer_config
 from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_ENV, ScorerLogitsProcessor
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
-from cdserve.backends.vllm.stats import StepStatsLogger
+from cdserve.backends.vllm.stats import SCORER_POLL_S, StepStatsLogger
 from cdserve.config import EngineConfig
 from cdserve.control.choice import ChoiceController
 from cdserve.errors import InvalidRequestError
@@ -72,6 +72,8 @@ class VLLMEngine:
         self._scheduler = (0, 0)  # vLLM's last (running, waiting) requests
         self.forked_tokens = 0  # block-fork tokens over vLLM's steps (tests, logs)
         self.candidate_tokens = 0  # block / best_of_n candidate tokens sampled
+        self._stepped = False  # vLLM stepped since the last fetch of the worker's scorer times
+        self._scorer_poller: asyncio.Task | None = None
 
     # -- loading ----------------------------------------------------------------------------------
     def load_sync(self) -> None:
@@ -167,6 +169,8 @@ class VLLMEngine:
             await asyncio.sleep(0.05)
         for request_id in list(self._tasks):
             self.abort(request_id)
+        if self._scorer_poller is not None:
+            self._scorer_poller.cancel()
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
@@ -264,8 +268,16 @@ class VLLMEngine:
         ctl.set_values(raw, combined)
 
     async def in_scorer_thread(self, fn, *args):
-        """Run a server-side scorer call off the event loop, in the scorer's thread pool."""
-        return await asyncio.get_running_loop().run_in_executor(self.scorer_pool, fn, *args)
+        """Run a server-side scorer call off the event loop, in the scorer's thread pool (its time
+        is counted in the metrics' scorer time)."""
+        return await asyncio.get_running_loop().run_in_executor(self.scorer_pool, self._timed_scorer_call, fn, *args)
+
+    def _timed_scorer_call(self, fn, *args):
+        started = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.add_scorer_seconds(time.perf_counter() - started)
 
     def final_values(self, prompt: list[int], output: list[int], weights,
                      position: int | None = None) -> tuple[list[float], float]:
@@ -302,15 +314,59 @@ class VLLMEngine:
         """Requests running and waiting under the shared admission policy (cdserve/admission.py)."""
         return self.admission.load()
 
+    # -- metrics (stats.py) ------------------------------------------------------------------------
     def count_candidates(self, tokens: int) -> None:
-        """Block / best_of_n: candidate tokens sampled in a block (for the metrics)."""
+        """Block / best_of_n: candidate tokens sampled in a block, all K candidates together
+        (cdserve_candidates_generated_total). Call once per block, after vLLM returned it."""
         self.candidate_tokens += tokens
+        if tokens:
+            self._emit(StepStats(candidates_generated=tokens))
+
+    def add_scorer_seconds(self, seconds: float) -> None:
+        """Time of one scorer call made in this process (cdserve_scorer_step_seconds: one
+        observation). `in_scorer_thread` does it for every call it runs; call it for scorer work
+        done elsewhere. Thread-safe."""
+        if seconds > 0:
+            self._emit(StepStats(scorer_seconds=seconds))
+
+    async def scorer_step_times(self) -> list[float]:
+        """The worker's scorer (logits processor) time of each step since the last call."""
+        results = await self.llm.collective_rpc("cdserve_scorer_steps")
+        return max(results, key=len, default=[]) or []  # tensor parallel: every rank ran it
+
+    async def _poll_scorer_steps(self) -> None:
+        """Fetch the worker's scorer step times every SCORER_POLL_S while vLLM steps, once more
+        after it stops, and report each as a StepStats."""
+        while True:
+            await asyncio.sleep(SCORER_POLL_S)
+            stepped, self._stepped = self._stepped, False
+            if self.llm is None:
+                return
+            try:
+                times = await self.scorer_step_times()
+            except Exception:  # shutting down: the metrics are not worth an error
+                log.debug("could not fetch the worker's scorer times", exc_info=True)
+                return
+            for seconds in times:
+                self._emit(StepStats(scorer_seconds=seconds))
+            if not stepped and not times:
+                return
 
     def add_stats_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._listeners.append(listener)
 
     def _on_step(self, stats: StepStats) -> None:
+        """A vLLM step (stats.StepStatsLogger, on the event loop); starts the scorer-time poller."""
         self.forked_tokens += stats.forked_tokens
+        self._emit(stats)
+        self._stepped = True
+        if self._scorer_poller is None or self._scorer_poller.done():
+            try:
+                self._scorer_poller = asyncio.get_running_loop().create_task(self._poll_scorer_steps())
+            except RuntimeError:  # no event loop (not AsyncLLM's output handler)
+                pass
+
+    def _emit(self, stats: StepStats) -> None:
         for listener in self._listeners:
             listener(stats)
 

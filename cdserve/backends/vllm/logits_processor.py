@@ -29,6 +29,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
+from cdserve.backends.vllm.stats import timed_apply
 from cdserve.backends.scorer_runner import steer_rows
 from cdserve.control.steering import sampled_kl
 from prefix_scorers.config import ScorerConfig
@@ -89,6 +90,7 @@ class ScorerLogitsProcessor(LogitsProcessor):
             self.rows.move(src, dst, swap=direction == MoveDirectionality.SWAP)
         self.rows.end_update()
 
+    @timed_apply  # the scorer's time per step, for the metrics (stats.py)
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not len(self.rows):
             return logits  # no controlled request in the batch: nothing to do

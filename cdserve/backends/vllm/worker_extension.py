@@ -37,3 +37,11 @@ class ScorerWorkerExtension:
         rows = proc.rows
         return {"live": len(rows), "slots": len(rows.slots), "cache_rows": rows.cache.batch_size,
                 "finished": len(rows.finished)}
+
+    def cdserve_scorer_steps(self) -> list[float]:
+        """The logits processor's time (seconds) of each step since the last call, oldest first
+        (stats.py: the metrics' scorer step time); the worker forgets them."""
+        from cdserve.backends.vllm.stats import scorer_clock
+
+        proc = self._cdserve_processor()
+        return [] if proc is None else scorer_clock(proc).take()

@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from cdserve.backends.vllm.stats import SCORER_POLL_S
 from cdserve.config import EngineConfig
 from cdserve.control.request import ResolvedControl, resolve_control
 from cdserve.errors import InvalidRequestError
@@ -344,9 +345,17 @@ def test_seeded_requests_under_load(loop, vllm_engine, prompts):
 
 
 def test_stats_listener_sees_vllm_steps(loop, vllm_engine, prompts):
+    """Steps (timed from vLLM's own stats, every sequence a row), the worker's scorer time of each
+    token-mode step, the server-side scorer calls and the block candidates all reach the listeners."""
     seen = []
     vllm_engine.add_stats_listener(seen.append)
-    run_all(loop, vllm_engine, [request(vllm_engine, p, TOKEN, max_tokens=8, temperature=0.0) for p in prompts])
-    assert seen and all(s.step_seconds > 0 for s in seen)
-    assert max(s.batch_rows for s in seen) >= 1
+    reqs = [request(vllm_engine, p, TOKEN, max_tokens=8, temperature=0.0) for p in prompts]
+    run_all(loop, vllm_engine, reqs + [request(vllm_engine, prompts[0], BLOCK, max_tokens=8)])
+    loop.run(asyncio.sleep(3 * SCORER_POLL_S))  # the last fetch of the worker's scorer times
+    steps = [s for s in seen if s.batch_rows is not None]
+    assert steps and all(0 <= s.step_seconds < 2 for s in steps) and any(s.step_seconds > 0 for s in steps)
+    assert max(s.batch_rows for s in steps) >= len(prompts)  # the token-mode requests decode together
+    scorer = [s.scorer_seconds for s in seen if s.batch_rows is None and s.scorer_seconds > 0]
+    assert len(scorer) >= 8  # 8 token-mode steps at least, plus the server-side calls
+    assert sum(s.candidates_generated for s in seen) >= 3  # the block request's K=3 candidates
     assert (vllm_engine.load().running, vllm_engine.load().waiting) == (0, 0)  # idle again
