@@ -23,7 +23,7 @@ import pytest
 FUZZ_FLAGS = ("--max-model-len", "1024", "--max-tokens-limit", "2", "--max-n", "2",
               "--control-max-num-candidates", "4", "--control-max-block-size", "8",
               "--max-batch-rows", "64", "--max-body-bytes", "1000000")
-EXAMPLES = int(os.environ.get("CDSERVE_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("CDSERVE_FUZZ_EXAMPLES", "40"))
 SEED = int(os.environ.get("CDSERVE_FUZZ_SEED", "20261128"))
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,positive_data_acceptance,negative_data_rejection")
@@ -34,7 +34,7 @@ def schemathesis(url: str, report: Path, *args: str) -> subprocess.CompletedProc
            "--checks", CHECKS, "--seed", str(SEED), "--max-examples", str(EXAMPLES), "--workers", "1",
            "--phases", "examples,coverage,fuzzing", "--request-timeout", "60", "--no-color",
            "--report", "junit", "--report-junit-path", str(report), "--continue-on-failure", *args]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1800,
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1800, cwd=report.parent,
                           env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
 
 
