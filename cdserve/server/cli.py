@@ -14,9 +14,13 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from cdserve.control.request import ControlConfig
+from cdserve.rewards import RewardConfig
 from cdserve.server.settings import ENV_PREFIX, ServerSettings, describe_error
 
 log = logging.getLogger("cdserve.server")
+
+# Settings that are objects: a JSON flag for the whole, and one flag per field (--control-strength).
+NESTED = {"control": ControlConfig, "rewards": RewardConfig}
 
 
 def _flag(name: str) -> str:
@@ -35,14 +39,14 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
         "serve", help="Serve the OpenAI-compatible HTTP API.",
         description="Serve the OpenAI-compatible HTTP API. Every flag also reads an environment "
         f"variable ({ENV_PREFIX}<NAME>, e.g. {ENV_PREFIX}PORT; control fields as "
-        f"{ENV_PREFIX}CONTROL__STRENGTH or a JSON {ENV_PREFIX}CONTROL); flags win.")
+        f"{ENV_PREFIX}CONTROL__STRENGTH or a JSON {ENV_PREFIX}CONTROL, rewards likewise); flags win.")
     for name, info in ServerSettings.model_fields.items():
         env = ENV_PREFIX + name.upper()
-        if name == "control":
-            parser.add_argument("--control", metavar="JSON", type=_json_or_str, default=argparse.SUPPRESS,
-                                help=f"Default control and limits as JSON [env {env}].")
-            for cname, cinfo in ControlConfig.model_fields.items():
-                parser.add_argument(_flag(f"control_{cname}"), dest=f"control__{cname}", type=_json_or_str,
+        if name in NESTED:
+            parser.add_argument(_flag(name), metavar="JSON", type=_json_or_str, default=argparse.SUPPRESS,
+                                help=f"{info.description} [env {env}]")
+            for cname, cinfo in NESTED[name].model_fields.items():
+                parser.add_argument(_flag(f"{name}_{cname}"), dest=f"{name}__{cname}", type=_json_or_str,
                                     default=argparse.SUPPRESS, metavar=cname.upper(),
                                     help=f"{cinfo.description or ''} [env {env}__{cname.upper()}]")
             continue
@@ -64,19 +68,22 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def load_settings(args: argparse.Namespace) -> ServerSettings:
     """Flags over environment over defaults. Raises ValidationError naming the bad setting."""
     given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
-    control = dict(given.pop("control", None) or {})
-    if not isinstance(control, dict):
-        raise TypeError(f"--control must be a JSON object, got {control!r}")
-    control.update({k.split("__", 1)[1]: v for k, v in vars(args).items() if k.startswith("control__")})
-    if control:
-        given["control"] = control
+    for name in NESTED:
+        whole = given.pop(name, None) or {}
+        if not isinstance(whole, dict):
+            raise TypeError(f"--{name} must be a JSON object, got {whole!r}")
+        fields = {**whole, **{k.split("__", 1)[1]: v for k, v in vars(args).items()
+                              if k.startswith(f"{name}__")}}
+        if fields:
+            given[name] = fields
     return ServerSettings(**given)
 
 
 def _unknown_env() -> list[str]:
     known = {ENV_PREFIX + name.upper() for name in ServerSettings.model_fields}
+    nested = tuple(f"{ENV_PREFIX}{name.upper()}__" for name in NESTED)
     return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known
-                  and not k.startswith(ENV_PREFIX + "CONTROL__"))
+                  and not k.startswith(nested))
 
 
 def run_serve(args: argparse.Namespace) -> int:

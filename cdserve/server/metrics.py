@@ -1,5 +1,6 @@
 """Prometheus metrics. Request metrics are recorded by the serving layer; engine metrics come from
-the engine's StepStats (a stats listener) and its load, read at scrape time.
+the engine's StepStats (a stats listener) and its load, read at scrape time; reward metrics from
+the reward service (a listener per underlying reward call).
 
 The metric names are a contract with the dashboards in deploy/: do not rename them. Each help
 text says what the metric means; it means the same on the hf and the vllm engine (deploy/README.md,
@@ -19,10 +20,12 @@ from prometheus_client import (
 
 from cdserve.engine_protocol import Engine
 from cdserve.outputs import StepStats
+from cdserve.rewards import RewardService
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_REWARD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class ServerMetrics:
@@ -72,6 +75,15 @@ class ServerMetrics:
         self.batch_rows = Gauge("cdserve_batch_rows", "Sequences decoded in the engine's last step: each "
                                 "choice of a request is one, each block / best_of_n candidate is one (0 when "
                                 "idle).", registry=r)
+        self.reward_calls = Counter("cdserve_reward_calls_total", "Underlying reward calls (each scores "
+                                    "a batch of texts from one or more requests) by reward and outcome "
+                                    "(ok, error: failed, timed out or answered invalid scores).",
+                                    ["reward", "outcome"], registry=r)
+        self.reward_seconds = Histogram("cdserve_reward_call_seconds", "Reward call time, from its "
+                                        "dispatch to its answer (or its timeout).", ["reward"],
+                                        buckets=_REWARD_BUCKETS, registry=r)
+        self.reward_texts = Counter("cdserve_reward_texts_total", "Texts scored by reward calls "
+                                    "(failed calls included).", ["reward"], registry=r)
         self._last_rows = 0
 
     def bind(self, engine: Engine) -> None:
@@ -80,6 +92,14 @@ class ServerMetrics:
         self.running.set_function(lambda: engine.load().running)
         self.batch_rows.set_function(lambda: self._last_rows if engine.load().running else 0)
         engine.add_stats_listener(self.on_step)
+
+    def bind_rewards(self, rewards: RewardService) -> None:
+        rewards.add_listener(self.on_reward_call)
+
+    def on_reward_call(self, reward: str, texts: int, seconds: float, ok: bool) -> None:
+        self.reward_calls.labels(reward, "ok" if ok else "error").inc()
+        self.reward_seconds.labels(reward).observe(seconds)
+        self.reward_texts.labels(reward).inc(texts)
 
     def on_step(self, stats: StepStats) -> None:
         if stats.step_seconds > 0:

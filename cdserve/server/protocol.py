@@ -623,6 +623,22 @@ class ScorerList(BaseModel):
     data: list[ScorerInfo]
 
 
+class RewardInfo(BaseModel):
+    """GET /v1/rewards: a reward `control.rewards` may name."""
+
+    name: str
+    description: str
+    kind: Literal["python", "http"] = Field(description="A Python reward of the server's registry, or "
+                                            "an HTTP reward model configured at start-up.")
+    range: tuple[float | None, float | None] = Field(description="Declared [min, max] of its scores "
+                                                     "(null: unbounded).")
+
+
+class RewardList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RewardInfo]
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

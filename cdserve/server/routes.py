@@ -90,6 +90,12 @@ async def list_scorers(state: State) -> p.ScorerList:
     return p.ScorerList(data=[state.scorer_info()])
 
 
+@v1.get("/rewards", response_model=p.RewardList, tags=["cdserve"])
+async def list_rewards(state: State) -> p.RewardList:
+    """The rewards `control.rewards` may name (Python rewards and HTTP reward models)."""
+    return p.RewardList(data=[p.RewardInfo(**r) for r in state.rewards.describe()])
+
+
 @probes.get("/health", tags=["probes"])
 async def health() -> dict:
     """Liveness: the process answers."""

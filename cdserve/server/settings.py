@@ -1,7 +1,8 @@
 """The server's one configuration class: `cdserve serve` flags and CDSERVE_* environment variables.
 
 Precedence: flags, then environment (`CDSERVE_MAX_MODEL_LEN=4096`, nested control as
-`CDSERVE_CONTROL__STRENGTH=3` or a JSON `CDSERVE_CONTROL='{"mode": "token"}'`), then defaults.
+`CDSERVE_CONTROL__STRENGTH=3` or a JSON `CDSERVE_CONTROL='{"mode": "token"}'`, rewards likewise:
+`CDSERVE_REWARDS__HTTP='{"toxicity": "http://127.0.0.1:9000/score"}'`), then defaults.
 The engine's part becomes an `EngineConfig`; the rest (host, port, auth, limits of the HTTP layer)
 stays here. Any invalid value stops start-up with a message naming the setting.
 """
@@ -16,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdserve.config import DEFAULT_SCORER, EMBEDDED_MODEL, EngineConfig
 from cdserve.control.request import ControlConfig
+from cdserve.rewards import RewardConfig
 from prefix_scorers.base_model import EMBEDDED, default_cache_dir
 
 ENV_PREFIX = "CDSERVE_"
@@ -50,6 +52,8 @@ class ServerSettings(BaseSettings):
     seed: int = Field(0, description="Seed of the engine's generator for unseeded requests.")
     control: ControlConfig = Field(default_factory=ControlConfig,
                                    description="Default control and its limits (JSON).")
+    rewards: RewardConfig = Field(default_factory=RewardConfig, description="Rewards requests may "
+                                  "rank candidates by, and how they are called (JSON).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm backend: tensor parallel size.")
     pipeline_parallel_size: int = Field(1, ge=1, description="vllm backend: pipeline parallel size.")
     distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = Field(

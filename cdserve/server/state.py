@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from cdserve.engine_protocol import Engine
+from cdserve.rewards import RewardService
 from cdserve.server import protocol as p
 from cdserve.server.metrics import ServerMetrics
 from cdserve.server.serving import OpenAIServing
@@ -32,12 +33,17 @@ class ServerState:
     loop: asyncio.AbstractEventLoop | None = None  # the server's loop, set at start-up
     models: p.RequestModels | None = None  # the request models, with the loaded engine's limits
     on_fatal: Callable[[], None] | None = None  # how to stop the server if loading fails
+    rewards: RewardService | None = None  # the engine's reward service, once it has loaded
+    own_rewards: bool = False  # built here, for an engine without one (closed at stop)
 
     async def load(self) -> None:
         """Start the engine; on failure say why and stop the server."""
         engine = self.engine
         try:
             await engine.start()
+            self.rewards = getattr(engine, "rewards", None)
+            if self.rewards is None:  # an engine that builds none: the listing and metrics still work
+                self.rewards, self.own_rewards = RewardService(engine.config.rewards), True
         except Exception:
             self.status = "failed"
             log.exception("start-up failed: the engine did not load model=%r scorer=%r backend=%r",
@@ -46,6 +52,7 @@ class ServerState:
                 self.on_fatal()
             return
         self.metrics.bind(engine)
+        self.metrics.bind_rewards(self.rewards)
         self.models = p.RequestModels.build(self.limits(loaded=True))
         if self.status == "loading":
             self.status = "ready"
@@ -63,6 +70,8 @@ class ServerState:
             self.status = "stopped"
         if was_ready:
             await self.engine.shutdown(0.0)
+        if self.own_rewards:
+            self.rewards.close()
 
     def begin_drain(self) -> None:
         """SIGTERM (called from the signal handler): /ready turns 503, new requests get 503, and
