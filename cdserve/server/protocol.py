@@ -493,6 +493,9 @@ class ChoiceControl(BaseModel):
     tokens_generated: int = Field(0, description="Tokens the base model sampled for this choice: "
                                   "every candidate's, and the EOS that ended a sequence (usage."
                                   "completion_tokens counts the answer's tokens, without the EOS).")
+    rewards: dict[str, float] | None = Field(None, description="block/best_of_n with control.rewards: each "
+                                             "named reward of the kept answer (text so far at the last "
+                                             "selection).")
 
     @classmethod
     def from_values(cls, values: ControlValues | None) -> ChoiceControl | None:

@@ -18,6 +18,7 @@ from cdserve.backends.hf.model_runner import ModelRunner
 from cdserve.backends.hf.sequence import RequestState
 from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.config import EngineConfig
+from cdserve.rewards import RewardService
 from cdserve.outputs import EngineLoad, GenerationRequest, RequestOutput, StepStats
 from cdserve.scorer_store import resolve_scorer
 from cdserve.text import eos_token_ids
@@ -74,8 +75,9 @@ class HFEngine:
         self.scorer_config = scorer.config
         cfg.control.check_heads(self.head_names)
         eos = eos_token_ids(self.model_dir, self.tokenizer)
+        self.rewards = RewardService(cfg.rewards)
         self.core = EngineCore(ModelRunner(model, self.device), ScorerRunner(scorer, self.device),
-                               self.tokenizer, cfg, self.head_names, eos, self.max_model_len)
+                               self.tokenizer, cfg, self.head_names, eos, self.max_model_len, self.rewards)
         log.info("hf engine: %s on %s (%s), scorer %s (%s, heads %s)", self.model_name, self.device,
                  self.dtype, self.scorer_dir, "trained" if scorer.config.provenance.trained else "UNTRAINED",
                  self.head_names)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -22,13 +23,16 @@ from cdserve.backends.scorer_runner import ScorerRunner, steer_rows
 from cdserve.config import EngineConfig
 from cdserve.control.choice import ChoiceController
 from cdserve.control.steering import sampled_kl
+from cdserve.errors import reward_failed
 from cdserve.outputs import StepStats
+from cdserve.rewards import RewardError, RewardService
 
 
 class EngineCore:
     def __init__(self, runner: ModelRunner, scorer: ScorerRunner, tokenizer, config: EngineConfig,
-                 heads: list[str], eos_token_ids: set[int], max_model_len: int):
+                 heads: list[str], eos_token_ids: set[int], max_model_len: int, rewards: RewardService):
         self.runner, self.scorer, self.tokenizer, self.config = runner, scorer, tokenizer, config
+        self.rewards = rewards
         self.heads, self.eos, self.max_model_len = heads, eos_token_ids, max_model_len
         self.device = runner.device
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (request | request_id to abort)
@@ -51,7 +55,7 @@ class EngineCore:
         start = time.perf_counter()
         self._drain_inbox()
         prefill_tokens = self._admit()
-        if not self.rows:
+        if self._all_await_rewards():
             return None
         tokens, valid = self._decode_inputs()
         logits = self.runner.decode(tokens, valid)  # (B, V) base model
@@ -166,9 +170,10 @@ class EngineCore:
 
     def _kl(self, steered: torch.Tensor, logits: torch.Tensor) -> dict[int, float]:
         """Per-token KL(sampled || base) of token-mode rows and of rows that truncate by top_p
-        (elsewhere it is 0): the control.kl contract (steering.sampled_kl)."""
+        (elsewhere it is 0): the control.kl contract (steering.sampled_kl). Pruned best-of-N
+        reports log N alone, on both engines."""
         idx = [i for i, r in enumerate(self.rows) if not r.waiting
-               and (r.ctl.control.mode == "token" or r.ctl.sampling.top_p < 1.0)]
+               and (r.ctl.control.mode == "token" or (r.ctl.sampling.top_p < 1.0 and not r.ctl.pruning))]
         if not idx:
             return {}
         sel = torch.tensor(idx, device=self.device)
@@ -182,6 +187,7 @@ class EngineCore:
         candidates = 0
         touched: dict[int, Choice] = {}
         for i, row in enumerate(self.rows):
+            touched[id(row.choice)] = row.choice  # a waiting choice may select: its rewards came back
             if row.waiting:
                 continue
             ctl = row.ctl
@@ -191,12 +197,27 @@ class EngineCore:
             row.last_token = sampled[i]
             done = ctl.push(row.k, sampled[i], kl.get(i, 0.0))
             row.waiting = done and not ctl.streaming
-            touched[id(row.choice)] = row.choice
-        for choice in touched.values():
-            self._advance(choice)
-        forks = self._emit(touched.values())
-        self._remove_rows(lambda r: r.ctl.finished, forks)
+        self._advance_all(touched.values())
         return candidates
+
+    def _advance_all(self, choices) -> None:
+        for choice in choices:
+            self._advance(choice)
+        forks = self._emit(choices)
+        self._remove_rows(lambda r: r.ctl.finished or r.ctl.candidates[r.k].pruned, forks)
+
+    def _all_await_rewards(self) -> bool:
+        """True when there is nothing to decode: no rows, or every row waits for its request's
+        rewards (then wait for one to come back, rather than decode placeholders)."""
+        if not self.rows:
+            return True
+        if not all(r.waiting for r in self.rows):
+            return False
+        choices = {id(r.choice): r.choice for r in self.rows}.values()
+        pending = [f for c in choices for f in (c.rewards or {}).values()]
+        wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+        self._advance_all(list(choices))
+        return not self.rows or all(r.waiting for r in self.rows)
 
     def _taken_values(self, sampled: list[int], queries: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """Raw per-head values (H,) of each controlled row's taken token: the value of the prefix
@@ -219,7 +240,7 @@ class EngineCore:
         ctl = choice.ctl
         if ctl.streaming:
             if ctl.finished:
-                row = choice.rows[0]
+                row = next(r for r in choice.rows if not ctl.candidates[r.k].pruned)  # pruning's survivor
                 raw = row.last_values
                 if raw is None:  # mode none kept no scorer state: one pass over the answer
                     raw = self.scorer.final_values(choice.request.gen.prompt_token_ids, ctl.taken()).float().cpu()
@@ -227,13 +248,44 @@ class EngineCore:
             return
         if not ctl.waiting:
             return
+        scores = self._reward_scores(choice)
+        if scores is None:  # rewards still running (or failed): select at a later step
+            return
         raw = torch.stack([r.last_values for r in choice.rows])  # (K, H)
-        w = ctl.select(raw, self._combine(raw, ctl.value_positions(), ctl))
+        w = ctl.select(raw, self._combine(raw, ctl.value_positions(), ctl), scores)
         if ctl.finished:
+            return
+        if w < 0:  # pruned best-of-N: the survivors go on from their own caches, the others leave
+            for r in choice.rows:
+                r.waiting = ctl.candidates[r.k].done
             return
         winner = choice.rows[w]
         for r in choice.rows:  # every candidate continues from the winner (rows forked below)
             r.fork_from, r.last_token, r.waiting = winner, winner.last_token, False
+
+    def _reward_scores(self, choice: Choice) -> dict[str, list[float]] | None:
+        """The request's rewards of the waiting candidates: started off this thread on the first
+        call, None until they are back; a failure ends that request alone (HTTP 502)."""
+        ctl = choice.ctl
+        if not ctl.control.rewards:
+            return {}
+        if choice.rewards is None:
+            texts = ctl.reward_texts()
+            choice.rewards = {name: self.rewards.submit(name, texts) for name, _ in ctl.control.rewards}
+        if not all(f.done() for f in choice.rewards.values()):
+            return None
+        futures, choice.rewards = choice.rewards, None
+        try:
+            return {name: f.result() for name, f in futures.items()}
+        except RewardError as e:
+            self._fail(choice.request, reward_failed(e))
+            return None
+
+    def _fail(self, state: RequestState, error: BaseException) -> None:
+        """One request fails (its rows leave with the others' next removal); the rest go on."""
+        state.sink(error)
+        for choice in state.choices:
+            choice.ctl.fail()
 
     def _emit(self, choices) -> dict[int, int]:
         """Send each request the new output of its choices; returns forks {row id: source row id}."""

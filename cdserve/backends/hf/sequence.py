@@ -5,6 +5,7 @@ owns the answer, the candidates and the checks) decodes one row (none/token) or 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,7 @@ class Choice:
     request: RequestState
     ctl: ChoiceController
     rows: list[Row] = field(default_factory=list)
+    rewards: dict[str, Future] | None = None  # the request's rewards on this block's candidates, running
 
 
 @dataclass(eq=False)

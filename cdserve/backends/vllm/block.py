@@ -14,6 +14,7 @@ so each block costs the scorer K x M incremental tokens, never a pass over the p
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,8 @@ class BlockDecoder:
         prompt = request.prompt_token_ids
         seed = sp.seed if sp.seed is not None else int(torch.randint(2**62, (1,)))
         ctl = eng.controller(request, choice, seed)
+        if ctl.pruning:
+            return await self.run_pruned(request, choice, emit, ctl, seed)
         prefix = await eng.in_scorer_thread(self.prefix, prompt)
         step = 0
         while not ctl.finished:
@@ -98,13 +101,16 @@ class BlockDecoder:
                 outs = out
             for o in outs.outputs:
                 ctl.push_all(o.index, o.token_ids)  # tokens past a candidate's end are dropped
+                if not ctl.candidates[o.index].done and ctrl.segment != "fixed" and o.finish_reason == "stop":
+                    ctl.end_block(o.index)  # vLLM stopped it at a segment end (segment_stops)
             if not ctl.waiting:
                 raise RuntimeError(f"vLLM ended a block of {request.request_id} early: "
                                    f"{[(o.finish_reason, len(o.token_ids)) for o in outs.outputs]}")
             eng.count_candidates(sum(len(c.tokens) for c in ctl.candidates))
             tokens = [c.tokens for c in ctl.candidates]
+            rewards = eng.submit_rewards(ctl)  # the rewards run while the scorer values the candidates
             scored = await eng.in_scorer_thread(self.score, prefix, tokens, ctl.value_positions(), ctrl.weights)
-            w = ctl.select(scored.raw, scored.combined)
+            w = ctl.select(scored.raw, scored.combined, await eng.reward_scores(rewards))
             if sp.top_p < 1.0:
                 keys = {o.index: result_key(group, o.token_ids) for o in outs.outputs}
                 ctl.kl += await eng.fetch_kl(keys.pop(w), len(tokens[w]), forget=list(keys.values()))
@@ -113,6 +119,59 @@ class BlockDecoder:
                 emit(delta)
             prefix = ScorerPrefix(scored.forked.select(torch.tensor([w])), tokens[w][-1])
             step += 1
+
+
+    async def run_pruned(self, request: GenerationRequest, choice: int, emit, ctl, seed: int) -> None:
+        """Pruned best-of-N (speculative rejection): the N candidates run to the first pruning point
+        as one request (n=N), the controller keeps the best, each survivor goes on as a request of
+        its own to the next point; the last survivor streams."""
+        eng, ctrl, sp = self.engine, request.control, request.sampling
+        prompt, rid = request.prompt_token_ids, f"{request.request_id}-{choice}"
+        prefix = await eng.in_scorer_thread(self.prefix, prompt)
+
+        def params(n: int, key: int, **kw):
+            return eng.sampling_params(request, choice, n=n, max_tokens=ctl.block_len, extra_args=None,
+                                       seed=None if sp.seed is None else (seed + 7919 * choice + 104729 * key) % 2**63,
+                                       **kw)
+
+        outs = await self._final(prompt, params(ctl.K, 0, output_kind=_final_only()), f"{rid}-p0")
+        self._push(ctl, [(o.index, o.token_ids) for o in outs.outputs])
+        step = 1
+        while True:
+            if not ctl.waiting:
+                raise RuntimeError(f"vLLM ended a pruning segment of {request.request_id} early")
+            rewards = eng.submit_rewards(ctl)
+            scored = await eng.in_scorer_thread(self.score, prefix, [c.tokens for c in ctl.candidates],
+                                                ctl.value_positions(), ctrl.weights)
+            ctl.select(scored.raw, scored.combined, await eng.reward_scores(rewards))
+            delta = ctl.take_delta(eng.head_names)
+            if delta is not None:
+                emit(delta)
+            if ctl.finished:
+                return
+            if ctl.streaming:  # one survivor left: it streams to the end on what it accepted
+                k = ctl.alive[0]
+                return await eng.stream(request, choice, ctl, k, prompt + ctl.accepted, params(1, step * 64 + k), emit)
+            running = [k for k in ctl.alive if not ctl.candidates[k].done]
+            outs = await asyncio.gather(*(self._final(prompt + ctl.candidates[k].tokens, params(
+                1, step * 64 + k, output_kind=_final_only()), f"{rid}-p{step}-{k}") for k in running))
+            self._push(ctl, [(k, out.outputs[0].token_ids) for k, out in zip(running, outs)])
+            step += 1
+
+    def _push(self, ctl, sampled: list[tuple[int, list[int]]]) -> None:
+        """Feed sampled candidates to the controller; count the tokens it kept (metrics)."""
+        kept = 0
+        for k, tokens in sampled:
+            before = len(ctl.candidates[k].tokens)
+            kept += len(ctl.push_all(k, tokens)) - before
+        self.engine.count_candidates(kept)
+
+    async def _final(self, prompt: list[int], params, request_id: str):
+        """The last output of a FINAL_ONLY vLLM request."""
+        out = None
+        async for out in self.engine.llm.generate({"prompt_token_ids": prompt}, params, request_id):
+            pass
+        return out
 
 
 def fork_args(group: str, forks: int, last: bool) -> dict | None:

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,19 +30,22 @@ from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.stats import SCORER_POLL_S, StepStatsLogger
 from cdserve.config import EngineConfig
 from cdserve.control.choice import ChoiceController
-from cdserve.errors import InvalidRequestError
+from cdserve.errors import InvalidRequestError, reward_failed
 from cdserve.outputs import (
     EngineLoad,
     GenerationRequest,
     RequestOutput,
     StepStats,
 )
+from cdserve.rewards import RewardError, RewardService
 from cdserve.scorer_store import resolve_scorer
 from cdserve.text import eos_token_ids
 from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
+# Block segment "sentence": vLLM stops each candidate where ChoiceController would end its block.
+SEGMENT_STOPS = [".", "!", "?", "\n"]
 WORKER_EXTENSION = "cdserve.backends.vllm.worker_extension.ScorerWorkerExtension"
 
 
@@ -101,6 +104,7 @@ class VLLMEngine:
         self.max_model_len = self.llm.model_config.max_model_len
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
         self.blocks = BlockDecoder(self)
+        self.rewards = RewardService(cfg.rewards)
         threads = cfg.scorer_threads
         self.scorer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cdserve-scorer",
                                               initializer=torch.set_num_threads if threads else None,
@@ -229,8 +233,9 @@ class VLLMEngine:
         elif sp.top_p < 1.0:  # the worker measures top-p truncation's KL (the control.kl contract)
             extra = {"cdserve": {"mode": ctrl.mode, "key": self._key(request, choice), "measure": True}}
         seed = None if sp.seed is None else (sp.seed + choice) % 2**63
+        stop = list(sp.stop) + (SEGMENT_STOPS if ctrl.mode == "block" and ctrl.segment == "sentence" else [])
         args = {"n": 1, "max_tokens": min(sp.max_tokens, self.max_model_len - len(request.prompt_token_ids)),
-                "temperature": sp.temperature, "top_p": sp.top_p, "seed": seed, "stop": list(sp.stop) or None,
+                "temperature": sp.temperature, "top_p": sp.top_p, "seed": seed, "stop": stop or None,
                 "output_kind": RequestOutputKind.DELTA, "extra_args": extra}
         return SamplingParams(**{**args, **override})
 
@@ -243,15 +248,19 @@ class VLLMEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     async def _stream_choice(self, request: GenerationRequest, choice: int, emit) -> None:
-        """none / token: stream one vLLM request through the choice's controller; at the end, the
-        control values."""
-        ctl = self.controller(request, choice)
-        async for out in self.llm.generate({"prompt_token_ids": request.prompt_token_ids},
-                                           self.sampling_params(request, choice), self._key(request, choice)):
+        """none / token: stream one vLLM request through the choice's controller."""
+        await self.stream(request, choice, self.controller(request, choice), 0, request.prompt_token_ids,
+                          self.sampling_params(request, choice), emit)
+
+    async def stream(self, request: GenerationRequest, choice: int, ctl: ChoiceController, k: int,
+                     prompt: list[int], params, emit) -> None:
+        """Stream candidate k of a streaming choice (none / token, or pruning's last survivor on
+        prompt + what it accepted) as vLLM samples it; at the end, the control values."""
+        async for out in self.llm.generate({"prompt_token_ids": prompt}, params, self._key(request, choice)):
             c = out.outputs[0]
             for t in c.token_ids:
                 if not ctl.finished:
-                    ctl.push(0, t)
+                    ctl.push(k, t)
             if (c.finish_reason is not None or out.finished) and not ctl.finished:
                 ctl.finish_reason = _finish_reason(c.finish_reason)  # vLLM ended it (abort)
             if ctl.finished:
@@ -261,11 +270,23 @@ class VLLMEngine:
                 emit(delta)
 
     async def _final_values(self, request: GenerationRequest, choice: int, ctl: ChoiceController) -> None:
-        if request.control.mode == "token" or request.sampling.top_p < 1.0:  # measured in the worker
+        if request.control.mode == "token" or (request.sampling.top_p < 1.0 and not ctl.pruning):  # by the worker
             ctl.kl += await self.fetch_kl(self._key(request, choice), ctl.tokens_generated)
         raw, combined = await self.in_scorer_thread(self.final_values, request.prompt_token_ids, ctl.taken(),
                                                     request.control.weights, ctl.final_position())
         ctl.set_values(raw, combined)
+
+    def submit_rewards(self, ctl: ChoiceController) -> dict[str, Future]:
+        """Start the request's rewards on its candidates' texts (batched across requests)."""
+        texts = ctl.reward_texts()
+        return {name: self.rewards.submit(name, texts) for name, _ in ctl.control.rewards}
+
+    @staticmethod
+    async def reward_scores(futures: dict[str, Future]) -> dict[str, list[float]]:
+        try:
+            return {name: await asyncio.wrap_future(f) for name, f in futures.items()}
+        except RewardError as e:
+            raise reward_failed(e) from None
 
     async def in_scorer_thread(self, fn, *args):
         """Run a server-side scorer call off the event loop, in the scorer's thread pool (its time

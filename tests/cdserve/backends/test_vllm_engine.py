@@ -87,7 +87,7 @@ _ids = iter(range(10**9))
 
 def request(engine, prompt, control=None, **sampling) -> GenerationRequest:
     ctrl = control if isinstance(control, ResolvedControl) else resolve_control(
-        control, engine.config.control, engine.head_names)
+        control, engine.config.control, engine.head_names, engine.rewards.names())
     return GenerationRequest(f"t{next(_ids)}", prompt, SamplingParams(**sampling), ctrl)
 
 
@@ -161,13 +161,22 @@ def parity(loop, vllm_engine, hf_engine, cases):
 
 BLOCK = {"mode": "block", "num_candidates": 3, "block_size": 4}
 BEST = {"mode": "best_of_n", "num_candidates": 3}
+PRUNED = {"mode": "best_of_n", "num_candidates": 4, "prune_every": 8, "keep_fraction": 0.5}
+SENTENCE = {"mode": "block", "num_candidates": 2, "block_size": 12, "segment": "sentence"}
+REWARDED = {"mode": "block", "num_candidates": 2, "block_size": 8, "rewards": {"concise": 1.0}}
 
 
 def test_block_and_best_of_n_match_hf(loop, vllm_engine, hf_engine, prompts):
     """Prompts 1 and 2 have near-ties that vLLM itself breaks differently in a block request than
     in plain greedy decoding (batch-shape numerics), so they cannot compare engines."""
-    cases = [(p, c, {"max_tokens": 30, **NEAR_GREEDY}) for p in (prompts[0], prompts[3]) for c in (BLOCK, BEST)]
-    parity(loop, vllm_engine, hf_engine, cases)
+    cases = [(p, c, {"max_tokens": 30, **NEAR_GREEDY}) for p in (prompts[0], prompts[3])
+             for c in (BLOCK, BEST, PRUNED, SENTENCE, REWARDED)]
+    got = parity(loop, vllm_engine, hf_engine, cases)
+    pruned, sentence, rewarded = got[2], got[3], got[4]
+    if pruned["finish"] == "length":  # 4 candidates to 8 tokens, 2 to 16, the survivor streams to 30
+        assert pruned["control"].selections == 2 and pruned["control"].tokens_generated == 4 * 8 + 2 * 8 + 14
+    assert sentence["control"].selections > len(sentence["ids"]) / SENTENCE["block_size"]  # cut at sentence ends
+    assert rewarded["control"].rewards == {"concise": pytest.approx(max(0.0, 1 - len(rewarded["text"].split()) / 50))}
 
 
 def test_block_parity_at_an_eos_mid_block_and_a_stop_string_across_blocks(loop, vllm_engine, hf_engine):

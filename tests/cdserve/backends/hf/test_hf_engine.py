@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def prompt_ids(engine, text: str) -> list[int]:
 
 
 def request(engine, text, control, **sampling) -> GenerationRequest:
-    ctrl = resolve_control(control, engine.config.control, engine.head_names)
+    ctrl = resolve_control(control, engine.config.control, engine.head_names, engine.rewards.names())
     return GenerationRequest(request_id=f"t{next(_ids)}", prompt_token_ids=prompt_ids(engine, text),
                              sampling=SamplingParams(**sampling), control=ctrl)
 
@@ -192,11 +193,98 @@ def test_selection_picks_the_argmax_of_recomputed_values(engine, reference, mode
     assert chosen["control"].tokens_generated == sum(len(c["ids"]) + (c["finish"] == "stop") for c in candidates)
 
 
+def test_best_of_n_with_the_reward_in_the_loop_is_client_side_true_reward_best_of_n(engine):
+    """best_of_n ranking by a reward alone (weights {}) keeps the answer a client would keep by
+    sampling the same K answers (n=K, same seed) and ranking them with the reward itself."""
+    from prefix_scorers.rewards import get_reward
+
+    K, seed = 4, 5
+    sel = request(engine, PROMPTS[3], {"mode": "best_of_n", "num_candidates": K, "weights": {},
+                                       "rewards": {"readable": 1.0}}, max_tokens=12, temperature=1.0, seed=seed)
+    plain = request(engine, PROMPTS[3], {"mode": "none"}, max_tokens=12, temperature=1.0, seed=seed, n=K)
+    [chosen], candidates = run(engine, sel, plain)
+    scores = get_reward("readable")([c["text"] for c in candidates])
+    assert len(set(scores)) > 1, "the candidates should score differently"
+    best = max(range(K), key=scores.__getitem__)
+    assert chosen["ids"] == candidates[best]["ids"]
+    assert chosen["control"].rewards == {"readable": pytest.approx(scores[best])}
+
+
+def test_a_failing_reward_fails_only_its_request(tiny_model_dir, tiny_scorer_dir):
+    import http.server
+    import threading
+
+    from cdserve.errors import InvalidRequestError
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    eng = HFEngine(EngineConfig(model=str(tiny_model_dir), scorer=str(tiny_scorer_dir), backend="hf", device="cpu",
+                                rewards={"http": {"judge": f"http://127.0.0.1:{httpd.server_port}/score"}}))
+    asyncio.run(eng.start())
+    try:
+        bad = request(eng, PROMPTS[0], {"mode": "block", "num_candidates": 2, "block_size": 4,
+                                        "rewards": {"judge": 1.0}}, max_tokens=8, temperature=1.0, seed=1)
+        good = request(eng, PROMPTS[1], {"mode": "block", "num_candidates": 2, "block_size": 4}, max_tokens=8,
+                       temperature=1.0, seed=1)
+
+        async def main():
+            return await asyncio.gather(collect(eng, bad), collect(eng, good), return_exceptions=True)
+
+        failed, ok = asyncio.run(main())
+        assert isinstance(failed, InvalidRequestError) and failed.status_code == 502
+        assert failed.param == "control.rewards.judge" and "judge" in failed.message
+        assert ok[0]["finish"] == "length" and len(ok[0]["ids"]) == 8
+        for _ in range(100):  # the failed request's rows leave within the engine's next steps
+            if not eng.core.rows:
+                break
+            time.sleep(0.05)
+        assert eng.core.rows == []
+    finally:
+        asyncio.run(eng.shutdown())
+        httpd.shutdown()
+
+
 def test_block_mode_runs_several_blocks(engine):
     c = single(engine, request(engine, PROMPTS[2], {"mode": "block", "block_size": 4, "num_candidates": 3},
                                max_tokens=16, temperature=1.0, seed=1))
     assert c["control"].selections == math.ceil(len(c["ids"]) / 4) or c["finish"] == "stop"
     assert c["control"].tokens_generated >= len(c["ids"])
+
+
+def test_pruned_best_of_n_leaves_the_batch_as_it_prunes_and_streams_the_survivor(engine):
+    req = request(engine, PROMPTS[1], {"mode": "best_of_n", "num_candidates": 4, "prune_every": 4,
+                                       "keep_fraction": 0.5}, max_tokens=16, temperature=1.0, seed=3)
+    outputs, steps = [], []
+    engine.add_stats_listener(steps.append)
+
+    async def main():
+        async for out in engine.generate(req):
+            outputs.append(out)
+
+    try:
+        asyncio.run(main())
+        for _ in range(100):  # the last step's stats reach listeners right after its output
+            if not engine.core.rows and len(steps) >= 16:
+                break
+            time.sleep(0.02)
+    finally:
+        engine._listeners.remove(steps.append)
+    texts = [d.text for out in outputs for d in out.choices if d.text]
+    final = outputs[-1].choices[-1]
+    assert final.finish_reason == "length"
+    assert len(texts) > 1  # the last survivor streamed after the second pruning point
+    # 4 candidates sample 4 tokens each, the 2 kept 4 more each, the survivor 8 more; pruned rows left
+    assert final.control.tokens_generated == 4 * 4 + 2 * 4 + 8 and final.control.selections == 2
+    assert final.control.kl == pytest.approx(math.log(4))
+    assert [s.batch_rows for s in steps] == [4] * 4 + [2] * 4 + [1] * 8
 
 
 # -- batch invariance --------------------------------------------------------------------------
