@@ -5,7 +5,10 @@ schema-valid request must be accepted; schema-invalid ones must be refused with 
 CI runs a few hundred cases. The longer local fuzz (benchmarks/RESULTS.md, "API conformance")
 is the same test with more examples per operation:
 
-    CDSERVE_FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest -q tests/cdserve/server/test_fuzz.py
+    CDSERVE_FUZZ_EXAMPLES=800 CDSERVE_FUZZ_MAX_TIME=480 \
+        .venv/bin/python -m pytest -q -s tests/cdserve/server/test_fuzz.py::test_schemathesis
+
+(CDSERVE_FUZZ_MAX_TIME: schemathesis's --max-time, fuzzing repeats until that many seconds are spent.)
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ FUZZ_FLAGS = ("--max-model-len", "1024", "--max-tokens-limit", "2", "--max-n", "
               "--max-batch-rows", "64", "--max-body-bytes", "1000000")
 EXAMPLES = int(os.environ.get("CDSERVE_FUZZ_EXAMPLES", "40"))
 SEED = int(os.environ.get("CDSERVE_FUZZ_SEED", "20261128"))
+MAX_TIME = os.environ.get("CDSERVE_FUZZ_MAX_TIME")
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,positive_data_acceptance,negative_data_rejection")
 
@@ -33,7 +37,8 @@ def schemathesis(url: str, report: Path, *args: str) -> subprocess.CompletedProc
     cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{url}/openapi.json",
            "--checks", CHECKS, "--seed", str(SEED), "--max-examples", str(EXAMPLES), "--workers", "1",
            "--phases", "examples,coverage,fuzzing", "--request-timeout", "60", "--no-color",
-           "--report", "junit", "--report-junit-path", str(report), "--continue-on-failure", *args]
+           "--report", "junit", "--report-junit-path", str(report), "--continue-on-failure",
+           *(["--max-time", MAX_TIME] if MAX_TIME else []), *args]
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=1800, cwd=report.parent,
                           env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
 
