@@ -42,11 +42,12 @@ Listener = Callable[[str, int, float, bool], None]  # (reward, texts, seconds, o
 
 class RewardError(RuntimeError):
     """A reward could not be used: unknown, failed, too slow, or answered something invalid.
-    `reward` names it; the message says what failed and what to do."""
+    `reward` names it; the message says what failed and what to do, and may reach the client, so
+    an HTTP reward's URL and answer go in `detail`, for the server's log only."""
 
-    def __init__(self, reward: str, message: str):
+    def __init__(self, reward: str, message: str, detail: str = ""):
         super().__init__(message)
-        self.reward = reward
+        self.reward, self.detail = reward, detail
 
 
 class RewardConfig(BaseModel):
@@ -115,6 +116,7 @@ class _Source:
     range: tuple[float, float]
     score: Callable[[list[str]], Any]  # raw scores, checked by _validate
     what: str  # how messages name it
+    url: str = ""  # an HTTP reward's, for the log
 
 
 @dataclass(eq=False)
@@ -150,9 +152,9 @@ class RewardService:
                                          f"Python reward '{r.name}'")
                          for r in python_rewards(config).values()}
         for name, url in config.http.items():
-            self._sources[name] = _Source(name, "http", f"HTTP reward model at {url}",
+            self._sources[name] = _Source(name, "http", "HTTP reward model (configured at start-up)",
                                           tuple(config.http_range.get(name, UNBOUNDED)),
-                                          self._http_scorer(name, url), f"HTTP reward '{name}' ({url})")
+                                          self._http_scorer(name, url), f"HTTP reward '{name}'", url)
         self._pool = ThreadPoolExecutor(config.threads, thread_name_prefix="cdserve-reward")
         self._listeners: list[Listener] = []
         self._cond = threading.Condition()
@@ -283,14 +285,14 @@ class RewardService:
             except Exception:  # metrics must not break scoring
                 log.exception("reward listener failed")
         if error is not None:
-            log.warning("%s", error)
+            log.warning("%s [%s]", error, "; ".join(filter(None, (call.source.url, error.detail))))
             for job in {id(job): job for job, _ in call.items}.values():
                 _settle(job.future, error=error)
         for job in done:
             _settle(job.future, result=job.scores)
 
     def _http_scorer(self, name: str, url: str) -> Callable[[list[str]], Any]:
-        what = f"HTTP reward '{name}' ({url})"
+        what = f"HTTP reward '{name}'"
 
         def score(texts: list[str]) -> Any:
             try:
@@ -299,19 +301,20 @@ class RewardService:
                 raise RewardError(name, f"{what} did not answer within {self.config.timeout_s:g} s "
                                   "(rewards.timeout_s); check that it is up, or raise the timeout") from None
             except httpx.HTTPError as e:
-                raise RewardError(name, f"{what} could not be reached ({type(e).__name__}: {e}); check "
-                                  "that it is running at that URL") from None
+                raise RewardError(name, f"{what} could not be reached ({type(e).__name__}); check that it "
+                                  "is running at its configured URL", f"{e}") from None
+            answer = f"answer: {resp.text[:200]!r}"
             if resp.status_code != 200:
-                raise RewardError(name, f"{what} answered HTTP {resp.status_code}: {resp.text[:200]!r}; "
-                                  "see the reward model's log")
+                raise RewardError(name, f"{what} answered HTTP {resp.status_code}; see the reward model's "
+                                  "log", answer)
             try:
                 body = resp.json()
             except ValueError:
-                raise RewardError(name, f"{what} answered something that is not JSON: {resp.text[:100]!r}; "
-                                  'it must answer {"scores": [one number per text]}') from None
+                raise RewardError(name, f"{what} answered something that is not JSON; it must answer "
+                                  '{"scores": [one number per text]}', answer) from None
             if not isinstance(body, dict) or not isinstance(body.get("scores"), list):
-                raise RewardError(name, f"{what} answered {str(body)[:100]!r} without a 'scores' list; it "
-                                  'must answer {"scores": [one number per text]}')
+                raise RewardError(name, f"{what} answered JSON without a 'scores' list; it must answer "
+                                  '{"scores": [one number per text]}', answer)
             return body["scores"]
 
         return score

@@ -82,6 +82,6 @@ def test_v1_rewards_lists_builtins_and_http_reward_models(launch):
     assert rewards["vader_compound"] == {"name": "vader_compound", "kind": "python", "range": [-1.0, 1.0],
                                          "description": "Positive sentiment: VADER compound score."}
     assert rewards["toxicity"] == {"name": "toxicity", "kind": "http", "range": [0.0, 1.0],
-                                   "description": f"HTTP reward model at {HTTP_REWARDS['toxicity']}"}
+                                   "description": "HTTP reward model (configured at start-up)"}
     assert rewards["helpful"]["range"] == [None, None]  # no declared range: unbounded
     assert "/v1/rewards" in paths
