@@ -1,11 +1,13 @@
 """The server's side of the reward service: its settings (flags, CDSERVE_REWARDS__*), its metrics,
-and GET /v1/rewards on a live server."""
+and, on a live server, GET /v1/rewards and a request ranking by an HTTP reward model served here."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pydantic import ValidationError
@@ -68,14 +70,46 @@ def test_reward_calls_are_metrics():
     assert 'cdserve_reward_texts_total{reward="concise"} 2.0' in text
 
 
+class ShortIsGood(BaseHTTPRequestHandler):
+    """An HTTP reward model: 1 / (1 + characters)."""
+
+    def do_POST(self):
+        texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["texts"]
+        data = json.dumps({"scores": [1 / (1 + len(t)) for t in texts]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def short_url():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ShortIsGood)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/score"
+    httpd.shutdown()
+    httpd.server_close()
+
+
 @pytest.mark.slow
-def test_v1_rewards_lists_builtins_and_http_reward_models(launch):
-    srv = launch("--rewards-http", json.dumps(HTTP_REWARDS), "--rewards-http-range", '{"toxicity": [0, 1]}')
+def test_v1_rewards_lists_and_requests_use_them(launch, short_url):
+    rewards = {**HTTP_REWARDS, "short": short_url}
+    srv = launch("--rewards-http", json.dumps(rewards), "--rewards-http-range", '{"toxicity": [0, 1]}')
     with srv.http() as http:
         r = http.get("/v1/rewards")
         assert r.status_code == 200, r.text
         body = r.json()
         paths = http.get("/openapi.json").json()["paths"]
+        r = http.post("/v1/completions", json={
+            "model": srv.model, "prompt": "Hello", "max_tokens": 6, "seed": 1,
+            "control": {"mode": "best_of_n", "num_candidates": 3, "weights": {}, "rewards": {"short": 1.0}}})
+        assert r.status_code == 200, r.text
+        assert set(r.json()["choices"][0]["control"]["rewards"]) == {"short"}
+    assert srv.metric("cdserve_reward_calls_total", reward="short", outcome="ok") >= 1
+    assert srv.metric("cdserve_reward_call_seconds_count", reward="short") >= 1
     assert body["object"] == "list"
     rewards = {d["name"]: d for d in body["data"]}
     assert {"civility", "concise", "readable", "vader_compound", "toxicity", "helpful"} <= set(rewards)
