@@ -76,7 +76,7 @@ def _unsupported(name: str, description: str = "") -> Any:
 
 def _boolean(value: Any) -> Any:
     if not isinstance(value, bool):  # Literal[False] alone would take 0 (0 == False)
-        raise ValueError("Input should be a valid boolean")
+        raise ValueError("Input should be a valid boolean")  # noqa: TRY004  (pydantic: ValueError is a 400)
     return value
 
 
