@@ -21,5 +21,5 @@ def reward_failed(error: Exception) -> InvalidRequestError:
     """A reward the request named failed (timeout, error, bad scores): that request alone ends
     with HTTP 502 naming the reward."""
     name = getattr(error, "reward", "?")
-    return InvalidRequestError(f"control.rewards.{name}", f"reward '{name}' failed: {error}", status_code=502,
+    return InvalidRequestError(f"control.rewards.{name}", str(error), status_code=502,
                                code="reward_failed")

@@ -102,6 +102,8 @@ class HFEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        if self.core is not None:
+            self.rewards.close()
 
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -58,15 +58,19 @@ class EngineCore:
         if self._all_await_rewards():
             return None
         tokens, valid = self._decode_inputs()
+        sampling_rows = sum(not r.waiting for r in self.rows)  # candidates waiting for selection idle
         logits = self.runner.decode(tokens, valid)  # (B, V) base model
         scorer_start = time.perf_counter()
         queries = self._scorer_step(tokens, valid)  # (Bc, H, d_e) scorer, controlled rows only
         steered = self._steer(logits, queries)  # token mode: logits + strength * sum_h w_h Q_h
-        scorer_seconds = time.perf_counter() - scorer_start if queries is not None else 0.0
+        scorer_seconds = time.perf_counter() - scorer_start
         kl = self._kl(steered, logits)  # KL(sampled || base) of the rows that can have any
-        sampled = sample(steered, *self._sampling_tensors())
-        candidates = self._postprocess(sampled.tolist(), queries, kl)  # host sync: stops need ids
-        return StepStats(batch_rows=len(tokens), step_seconds=time.perf_counter() - start,
+        sampled = sample(steered, *self._sampling_tensors()).tolist()  # host sync: stops need ids
+        scorer_start = time.perf_counter()
+        taken = self._taken_values(sampled, queries)  # the scorer's values of the sampled tokens
+        scorer_seconds = scorer_seconds + time.perf_counter() - scorer_start if queries is not None else 0.0
+        candidates = self._postprocess(sampled, taken, kl)
+        return StepStats(batch_rows=sampling_rows, step_seconds=time.perf_counter() - start,
                          scorer_seconds=scorer_seconds, prefill_tokens=prefill_tokens,
                          candidates_generated=candidates)
 
@@ -182,8 +186,7 @@ class EngineCore:
         return dict(zip(idx, kl.tolist()))  # host sync, with the sampled ids
 
     # -- after sampling ---------------------------------------------------------------------------
-    def _postprocess(self, sampled: list[int], queries: torch.Tensor | None, kl: dict[int, float]) -> int:
-        taken = self._taken_values(sampled, queries)
+    def _postprocess(self, sampled: list[int], taken: dict[int, torch.Tensor], kl: dict[int, float]) -> int:
         candidates = 0
         touched: dict[int, Choice] = {}
         for i, row in enumerate(self.rows):

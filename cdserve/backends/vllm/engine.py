@@ -185,6 +185,7 @@ class VLLMEngine:
             self.llm.shutdown()
             self.llm = None
             self.scorer_pool.shutdown(wait=False, cancel_futures=True)
+            self.rewards.close()
 
     # -- requests ---------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
