@@ -21,6 +21,8 @@ class ScorerWorkerExtension:
         if proc is None:
             return {}
         proc.rows.forget(forget)
+        if not _last_pipeline_stage():  # earlier stages track the rows but never see logits
+            return {}
         out = {}
         for key, n in requests:
             kl = proc.rows.kl_of(key, n)
@@ -45,3 +47,13 @@ class ScorerWorkerExtension:
 
         proc = self._cdserve_processor()
         return [] if proc is None else scorer_clock(proc).take()
+
+
+def _last_pipeline_stage() -> bool:
+    """Pipeline parallel: only the last stage computes logits, so only its KL is real."""
+    try:
+        from vllm.distributed import get_pp_group
+
+        return get_pp_group().is_last_rank
+    except (ImportError, AssertionError):  # no distributed state (unit tests): a single stage
+        return True
