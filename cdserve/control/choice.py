@@ -25,7 +25,6 @@ from cdserve.outputs import ChoiceDelta, ControlValues
 from cdserve.sampling import SamplingParams
 from cdserve.text import find_stop, safe_prefix_len
 
-
 SENTENCE_END = re.compile(r"[.!?\n]")  # segment "sentence": a block ends after the first of these
 
 

@@ -18,8 +18,8 @@ from cdserve.backends.hf.model_runner import ModelRunner
 from cdserve.backends.hf.sequence import RequestState
 from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.config import EngineConfig
-from cdserve.rewards import RewardService
 from cdserve.outputs import EngineLoad, GenerationRequest, RequestOutput, StepStats
+from cdserve.rewards import RewardService
 from cdserve.scorer_store import resolve_scorer
 from cdserve.text import eos_token_ids
 from prefix_scorers.base_model import load_model, load_tokenizer, resolve_model

@@ -78,7 +78,6 @@ class VLLMEngine:
         self._tasks: dict[str, set[asyncio.Task]] = {}
         self.admission = Admission(config.max_batch_rows, config.max_waiting)
         self._forget: list[str] = []  # token-mode keys of aborted choices, sent with the next rpc
-        self._scheduler = (0, 0)  # vLLM's last (running, waiting) requests
         self.forked_tokens = 0  # block-fork tokens over vLLM's steps (tests, logs)
         self.candidate_tokens = 0  # block / best_of_n candidate tokens sampled
         self._stepped = False  # vLLM stepped since the last fetch of the worker's scorer times
@@ -105,7 +104,7 @@ class VLLMEngine:
         cfg.control.check_heads(self.head_names)
         vllm_environment(cfg, self.scorer_dir, on_cpu)
         self.dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
-        stats = StepStatsLogger.factory(self._on_step, self._on_scheduler)
+        stats = StepStatsLogger.factory(self._on_step)
         self.llm = AsyncLLM.from_engine_args(self._engine_args(on_cpu), stat_loggers=[stats])
         self.max_model_len = self.llm.model_config.max_model_len
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
@@ -397,9 +396,6 @@ class VLLMEngine:
     def _emit(self, stats: StepStats) -> None:
         for listener in self._listeners:
             listener(stats)
-
-    def _on_scheduler(self, running: int, waiting: int) -> None:
-        self._scheduler = (running, waiting)
 
 
 def _finish_reason(reason: str | None) -> str:

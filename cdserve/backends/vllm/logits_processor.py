@@ -27,10 +27,10 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from cdserve.backends.scorer_runner import steer_rows
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
 from cdserve.backends.vllm.stats import timed_apply
-from cdserve.backends.scorer_runner import steer_rows
 from cdserve.control.steering import sampled_kl
 from prefix_scorers.config import ScorerConfig
 

@@ -51,7 +51,7 @@ class StepStatsLogger(StatLoggerBase):
         self.on_scheduler = on_scheduler
 
     @classmethod
-    def factory(cls, sink: Callable[[StepStats], None], on_scheduler: Callable[[int, int], None]):
+    def factory(cls, sink: Callable[[StepStats], None], on_scheduler: Callable[[int, int], None] | None = None):
         return lambda vllm_config, engine_index=0: cls(vllm_config, engine_index, sink, on_scheduler)
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
