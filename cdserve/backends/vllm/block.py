@@ -96,9 +96,7 @@ class BlockDecoder:
             params = eng.sampling_params(request, choice, n=ctl.K, max_tokens=max_tokens,
                                          seed=None if sp.seed is None else (seed + 7919 * choice + ctl.K * step) % 2**63,
                                          output_kind=_final_only(), extra_args=extra)
-            outs = None
-            async for out in eng.llm.generate({"prompt_token_ids": prompt + ctl.accepted}, params, group):
-                outs = out
+            outs = await self._final(prompt + ctl.accepted, params, group)
             for o in outs.outputs:
                 ctl.push_all(o.index, o.token_ids)  # tokens past a candidate's end are dropped
                 if not ctl.candidates[o.index].done and ctrl.segment != "fixed" and o.finish_reason == "stop":
