@@ -6,6 +6,11 @@ accepted output tokens per second; `base_tokens_generated` also counts the candi
 block and best_of_n sampled and discarded. Drives the engine seam (`Engine.generate`): this is
 the engine without HTTP (benchmarks/load/ measures the server).
 
+The pseudo-mode `generate` (hf only) is the baseline a continuous-batching engine is held to:
+transformers' `model.generate` on static batches of `concurrency` prompts (left-padded), the
+engine's own model object, same prompts, temperature, max_tokens and stop at EOS, in the same
+process and the same rotation of rounds as the modes.
+
     .venv/bin/python benchmarks/decode_speed.py                       # hf at 1 and 8 concurrent
     .venv/bin/python benchmarks/decode_speed.py --backend vllm --concurrency 16 --modes none,token,block
 """
@@ -96,6 +101,34 @@ async def run_mode(engine, mode: str, prompts: list[list[int]], concurrency: int
             "base_tokens_generated": sum(g for _, g in results)}
 
 
+def run_generate(engine, prompts: list[list[int]], concurrency: int, max_tokens: int, seed: int = 0) -> dict:
+    """Static-batch baseline: `model.generate` on batches of `concurrency` left-padded prompts (the
+    hf engine's model, sampling as in run_mode). Output tokens: each row's tokens before its EOS."""
+    if engine.backend_name != "hf":
+        raise SystemExit("mode 'generate' (the static-batch baseline) needs --backend hf")
+    model, eos = engine.core.runner.model, sorted(engine.core.eos)
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else eos[0]
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    tokens = 0
+    for b in range(0, len(prompts), concurrency):
+        batch = prompts[b:b + concurrency]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=engine.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=engine.device)
+        torch.manual_seed(seed + b)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_k=0,
+                                 top_p=1.0, max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            ends = [i for i, t in enumerate(row) if t in eos]
+            tokens += ends[0] if ends else len(row)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+    return {"backend": "hf", "mode": "generate", "concurrency": concurrency, "requests": len(prompts),
+            "max_tokens": max_tokens, "seconds": round(seconds, 2), "output_tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1), "cpu_ms_per_token": round(1000 * cpu / max(tokens, 1), 1),
+            "base_tokens_generated": tokens}
+
+
 async def measure(engine, modes=("none", "token", "block"), concurrency: int = 16, requests: int = 32,
                   max_tokens: int = 64, repeats: int = 1) -> list[dict]:
     """Warm up once, then time each mode on the same prompts, `repeats` rounds with the mode order
@@ -103,10 +136,13 @@ async def measure(engine, modes=("none", "token", "block"), concurrency: int = 1
     the median round, and each mode's ratio of medians to `none`."""
     prompts = chat_prompts(engine.tokenizer, requests)
     await run_mode(engine, "none", prompts[:concurrency], concurrency, 8, seed=999)  # warm-up
+    if "generate" in modes:
+        run_generate(engine, prompts[:concurrency], concurrency, 8, seed=999)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(repeats):
         for m in modes[r % len(modes):] + modes[: r % len(modes)]:
-            runs[m].append(await run_mode(engine, m, prompts, concurrency, max_tokens))
+            runs[m].append(run_generate(engine, prompts, concurrency, max_tokens) if m == "generate"
+                           else await run_mode(engine, m, prompts, concurrency, max_tokens))
     rows = []
     for m in modes:
         ordered = sorted(runs[m], key=lambda x: x["tokens_per_s"])
@@ -114,7 +150,9 @@ async def measure(engine, modes=("none", "token", "block"), concurrency: int = 1
         row["tokens_per_s_runs"] = [x["tokens_per_s"] for x in runs[m]]
         rows.append(row)
     base = next((r for r in rows if r["mode"] == "none"), None)
+    static = next((r for r in rows if r["mode"] == "generate"), None)
     for r in rows:
+        r["vs_generate"] = round(r["tokens_per_s"] / static["tokens_per_s"], 3) if static else None
         r["cpu_ms_per_token_runs"] = [x["cpu_ms_per_token"] for x in runs[r["mode"]]]
         r["cpu_ms_per_token"] = sorted(r["cpu_ms_per_token_runs"])[len(runs[r["mode"]]) // 2]
         r["vs_none"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3) if base else None
@@ -124,14 +162,14 @@ async def measure(engine, modes=("none", "token", "block"), concurrency: int = 1
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| backend | concurrency | mode | output tok/s (median) | rounds | vs none (wall) | "
+    lines = ["| backend | concurrency | mode | output tok/s (median) | rounds | vs none (wall) | vs generate (wall) | "
              "CPU ms / token | vs none (CPU) | base tokens / output token |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cost = r["base_tokens_generated"] / max(r["output_tokens"], 1)
         rounds = ", ".join(str(x) for x in r.get("tokens_per_s_runs", [r["tokens_per_s"]]))
         lines.append(f"| {r['backend']} | {r['concurrency']} | {r['mode']} | {r['tokens_per_s']} | {rounds} | "
-                     f"{r['vs_none']} | {r['cpu_ms_per_token']} | {r['cpu_vs_none']} | {cost:.2f} |")
+                     f"{r['vs_none']} | {r.get('vs_generate')} | {r['cpu_ms_per_token']} | {r['cpu_vs_none']} | {cost:.2f} |")
     return "\n".join(lines)
 
 
@@ -139,7 +177,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--concurrency", default="1,8", help="comma-separated levels")
-    ap.add_argument("--modes", default="none,token,block,best_of_n")
+    ap.add_argument("--modes", default=None, help="comma-separated; 'generate' is the static-batch "
+                    "transformers baseline (hf only); default: generate,none,token,block,best_of_n on hf")
     ap.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3, help="rounds per mode (median reported)")
@@ -156,7 +195,8 @@ def main() -> None:
 
     config = EngineConfig(backend=args.backend, scorer=args.scorer, enforce_eager=True, max_batch_rows=64,
                           kv_cache_space_gib=args.kv_cache_space_gib, max_model_len=1024, max_tokens_limit=512)
-    modes = tuple(args.modes.split(","))
+    modes = tuple((args.modes or ("generate,none,token,block,best_of_n" if args.backend == "hf"
+                                  else "none,token,block,best_of_n")).split(","))
 
     async def go() -> list[dict]:
         engine = build_engine(config)
