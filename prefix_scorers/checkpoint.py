@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from prefix_scorers.config import (
     Architecture,
     EmbeddingSpec,
+    EnsembleSpec,
     HeadSpec,
     Normalization,
     Provenance,
@@ -69,6 +70,11 @@ def load_scorer(directory: str | Path, tokenizer=None, base_embedding: torch.Ten
         raise ValueError(f"scorer weights {weights} cannot be read ({type(e).__name__}: {e}): the file "
                          "is truncated or corrupt. Copy the checkpoint folder again, re-export it "
                          "(`prefix-scorers export`), or pass another --scorer") from None
+    rows, want = state.get("head_proj", torch.empty(0)).shape[:1], len(cfg.heads) * cfg.ensemble_size
+    if tuple(rows) != (want,):
+        raise ValueError(f"scorer weights in {weights} hold {tuple(rows)} head projections, config.json "
+                         f"asks for {want} ({len(cfg.heads)} heads x ensemble of {cfg.ensemble_size}): "
+                         "config.json and model.safetensors come from different checkpoints")
     missing, unexpected = scorer.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in ("norm_mean", "norm_std")]
     if missing or unexpected:
@@ -90,10 +96,12 @@ DEFAULT_HEADS = [  # formulas: prefix_scorers/rewards/builtin.py
 
 
 def init_from_base(base_model, tokenizer, heads: list[HeadSpec] | None = None, num_layers: int = 4,
-                   seed: int = 0, base_name: str = "", embedding_source: str = "base") -> PrefixScorer:
+                   seed: int = 0, base_name: str = "", embedding_source: str = "base",
+                   ensemble: EnsembleSpec | None = None) -> PrefixScorer:
     """A new scorer whose blocks are copies of the first `num_layers` layers of a Llama-family
     base model (a good start: it already reads text the way the base does) and whose heads are
-    random. It is untrained until a training run says otherwise in its provenance."""
+    random (E random projections each with `ensemble`). It is untrained until a training run says
+    otherwise in its provenance."""
     torch.manual_seed(seed)
     bc = base_model.config
     heads = heads or DEFAULT_HEADS
@@ -110,7 +118,7 @@ def init_from_base(base_model, tokenizer, heads: list[HeadSpec] | None = None, n
                                 fingerprint=embedding_fingerprint(emb) if embedding_source == "base" else ""),
         tokenizer=TokenizerSpec(fingerprint=tokenizer_fingerprint(tokenizer),
                                 name=getattr(tokenizer, "name_or_path", "") or base_name),
-        heads=heads, normalization=Normalization.identity(len(heads)),
+        heads=heads, normalization=Normalization.identity(len(heads)), ensemble=ensemble,
         provenance=Provenance(trained=False, base_model=base_name, seed=seed,
                               note=f"untrained: first {num_layers} base layers, random heads"))
     scorer = PrefixScorer(cfg, emb if embedding_source == "base" else None)
@@ -126,7 +134,8 @@ def init_from_base(base_model, tokenizer, heads: list[HeadSpec] | None = None, n
 
 
 def random_scorer(vocab_size: int, tokenizer, heads: list[HeadSpec], hidden_size: int = 32,
-                  num_layers: int = 2, seed: int = 0, embedding: torch.Tensor | None = None) -> PrefixScorer:
+                  num_layers: int = 2, seed: int = 0, embedding: torch.Tensor | None = None,
+                  ensemble: EnsembleSpec | None = None) -> PrefixScorer:
     """A small random scorer, for tests and experiments (own embedding unless one is given)."""
     torch.manual_seed(seed)
     arch = Architecture(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
@@ -137,6 +146,6 @@ def random_scorer(vocab_size: int, tokenizer, heads: list[HeadSpec], hidden_size
         embedding=EmbeddingSpec(source=source, dim=embedding.shape[1] if embedding is not None else hidden_size,
                                 fingerprint=embedding_fingerprint(embedding) if embedding is not None else ""),
         tokenizer=TokenizerSpec(fingerprint=tokenizer_fingerprint(tokenizer)),
-        heads=heads, normalization=Normalization.identity(len(heads)),
+        heads=heads, normalization=Normalization.identity(len(heads)), ensemble=ensemble,
         provenance=Provenance(trained=False, seed=seed, note="random weights"))
     return PrefixScorer(cfg, embedding).eval()

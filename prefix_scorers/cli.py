@@ -86,7 +86,8 @@ def cmd_train(args) -> None:
     run = _run_dir(args)
     cfg = TrainConfig(objective=args.objective, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                       head_lr=args.head_lr, num_layers=args.num_layers, seed=args.seed, device=args.device,
-                      base_model=args.base_model, heads=_heads(args))
+                      base_model=args.base_model, heads=_heads(args), ensemble=args.ensemble,
+                      ensemble_prior=args.ensemble_prior)
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", run / "train", cfg, _base_dir(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 writes and reports
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--lr", type=float, default=1e-4)
         sp.add_argument("--head-lr", type=float, default=1e-3)
         sp.add_argument("--num-layers", type=int, default=2, help="base layers copied into the scorer")
+        sp.add_argument("--ensemble", type=int, default=1, help="value projections per head, each trained on "
+                        "its own bootstrap resample of the rollouts; >1 makes the scorer report a spread")
+        sp.add_argument("--ensemble-prior", type=float, default=1.0, help="scale of the members' random "
+                        "initial projections (x the single-projection init)")
 
     def export_args(sp):
         sp.add_argument("--src", help="trained checkpoint (default: RUN/train/scorer)")

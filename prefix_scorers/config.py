@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # a checkpoint with one value projection per head (what older cdserve reads)
+ENSEMBLE_FORMAT_VERSION = 2  # a checkpoint with `ensemble`: E projections per head
+FORMAT_VERSIONS = (FORMAT_VERSION, ENSEMBLE_FORMAT_VERSION)
 
 
 class HeadSpec(BaseModel):
@@ -105,6 +107,21 @@ class Normalization(BaseModel):
         return cls(mean=[[0.0]] * num_heads, std=[[1.0]] * num_heads)
 
 
+class EnsembleSpec(BaseModel):
+    """E value projections per head on one shared trunk: Q_{h,e}(prefix, z) = <U_{h,e} h, E_z> / sqrt(d_e)
+    + b_{h,e}. A head's value is the mean over e, its spread (epistemic uncertainty) the standard
+    deviation over e. The weights keep the single-projection names: `head_proj` (H*E, d_e, d) and
+    `head_bias` (H*E,), head-major (row h*E + e is member e of head h)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(ge=2, description="E: value projections per head.")
+    method: str = Field("bootstrap-poisson", description="How the members were made to differ "
+                        "(bootstrap-poisson: each member weighs each training rollout by its own Poisson(1) draw).")
+    prior_scale: float = Field(0.0, ge=0, description="Std of each member's random initial projection, "
+                               "relative to the single-projection init (the spread on inputs unlike the data).")
+
+
 class Provenance(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -127,6 +144,8 @@ class ScorerConfig(BaseModel):
     heads: list[HeadSpec] = Field(min_length=1)
     normalization: Normalization
     provenance: Provenance = Field(default_factory=Provenance)
+    ensemble: EnsembleSpec | None = Field(None, description="Several value projections per head "
+                                          "(format_version 2); absent: one per head.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ScorerConfig:
@@ -137,18 +156,31 @@ class ScorerConfig(BaseModel):
             raise ValueError(
                 f"normalization has {len(self.normalization.mean)} heads, config names {len(names)}"
             )
-        if self.format_version != FORMAT_VERSION:
+        if self.ensemble is not None and "format_version" not in self.model_fields_set:
+            self.format_version = ENSEMBLE_FORMAT_VERSION  # so an older reader refuses it by its version
+        if self.format_version not in FORMAT_VERSIONS:
             raise ValueError(
-                f"format_version={self.format_version} is not supported (expected {FORMAT_VERSION})"
+                f"format_version={self.format_version} is not supported (expected one of {FORMAT_VERSIONS}): "
+                "this checkpoint needs a newer prefix_scorers"
             )
+        if (self.ensemble is not None) != (self.format_version == ENSEMBLE_FORMAT_VERSION):
+            raise ValueError(f"format_version={self.format_version} with ensemble={self.ensemble}: version "
+                             f"{ENSEMBLE_FORMAT_VERSION} means an ensemble checkpoint, {FORMAT_VERSION} one without")
         return self
+
+    @property
+    def ensemble_size(self) -> int:
+        """E: value projections per head (1 without an ensemble)."""
+        return self.ensemble.size if self.ensemble is not None else 1
 
     @property
     def head_names(self) -> list[str]:
         return [h.name for h in self.heads]
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / "config.json").write_text(self.model_dump_json(indent=2) + "\n")
+        # without an ensemble, the file is exactly a version-1 config (older readers forbid extra keys)
+        skip = {"ensemble"} if self.ensemble is None else None
+        (Path(directory) / "config.json").write_text(self.model_dump_json(indent=2, exclude=skip) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> ScorerConfig:

@@ -10,6 +10,12 @@ H * d_e * d parameters instead of H * V * d, and decoding only needs Q for the b
 candidates (k dot products) or, with top_k 0, one [d_e] x [d_e, V] product for the weighted
 combination of the heads (Q is linear in U, so the heads are combined before touching E).
 
+Ensemble heads (`config.ensemble`, E > 1): each head holds E projections U_{h,e} (and biases
+b_{h,e}) on the same trunk state h_t, trained on different bootstrap resamples of the rollouts.
+The head's value is their mean, its spread (how unsure the scorer is) their standard deviation.
+Serving cost: one trunk pass plus H * E projections. Everything below the trunk works on the
+H * E "members", head-major (member h*E + e); `head_values` averages them back to H heads.
+
 The blocks follow Hugging Face's Llama layout and RoPE convention, so a scorer can start as a
 copy of the first layers of a Llama-family base model (see `init_from_base`).
 """
@@ -101,7 +107,7 @@ class Block(nn.Module):
 class ScorerStep:
     """What one scorer pass leaves for decoding: per-head query vectors at each position."""
 
-    queries: torch.Tensor  # (B, T, H, d_e): U_h h_t / sqrt(d_e)
+    queries: torch.Tensor  # (B, T, H*E, d_e): U_{h,e} h_t / sqrt(d_e), head-major members
 
 
 class PrefixScorer(nn.Module):
@@ -109,7 +115,7 @@ class PrefixScorer(nn.Module):
         super().__init__()
         a, e = config.architecture, config.embedding
         self.config = config
-        H = len(config.heads)
+        H, E = len(config.heads), config.ensemble_size
         if e.source == "base":
             if embedding is None:
                 raise ValueError("this scorer reuses the base model's embedding: pass base_embedding")
@@ -123,8 +129,9 @@ class PrefixScorer(nn.Module):
         self.in_proj = nn.Identity() if e.dim == a.hidden_size else nn.Linear(e.dim, a.hidden_size, bias=False)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.head_proj = nn.Parameter(torch.randn(H, e.dim, a.hidden_size) * a.hidden_size**-0.5)
-        self.head_bias = nn.Parameter(torch.zeros(H))
+        # (H*E, d_e, d) and (H*E,): with E = 1 exactly the single-projection checkpoint's tensors
+        self.head_proj = nn.Parameter(torch.randn(H * E, e.dim, a.hidden_size) * a.hidden_size**-0.5)
+        self.head_bias = nn.Parameter(torch.zeros(H * E))
         n = config.normalization
         self.register_buffer("norm_mean", torch.tensor(n.mean, dtype=torch.float32))  # (H, P)
         self.register_buffer("norm_std", torch.tensor(n.std, dtype=torch.float32))  # (H, P)
@@ -136,7 +143,20 @@ class PrefixScorer(nn.Module):
 
     @property
     def num_heads(self) -> int:
-        return self.head_proj.shape[0]
+        return len(self.config.heads)
+
+    @property
+    def ensemble_size(self) -> int:
+        """E: value projections per head (1: no ensemble, no spread)."""
+        return self.config.ensemble_size
+
+    def head_values(self, members: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Per-head values (the ensemble mean) of member values: H*E members on `dim` -> H heads."""
+        E = self.ensemble_size
+        if E == 1:
+            return members
+        dim = dim % members.dim()
+        return members.unflatten(dim, (self.num_heads, E)).mean(dim + 1)
 
     def parameter_count(self) -> int:
         """Parameters the scorer adds (a base embedding it reuses is not counted)."""
@@ -185,22 +205,25 @@ class PrefixScorer(nn.Module):
 
     # -- values -------------------------------------------------------------------------------
     def values(self, queries: torch.Tensor) -> torch.Tensor:
-        """Raw Q for every head and every next token: (..., H, d_e) -> (..., H, V)."""
+        """Raw Q of every member and every next token: (..., H*E, d_e) -> (..., H*E, V)."""
         return queries @ self.embedding.T.to(queries.dtype) + self.head_bias[:, None]
 
     def values_at(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Raw Q of given next tokens. queries (N, H, d_e), tokens (N, k) -> (N, H, k)."""
+        """Raw Q of given next tokens. queries (N, H*E, d_e), tokens (N, k) -> (N, H*E, k)."""
         e = F.embedding(tokens, self.embedding).to(queries.dtype)  # (N, k, d_e)
         return torch.einsum("nhe,nke->nhk", queries, e) + self.head_bias[:, None]
 
     def combined_values(self, queries: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                         weights: torch.Tensor) -> torch.Tensor:
-        """Combined normalised value sum_h w_h (Q_h - mean_h) / std_h of every next token (N, V).
-        Q is linear in the queries, so the heads are mixed first and the vocabulary is touched
-        once: (N, d_e) x (d_e, V). queries (N, H, d_e); mean, std, weights (N, H)."""
+        """Combined normalised value sum_h w_h (Q_h - mean_h) / std_h of every next token (N, V),
+        Q_h being the ensemble mean. Q is linear in the queries, so the members are mixed first and
+        the vocabulary is touched once: (N, d_e) x (d_e, V). queries (N, H*E, d_e); mean, std,
+        weights (N, H)."""
+        E = self.ensemble_size
         scale = weights / std  # (N, H)
-        q = (queries * scale[..., None]).sum(1)  # (N, d_e)
-        offset = (scale * (self.head_bias[None] - mean)).sum(1)  # (N,)
+        member_scale = scale.repeat_interleave(E, dim=1) / E  # (N, H*E): the mean over members
+        q = (queries * member_scale[..., None]).sum(1)  # (N, d_e)
+        offset = (member_scale * self.head_bias[None]).sum(1) - (scale * mean).sum(1)  # (N,)
         return q @ self.embedding.T.to(q.dtype) + offset[:, None]
 
     def norm_stats(self, gen_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,5 +232,5 @@ class PrefixScorer(nn.Module):
         return self.norm_mean[:, p].T, self.norm_std[:, p].T
 
     def score(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Full recompute: raw Q (B, T, H, V) at every position of (B, T) token ids."""
+        """Full recompute: raw member Q (B, T, H*E, V) at every position of (B, T) token ids."""
         return self.values(self.forward(input_ids, valid=valid).queries)

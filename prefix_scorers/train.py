@@ -13,6 +13,16 @@ true reward r_h per head. Q_h(x, y_<t, y_t) is read at position t-1, at the toke
   with the expectation over the `store_top_k` most likely next tokens recorded with the rollout
   (renormalised). Same squared loss, same per-head scaling.
 
+Ensemble heads (`--ensemble E`): each head gets E value projections on the shared trunk; member e
+weighs training rollout i by its own count w_{i,e} ~ Poisson(1), drawn once per run (the online
+bootstrap: for many rollouts, Poisson(1) counts are what resampling n of n with replacement gives
+each one, and they need no fixed data order). The unit resampled is the rollout, not the token:
+the tokens of one rollout share its single reward draw, so resampling tokens would pretend 48
+correlated regressions are independent and shrink the spread. Members also start from different
+random projections (scale `ensemble_prior` x the single-projection init), so they disagree where
+the data does not pin them down. Poisson rather than Bernoulli(0.5) masks: every member sees all
+the data in expectation, so each is as good a value estimate as a single head.
+
 Dividing by var(r_h) (over the training rollouts) weighs heads with different reward scales
 equally. After training, per-head position-aware normalisation statistics (mean and std of the
 value at the taken token, by generated-token position) are computed over the training rollouts
@@ -31,7 +41,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +49,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prefix_scorers.checkpoint import DEFAULT_HEADS, init_from_base, save_scorer
-from prefix_scorers.config import HeadSpec, Provenance
+from prefix_scorers.config import EnsembleSpec, HeadSpec, Provenance
 from prefix_scorers.labels import load_labels
 from prefix_scorers.model import PrefixScorer
 from prefix_scorers.prompts import read_jsonl
@@ -63,6 +73,8 @@ class TrainConfig:
     norm_positions: int = 48  # P: buckets of the normalisation statistics
     std_floor: float = 0.1  # std >= std_floor * std(r_h): keeps early, barely informative positions sane
     seed: int = 0
+    ensemble: int = 1  # E value projections per head, each on its own bootstrap resample (1: none)
+    ensemble_prior: float = 1.0  # members' random initial projections, x the single-projection init
     device: str = "cpu"
     base_model: str = "smollm2"
     heads: list[dict] = field(default_factory=lambda: [h.model_dump() for h in DEFAULT_HEADS])
@@ -70,6 +82,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1 (1: one projection per head), got {self.ensemble}")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -82,6 +96,7 @@ class Example:
     rewards: list[float]  # one per head
     topk_ids: list[list[int]]
     topk_logprobs: list[list[float]]
+    boot: tuple[float, ...] = (1.0,)  # bootstrap weight per ensemble member (one: every member 1)
 
 
 def load_examples(rollouts_path: Path, labels_path: Path, heads: list[HeadSpec]) -> list[Example]:
@@ -119,6 +134,7 @@ class Batch:
     rewards: torch.Tensor  # (B, H)
     next_ids: torch.Tensor | None  # (B, T-1, k): top-k tokens after token j+1 (CD-Q)
     next_probs: torch.Tensor | None  # (B, T-1, k): their base probabilities, renormalised
+    boot: torch.Tensor | None = None  # (B, E) or (B, 1): each rollout's weight per ensemble member
 
 
 def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) -> Batch:
@@ -144,9 +160,18 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) 
             next_lp[b, s - 1:n - 2] = torch.tensor(e.topk_logprobs[1:n - s])
     rewards = torch.tensor([e.rewards for e in examples], dtype=torch.float32)
     dev = lambda t: t.to(device)
+    boot = torch.tensor([e.boot for e in examples], dtype=torch.float32)
     return Batch(dev(ids), dev(valid), dev(taken), dev(last), dev(gen_pos), dev(rewards),
                  dev(next_ids) if with_next else None,
-                 dev(torch.softmax(next_lp, dim=-1)) if with_next else None)
+                 dev(torch.softmax(next_lp, dim=-1)) if with_next else None, dev(boot))
+
+
+def bootstrap(examples: list[Example], ensemble: int, seed: int) -> list[Example]:
+    """The examples with a Poisson(1) weight per ensemble member each (see the module docstring)."""
+    if ensemble == 1:
+        return examples
+    counts = torch.poisson(torch.ones(len(examples), ensemble), generator=torch.Generator().manual_seed(seed))
+    return [replace(e, boot=tuple(c)) for e, c in zip(examples, counts.tolist())]
 
 
 def batches(examples: list[Example], batch_size: int, seed: int, shuffle: bool) -> list[list[Example]]:
@@ -160,33 +185,38 @@ def batches(examples: list[Example], batch_size: int, seed: int, shuffle: bool) 
 
 # -- objectives ---------------------------------------------------------------------------------
 def taken_values(scorer: PrefixScorer, queries: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Q of the token actually taken next: queries (B, T, H, d_e) -> (B, T-1, H)."""
+    """Q of the token actually taken next, per member: queries (B, T, H*E, d_e) -> (B, T-1, H*E)."""
     e = F.embedding(input_ids[:, 1:], scorer.embedding).to(queries.dtype)  # (B, T-1, d_e)
     return torch.einsum("bthe,bte->bth", queries[:, :-1], e) + scorer.head_bias
 
 
 def targets(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch, objective: str) -> torch.Tensor:
-    """Regression targets (B, T-1, H) for every position (meaningful where batch.taken)."""
-    final = batch.rewards[:, None, :].expand(-1, batch.taken.shape[1], -1)  # (B, T-1, H)
+    """Regression targets (B, T-1, H*E) for every position (meaningful where batch.taken); each
+    ensemble member bootstraps from its own values under CD-Q."""
+    final = batch.rewards.repeat_interleave(scorer.ensemble_size, -1)  # (B, H*E)
+    final = final[:, None, :].expand(-1, batch.taken.shape[1], -1)  # (B, T-1, H*E)
     if objective == "fudge":
         return final
     with torch.no_grad():
         q_next = queries[:, 1:].detach()  # (B, T-1, H, d_e): the prefix that includes token j+1
         e = F.embedding(batch.next_ids, scorer.embedding).to(q_next.dtype)  # (B, T-1, k, d_e)
-        v = torch.einsum("bjhe,bjke->bjhk", q_next, e) + scorer.head_bias[:, None]  # (B, T-1, H, k)
-        bellman = (v * batch.next_probs[:, :, None, :]).sum(-1)  # (B, T-1, H)
+        v = torch.einsum("bjhe,bjke->bjhk", q_next, e) + scorer.head_bias[:, None]  # (B, T-1, H*E, k)
+        bellman = (v * batch.next_probs[:, :, None, :]).sum(-1)  # (B, T-1, H*E)
     return torch.where(batch.last[..., None], final, bellman)
 
 
 def batch_loss(scorer, batch: Batch, objective: str, inv_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled squared error averaged over response tokens; also the per-head MSE (H,)."""
+    """Scaled squared error averaged over response tokens; also the per-head MSE (H,). An ensemble
+    member weighs each rollout by its bootstrap count; a head's loss is its members' mean."""
     queries = scorer(batch.input_ids, valid=batch.valid).queries
     inner = scorer.module if hasattr(scorer, "module") else scorer
-    pred = taken_values(inner, queries, batch.input_ids)  # (B, T-1, H)
-    err = (pred - targets(inner, queries, batch, objective)) ** 2  # (B, T-1, H)
-    mask = batch.taken[..., None].float()
-    n = mask.sum().clamp(min=1)
-    per_head = (err * mask).sum((0, 1)) / n
+    H, E = inner.num_heads, inner.ensemble_size
+    pred = taken_values(inner, queries, batch.input_ids)  # (B, T-1, H*E)
+    err = (pred - targets(inner, queries, batch, objective)) ** 2  # (B, T-1, H*E)
+    boot = batch.boot.expand(-1, E).repeat(1, H) if batch.boot is not None else err.new_ones(1, H * E)
+    mask = batch.taken[..., None].float() * boot[:, None, :]  # (B, T-1, H*E)
+    per_member = (err * mask).sum((0, 1)) / mask.sum((0, 1)).clamp(min=1)  # (H*E,)
+    per_head = per_member.view(H, E).mean(1)
     return (per_head * inv_var).sum(), per_head.detach()
 
 
@@ -200,7 +230,8 @@ def value_statistics(scorer: PrefixScorer, examples: list[Example], P: int, batc
     s1, s2, cnt = torch.zeros(H, P), torch.zeros(H, P), torch.zeros(P)
     for group in batches(examples, batch_size, 0, shuffle=False):
         b = collate(group, pad_id, device, with_next=False)
-        v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids).float().cpu()
+        v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)  # (B, T-1, H*E)
+        v = scorer.head_values(v, dim=-1).float().cpu()  # (B, T-1, H): the ensemble mean
         pos = b.gen_pos.clamp(max=P - 1).cpu()[b.taken.cpu()]  # (N,)
         v = v[b.taken.cpu()]  # (N, H)
         s1.index_add_(1, pos, v.T)
@@ -235,7 +266,7 @@ def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pa
     for group in batches(examples, cfg.batch_size, 0, shuffle=False):
         b = collate(group, pad_id, cfg.device, with_next=False)
         v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)
-        preds.append(v[b.last].float().cpu())
+        preds.append(scorer.head_values(v[b.last], dim=-1).float().cpu())
         trues.append(b.rewards.cpu())
     p, t = torch.cat(preds), torch.cat(trues)
     return 1 - ((p - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)
@@ -274,20 +305,22 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     base_dir = base_model_dir or resolve_model(cfg.base_model, default_cache_dir())
     tokenizer = load_tokenizer(base_dir)
     base = load_model(base_dir)
+    ensemble = EnsembleSpec(size=cfg.ensemble, prior_scale=cfg.ensemble_prior) if cfg.ensemble > 1 else None
     scorer = init_from_base(base, tokenizer, heads, num_layers=cfg.num_layers, seed=cfg.seed,
-                            base_name=Path(base_dir).name)
+                            base_name=Path(base_dir).name, ensemble=ensemble)
     del base
 
     examples = load_examples(rollouts_path, labels_path, heads)
     train_ex, eval_ex = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
+    train_ex = bootstrap(train_ex, cfg.ensemble, cfg.seed)
     rewards = torch.tensor([e.rewards for e in train_ex])
     r_mean, r_std = rewards.mean(0), rewards.std(0, unbiased=False)
     # a (nearly) constant reward must not get a huge weight: floor its std at 10% of its range
     width = torch.tensor([h.reward_range[1] - h.reward_range[0] for h in heads])
     inv_var = 1.0 / torch.maximum(r_std, 0.1 * width) ** 2
     with torch.no_grad():  # start at the mean reward, with small head projections
-        scorer.head_bias.copy_(r_mean)
-        scorer.head_proj.mul_(0.1)
+        scorer.head_bias.copy_(r_mean.repeat_interleave(cfg.ensemble))
+        scorer.head_proj.mul_(0.1 * (cfg.ensemble_prior if cfg.ensemble > 1 else 1.0))
     scorer.train().requires_grad_(True)
     scorer.to(cfg.device)
     inv_var_dev = inv_var.to(cfg.device)
