@@ -26,7 +26,9 @@ class ControlValues:
     contract (README, "What control.kl measures"; steering.sampled_kl per token, plus the
     best-of-K bound per selection); +inf for a greedy request whose steering changed a token.
     tokens_generated: tokens the base model sampled for this choice, candidates and EOS included
-    (tokens_generated / completion tokens = cost per accepted token).
+    (tokens_generated / completion tokens = cost per accepted token). spread: per head, the
+    standard deviation of its ensemble's values next to `values` (their mean); None for a scorer
+    without an ensemble. With control.risk, `combined` values each head at value + risk * spread.
     """
 
     mode: str
@@ -36,12 +38,14 @@ class ControlValues:
     selections: int = 0
     tokens_generated: int = 0
     rewards: dict[str, float] | None = None  # the request's rewards of the kept answer (block/best_of_n)
+    spread: dict[str, float] | None = None  # per head: the ensemble's standard deviation (ensemble scorers)
 
     def to_dict(self) -> dict:
         kl = self.kl if math.isfinite(self.kl) else None  # JSON has no infinity: null
         return {"mode": self.mode, "values": self.values, "combined": self.combined, "kl": kl,
                 "selections": self.selections, "tokens_generated": self.tokens_generated,
-                **({"rewards": self.rewards} if self.rewards is not None else {})}
+                **({"rewards": self.rewards} if self.rewards is not None else {}),
+                **({"spread": self.spread} if self.spread is not None else {})}
 
 
 @dataclass

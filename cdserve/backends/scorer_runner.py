@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from cdserve.control.steering import combine_heads, steer_full, steer_top_k, top_k_candidates
+from cdserve.control.steering import (
+    combine_heads,
+    ensemble_stats,
+    risk_adjusted,
+    steer_full,
+    steer_top_k,
+    top_k_candidates,
+)
 from prefix_scorers.kv_cache import KVCache
 from prefix_scorers.model import PrefixScorer
 
@@ -41,8 +48,8 @@ class ScorerRunner:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Read one token per controlled row. tokens, valid (Bc,) -> queries (Bc, H, d_e) for
-        valuing every possible next token."""
+        """Read one token per controlled row. tokens, valid (Bc,) -> queries (Bc, H*E, d_e) for
+        valuing every possible next token (E: the scorer's ensemble size)."""
         positions = self.cache.mask.sum(1, keepdim=True) if self.cache.length else torch.zeros(
             len(tokens), 1, dtype=torch.long, device=self.device)
         return self.scorer(tokens[:, None], positions=positions, valid=valid[:, None],
@@ -50,41 +57,60 @@ class ScorerRunner:
 
     # -- values ---------------------------------------------------------------------------------
     def values_at(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Raw values (N, H, k) of tokens (N, k)."""
+        """Raw member values (N, H*E, k) of tokens (N, k)."""
         return self.scorer.values_at(queries, tokens)
 
-    def combine(self, raw: torch.Tensor, gen_positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Combined normalised value of raw values (N, H, ...) at generated positions (N,)."""
+    def combine(self, raw: torch.Tensor, gen_positions: torch.Tensor, weights: torch.Tensor,
+                risk: torch.Tensor | None = None) -> torch.Tensor:
+        """Combined normalised value of raw member values (N, H*E, ...) at generated positions (N,),
+        each head valued at mean + risk * spread (risk (N,); None: 0)."""
         mean, std = self.scorer.norm_stats(gen_positions)
-        return combine_heads(raw, mean, std, weights)
+        risk = torch.zeros(len(raw), device=raw.device) if risk is None else risk
+        return combine_heads(risk_adjusted(raw, self.scorer.ensemble_size, risk), mean, std, weights)
+
+    def head_values(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a response reports per head: value (the ensemble mean) and spread (N, H) of raw
+        member values (N, H*E); spread None for a scorer without an ensemble."""
+        values, spread = ensemble_stats(raw, self.scorer.ensemble_size)
+        return values, spread if self.scorer.ensemble_size > 1 else None
 
     @torch.inference_mode()
     def final_values(self, prompt: list[int], output: list[int]) -> torch.Tensor:
-        """Raw values (H,) of a finished sequence, by one full pass: read at the position before
-        the last output token, at that token."""
+        """Raw member values (H*E,) of a finished sequence, by one full pass: read at the position
+        before the last output token, at that token."""
         ids = torch.tensor([prompt + output[:-1]], device=self.device)
         q = self.scorer(ids).queries[:, -1]  # (1, H, d_e)
         return self.values_at(q, torch.tensor([[output[-1]]], device=self.device))[0, :, 0]
 
 
 def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
-               strength: torch.Tensor, top_k: list[int], positions: torch.Tensor) -> torch.Tensor:
+               strength: torch.Tensor, top_k: list[int], positions: torch.Tensor,
+               risk: list[float] | None = None) -> torch.Tensor:
     """Token mode for N rows (both engines): logits + strength * sum_h w_h Qnorm_h over each
-    row's top_k (0: the whole vocabulary). base (N, V); queries (N, H, d_e); weights (N, H);
-    strength (N,); top_k on the host (no device sync to split the rows); positions (N,)."""
+    row's top_k (0: the whole vocabulary), Q_h = mean + risk * spread of the head's ensemble.
+    base (N, V); queries (N, H*E, d_e); weights (N, H); strength (N,); top_k and risk (None: 0)
+    on the host (no device sync to split the rows); positions (N,)."""
     dev = base.device
+    E = scorer.ensemble_size
+    risk = risk or [0.0] * len(top_k)
     mean, std = scorer.norm_stats(positions)  # (N, H)
     steered = base.clone()
     full = [j for j, k in enumerate(top_k) if k == 0]
     part = [j for j, k in enumerate(top_k) if k > 0]
     if full:
         f = torch.tensor(full, device=dev)
-        combined = scorer.combined_values(queries[f], mean[f], std[f], weights[f])
+        if E > 1 and any(risk[j] for j in full):  # the spread is not linear in the queries: value
+            raw = scorer.values(queries[f])  # every member on the whole vocabulary (n, H*E, V)
+            adjusted = risk_adjusted(raw, E, torch.tensor([risk[j] for j in full], device=dev))
+            combined = combine_heads(adjusted, mean[f], std[f], weights[f])
+        else:  # the ensemble mean: members mixed before the vocabulary, one (d_e, V) product
+            combined = scorer.combined_values(queries[f], mean[f], std[f], weights[f])
         steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
     if part:
         t = torch.tensor(part, device=dev)
         cands = top_k_candidates(base[t], torch.tensor([top_k[j] for j in part], device=dev))  # (n, k)
-        raw = scorer.values_at(queries[t], cands.clamp(min=0))  # (n, H, k)
-        combined = combine_heads(raw, mean[t], std[t], weights[t])
+        raw = scorer.values_at(queries[t], cands.clamp(min=0))  # (n, H*E, k)
+        adjusted = risk_adjusted(raw, E, torch.tensor([risk[j] for j in part], device=dev))  # (n, H, k)
+        combined = combine_heads(adjusted, mean[t], std[t], weights[t])
         steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
     return steered

@@ -63,6 +63,7 @@ class ChoiceController:
         self.eos_token: int | None = None  # the EOS that ended the answer, if one did
         self.finish_reason: str | None = None
         self.values: list[float] | None = None  # raw per-head values of the answer so far
+        self.spread: list[float] | None = None  # their ensemble spreads (ensemble scorers only)
         self.reward_values: dict[str, float] | None = None  # the request's rewards of the answer so far
         self.combined = 0.0
         self.kl = 0.0
@@ -172,11 +173,12 @@ class ChoiceController:
         return ["" if c.pruned else c.text for c in self.candidates]
 
     def select(self, raw: torch.Tensor, combined: torch.Tensor,
-               rewards: Mapping[str, Sequence[float]] | None = None) -> int:
+               rewards: Mapping[str, Sequence[float]] | None = None, spread: torch.Tensor | None = None) -> int:
         """Keep one candidate by its value (K,): the scorer's combined value, plus sum_r weight_r *
         reward_r(text) for the request's rewards (scores per reward name, one per candidate);
-        raw (K, H) per-head values. Returns the winner, which every candidate of the next block
-        continues from; pruned best-of-N prunes instead (-1) until its survivors have finished."""
+        raw (K, H) per-head values, spread (K, H) their ensemble spreads (None: no ensemble).
+        Returns the winner, which every candidate of the next block continues from; pruned
+        best-of-N prunes instead (-1) until its survivors have finished."""
         if not self.waiting:
             raise ValueError(f"choice {self.index}: selection before all {self.K} candidates are done")
         value = combined.double()
@@ -196,7 +198,7 @@ class ChoiceController:
         # Pruning selects one of K samples too, by another rule: only log K is guaranteed.
         self.kl += math.log(self.K) if self.pruning else best_of_n_kl_bound(self.K)
         self.selections += 1
-        self.set_values(raw[w], float(combined[w]))
+        self.set_values(raw[w], float(combined[w]), None if spread is None else spread[w])
         if not self.finished:
             self.candidates = self._fresh()
         return w
@@ -230,8 +232,10 @@ class ChoiceController:
     def final_position(self) -> int:
         return max(len(self.taken()) - 1, 0)
 
-    def set_values(self, raw: torch.Tensor | list[float], combined: float) -> None:
+    def set_values(self, raw: torch.Tensor | list[float], combined: float,
+                   spread: torch.Tensor | list[float] | None = None) -> None:
         self.values = [float(v) for v in raw]
+        self.spread = None if spread is None else [float(v) for v in spread]
         self.combined = float(combined)
 
     def abort(self) -> None:
@@ -247,7 +251,8 @@ class ChoiceController:
         vals = self.values if self.values is not None else [math.nan] * len(heads)
         return ControlValues(mode=self.control.mode, values=dict(zip(heads, vals)), combined=self.combined,
                              kl=self.kl, selections=self.selections, tokens_generated=self.tokens_generated,
-                             rewards=self.reward_values)
+                             rewards=self.reward_values,
+                             spread=None if self.spread is None else dict(zip(heads, self.spread)))
 
     def take_delta(self, heads: list[str]) -> ChoiceDelta | None:
         """The accepted text and tokens not yet sent (text that could begin a stop string is held

@@ -22,11 +22,11 @@ Selection = Literal["argmax", "sample"]
 # Which explicitly given fields make sense in which mode (weights always do: they define the
 # combined value reported with every output).
 _FIELDS_BY_MODE: dict[str, set[str]] = {
-    "none": {"weights"},
-    "token": {"weights", "strength", "top_k"},
-    "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment"},
+    "none": {"weights", "risk"},
+    "token": {"weights", "strength", "top_k", "risk"},
+    "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment", "risk"},
     "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards", "prune_every",
-                  "keep_fraction"},
+                  "keep_fraction", "risk"},
 }
 
 
@@ -62,6 +62,12 @@ class ControlRequest(BaseModel):
         "first sentence end (. ! ? or a newline) in the block's text, or after block_size tokens at most.")
 
 
+    risk: float | None = Field(
+        None, description="-1 to 1: value each head at mean + risk * spread of its ensemble, in steering, "
+        "selection and the combined value (negative: avoid what the scorer is unsure of; positive: explore). "
+        "No effect on heads without an ensemble (GET /v1/scorers: heads[].uncertainty).")
+
+
 class ControlConfig(BaseModel):
     """Server-side control defaults and limits. Validated at start-up against the scorer."""
 
@@ -78,6 +84,7 @@ class ControlConfig(BaseModel):
     segment: Literal["fixed", "sentence"] = Field("fixed", description="Default block segmentation.")
     prune_every: int = Field(0, ge=0, description="Default pruning interval of best_of_n (0: off).")
     keep_fraction: float = Field(0.5, gt=0, le=1, description="Default fraction kept at each pruning point.")
+    risk: float = Field(0.0, ge=-1, le=1, description="Default risk: heads valued at mean + risk * spread.")
     max_strength: float = Field(100.0, gt=0, description="Largest strength a request may ask for.")
     max_abs_weight: float = Field(100.0, gt=0, description="Largest |weight| a request may ask for.")
     max_top_k: int = Field(1000, ge=1, description="Largest top_k (0, the whole vocabulary, is always allowed).")
@@ -120,6 +127,7 @@ class ResolvedControl:
     segment: str = "fixed"
     prune_every: int = 0
     keep_fraction: float = 0.5
+    risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
 
     @property
     def candidates(self) -> int:
@@ -129,7 +137,7 @@ class ResolvedControl:
     def extra_args(self) -> dict[str, Any]:
         """A plain dict (for vLLM's SamplingParams.extra_args)."""
         return {"mode": self.mode, "weights": list(self.weights), "strength": self.strength,
-                "top_k": self.top_k}
+                "top_k": self.top_k, "risk": self.risk}
 
 
 def parse_control(raw: Any) -> ControlRequest:
@@ -200,6 +208,8 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
                             req.keep_fraction if req.keep_fraction is not None else config.keep_fraction)
     if not 0 < keep_fraction <= 1:
         raise InvalidRequestError("control.keep_fraction", f"must be in (0, 1], got {keep_fraction}")
+    risk = _finite("control.risk", req.risk if req.risk is not None else config.risk)
+    _within("control.risk", risk, -1.0, 1.0, " (negative avoids uncertain values, positive seeks them)")
     for name, w in (req.rewards or {}).items():
         param = f"control.rewards.{name}"
         if name not in rewards:
@@ -212,4 +222,5 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
                            num_candidates=int(num_candidates), selection=selection,
                            rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
                            segment=req.segment or config.segment,
-                           prune_every=int(prune_every) if mode == "best_of_n" else 0, keep_fraction=keep_fraction)
+                           prune_every=int(prune_every) if mode == "best_of_n" else 0, keep_fraction=keep_fraction,
+                           risk=risk)

@@ -21,6 +21,25 @@ def top_k_candidates(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     return ids.masked_fill(ranks >= top_k[:, None], -1)
 
 
+def ensemble_stats(members: torch.Tensor, ensemble: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's value and spread from its ensemble members' values: the mean and the standard
+    deviation (n - 1 denominator) over the E members. members (N, H*E, ...) head-major (member
+    h*E + e) -> (N, H, ...) each; ensemble 1: the values themselves, spread 0."""
+    if ensemble == 1:
+        return members, torch.zeros_like(members)
+    m = members.unflatten(1, (-1, ensemble))  # (N, H, E, ...)
+    return m.mean(2), m.std(2)
+
+
+def risk_adjusted(members: torch.Tensor, ensemble: int, risk: torch.Tensor) -> torch.Tensor:
+    """The per-head value steering and selection use: mean + risk * spread (risk < 0 avoids what
+    the scorer is unsure of, risk > 0 seeks it). members (N, H*E, ...), risk (N,) -> (N, H, ...)."""
+    mean, spread = ensemble_stats(members, ensemble)
+    if ensemble == 1:
+        return mean
+    return mean + risk.view((-1,) + (1,) * (mean.dim() - 1)).to(mean.dtype) * spread
+
+
 def combine_heads(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                   weights: torch.Tensor) -> torch.Tensor:
     """Combined value sum_h w_h (Q_h - mean_h) / std_h.

@@ -304,6 +304,7 @@ def _control_union(limits: Limits) -> Any:
         "num_candidates": integer(ge=1, le=cfg.max_num_candidates),
         "prune_every": integer(ge=0, le=getattr(cfg, "max_prune_every", None)),
         "keep_fraction": Annotated[float, Field(gt=0, le=1)],
+        "risk": Annotated[float, Field(ge=-1, le=1)],
     }
 
     def field(name: str) -> tuple[Any, Any]:
@@ -487,7 +488,8 @@ class ChoiceControl(BaseModel):
     mode: str = Field(description="The control mode that ran.")
     values: dict[str, float] = Field(description="The scorer's value of the output, per head "
                                      "(reward units).")
-    combined: float = Field(description="sum_h weight_h * normalised value_h.")
+    combined: float = Field(description="sum_h weight_h * normalised value_h (value_h + risk * spread_h "
+                            "with control.risk).")
     kl: float | None = Field(0.0, description=KL_DESCRIPTION)
     selections: int = Field(0, description="block/best_of_n: selections made.")
     tokens_generated: int = Field(0, description="Tokens the base model sampled for this choice: "
@@ -496,6 +498,9 @@ class ChoiceControl(BaseModel):
     rewards: dict[str, float] | None = Field(None, description="block/best_of_n with control.rewards: each "
                                              "named reward of the kept answer (text so far at the last "
                                              "selection).")
+    spread: dict[str, float] | None = Field(None, description="Scorers with ensemble heads: per head, the "
+                                            "standard deviation of its ensemble's values (reward units; "
+                                            "`values` holds their mean). How unsure the scorer is.")
 
     @classmethod
     def from_values(cls, values: ControlValues | None) -> ChoiceControl | None:
@@ -599,6 +604,9 @@ class HeadInfo(BaseModel):
     reward: str
     reward_range: tuple[float, float]
     default_weight: float
+    uncertainty: bool = Field(False, description="The head is an ensemble: responses report its spread "
+                              "and control.risk acts on it.")
+    ensemble_size: int = Field(1, description="Value projections the head averages (1: no ensemble).")
 
 
 class Range(BaseModel):

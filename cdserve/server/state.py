@@ -109,15 +109,18 @@ class ServerState:
         return p.ScorerInfo(
             id=self.scorer_id, trained=cfg.provenance.trained, base_model=cfg.provenance.base_model,
             heads=[p.HeadInfo(name=h.name, description=h.description, reward=h.reward,
-                              reward_range=h.reward_range, default_weight=weights.get(h.name, 0.0))
+                              reward_range=h.reward_range, default_weight=weights.get(h.name, 0.0),
+                              uncertainty=cfg.ensemble_size > 1, ensemble_size=cfg.ensemble_size)
                    for h in cfg.heads],
             defaults={"mode": control.mode, "weights": weights, "strength": control.strength,
                       "top_k": control.top_k, "block_size": control.block_size,
-                      "num_candidates": control.num_candidates, "selection": control.selection},
+                      "num_candidates": control.num_candidates, "selection": control.selection,
+                      "risk": control.risk},
             ranges={"weights": p.Range(min=-control.max_abs_weight, max=control.max_abs_weight),
                     "strength": p.Range(min=0, max=control.max_strength),
                     "top_k": p.Range(min=0, max=control.max_top_k),
                     "block_size": p.Range(min=1, max=control.max_block_size),
-                    "num_candidates": p.Range(min=1, max=control.max_num_candidates)},
+                    "num_candidates": p.Range(min=1, max=control.max_num_candidates),
+                    "risk": p.Range(min=-1, max=1)},
             modes=["none", "token", "block", "best_of_n"],
             provenance=cfg.provenance.model_dump())

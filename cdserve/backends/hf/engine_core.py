@@ -169,7 +169,8 @@ class EngineCore:
         weights = torch.tensor([c.weights for c in ctrls], device=self.device, dtype=q.dtype)
         strength = torch.tensor([c.strength for c in ctrls], device=self.device, dtype=base.dtype)
         positions = torch.tensor([self.rows[b].gen_position for b, _ in pick], device=self.device)
-        steered = steer_rows(self.scorer.scorer, base, q, weights, strength, [c.top_k for c in ctrls], positions)
+        steered = steer_rows(self.scorer.scorer, base, q, weights, strength, [c.top_k for c in ctrls], positions,
+                             [c.risk for c in ctrls])
         return logits.index_copy(0, b_idx, steered)
 
     def _kl(self, steered: torch.Tensor, logits: torch.Tensor) -> dict[int, float]:
@@ -223,20 +224,22 @@ class EngineCore:
         return not self.rows or all(r.waiting for r in self.rows)
 
     def _taken_values(self, sampled: list[int], queries: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """Raw per-head values (H,) of each controlled row's taken token: the value of the prefix
+        """Raw member values (H*E,) of each controlled row's taken token: the value of the prefix
         it completes."""
         if queries is None:
             return {}
         idx = self._controlled()
         toks = torch.tensor([[sampled[b]] for b in idx], device=self.device)
-        vals = self.scorer.values_at(queries, toks)[:, :, 0].float().cpu()  # (Bc, H)
+        vals = self.scorer.values_at(queries, toks)[:, :, 0].float().cpu()  # (Bc, H*E)
         return {b: vals[s] for s, b in enumerate(idx)}
 
     def _combine(self, raw: torch.Tensor, positions: list[int], ctl: ChoiceController) -> torch.Tensor:
-        """Combined values (N,) of raw per-head values (N, H) at answer positions."""
+        """Combined values (N,) of raw member values (N, H*E) at answer positions, with the
+        request's risk."""
         pos = torch.tensor(positions, device=self.device)
         w = torch.tensor([ctl.control.weights] * len(positions), device=self.device, dtype=torch.float32)
-        return self.scorer.combine(raw.to(self.device), pos, w).float().cpu()
+        risk = torch.full((len(positions),), ctl.control.risk, device=self.device)
+        return self.scorer.combine(raw.to(self.device), pos, w, risk).float().cpu()
 
     def _advance(self, choice: Choice) -> None:
         """Streaming choices: values once finished. Block/best_of_n: select when all K wait."""
@@ -247,15 +250,18 @@ class EngineCore:
                 raw = row.last_values
                 if raw is None:  # mode none kept no scorer state: one pass over the answer
                     raw = self.scorer.final_values(choice.request.gen.prompt_token_ids, ctl.taken()).float().cpu()
-                ctl.set_values(raw, float(self._combine(raw[None], [ctl.final_position()], ctl)[0]))
+                values, spread = self.scorer.head_values(raw[None])
+                ctl.set_values(values[0], float(self._combine(raw[None], [ctl.final_position()], ctl)[0]),
+                               None if spread is None else spread[0])
             return
         if not ctl.waiting:
             return
         scores = self._reward_scores(choice)
         if scores is None:  # rewards still running (or failed): select at a later step
             return
-        raw = torch.stack([r.last_values for r in choice.rows])  # (K, H)
-        w = ctl.select(raw, self._combine(raw, ctl.value_positions(), ctl), scores)
+        raw = torch.stack([r.last_values for r in choice.rows])  # (K, H*E)
+        values, spread = self.scorer.head_values(raw)
+        w = ctl.select(values, self._combine(raw, ctl.value_positions(), ctl), scores, spread)
         if ctl.finished:
             return
         if w < 0:  # pruned best-of-N: the survivors go on from their own caches, the others leave

@@ -23,7 +23,7 @@ class Row:
     generator: torch.Generator
     last_token: int  # next decode input (the prompt's last token at first)
     waiting: bool = False  # its candidate is done: feeds placeholders until its choice selects
-    last_values: torch.Tensor | None = None  # (H,) raw scorer values of the last taken token
+    last_values: torch.Tensor | None = None  # (H*E,) raw scorer member values of the last taken token
     fork_from: Row | None = None  # after a selection: the winner whose cache this row copies
 
     @property

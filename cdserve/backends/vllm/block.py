@@ -35,8 +35,9 @@ class ScorerPrefix:
 
 @dataclass
 class Scored:
-    raw: torch.Tensor  # (K, H) raw values of each candidate at its last token
-    combined: torch.Tensor  # (K,)
+    raw: torch.Tensor  # (K, H) raw values of each candidate at its last token (the ensemble mean)
+    combined: torch.Tensor  # (K,), each head at mean + risk * spread
+    spread: torch.Tensor | None  # (K, H) the ensemble's spread (None: a scorer without one)
     forked: KVCache  # K rows: the prefix plus each candidate but its last token
 
 
@@ -51,7 +52,7 @@ class BlockDecoder:
 
     @torch.inference_mode()
     def score(self, prefix: ScorerPrefix, candidates: list[list[int]], value_positions: list[int],
-              weights: tuple[float, ...]) -> Scored:
+              weights: tuple[float, ...], risk: float = 0.0) -> Scored:
         """Value each candidate (a list of >= 1 tokens) at its last token, read at the position
         before it: the scorer reads [last prefix token] + candidate[:-1] on K forks of the cache.
         value_positions: each candidate's last token's index in the answer (ChoiceController)."""
@@ -68,11 +69,12 @@ class BlockDecoder:
         positions = start + torch.arange(T)  # (K, T)
         q = runner.scorer(ids, positions=positions, valid=valid, cache=forked).queries  # (K, T, H, d_e)
         at = torch.tensor(lengths) - 1
-        q_last = q[torch.arange(K), at]  # (K, H, d_e)
+        q_last = q[torch.arange(K), at]  # (K, H*E, d_e)
         taken = torch.tensor([[c[-1]] for c in candidates])
-        raw = runner.values_at(q_last, taken)[:, :, 0].float()  # (K, H)
+        raw = runner.values_at(q_last, taken)[:, :, 0].float()  # (K, H*E)
         w = torch.tensor([weights] * K, dtype=torch.float32)
-        return Scored(raw, runner.combine(raw, torch.tensor(value_positions), w).float(), forked)
+        combined = runner.combine(raw, torch.tensor(value_positions), w, torch.full((K,), risk)).float()
+        return Scored(*runner.head_values(raw), combined=combined, forked=forked)
 
     # -- one choice ------------------------------------------------------------------------------
     async def run_choice(self, request: GenerationRequest, choice: int, emit) -> None:
@@ -107,8 +109,9 @@ class BlockDecoder:
             eng.count_candidates(sum(len(c.tokens) for c in ctl.candidates))
             tokens = [c.tokens for c in ctl.candidates]
             rewards = eng.submit_rewards(ctl)  # the rewards run while the scorer values the candidates
-            scored = await eng.in_scorer_thread(self.score, prefix, tokens, ctl.value_positions(), ctrl.weights)
-            w = ctl.select(scored.raw, scored.combined, await eng.reward_scores(rewards))
+            scored = await eng.in_scorer_thread(self.score, prefix, tokens, ctl.value_positions(), ctrl.weights,
+                                                ctrl.risk)
+            w = ctl.select(scored.raw, scored.combined, await eng.reward_scores(rewards), scored.spread)
             if sp.top_p < 1.0:
                 keys = {o.index: result_key(group, o.token_ids) for o in outs.outputs}
                 ctl.kl += await eng.fetch_kl(keys.pop(w), len(tokens[w]), forget=list(keys.values()))
@@ -140,8 +143,8 @@ class BlockDecoder:
                 raise RuntimeError(f"vLLM ended a pruning segment of {request.request_id} early")
             rewards = eng.submit_rewards(ctl)
             scored = await eng.in_scorer_thread(self.score, prefix, [c.tokens for c in ctl.candidates],
-                                                ctl.value_positions(), ctrl.weights)
-            ctl.select(scored.raw, scored.combined, await eng.reward_scores(rewards))
+                                                ctl.value_positions(), ctrl.weights, ctrl.risk)
+            ctl.select(scored.raw, scored.combined, await eng.reward_scores(rewards), scored.spread)
             delta = ctl.take_delta(eng.head_names)
             if delta is not None:
                 emit(delta)

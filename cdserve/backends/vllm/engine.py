@@ -278,9 +278,10 @@ class VLLMEngine:
     async def _final_values(self, request: GenerationRequest, choice: int, ctl: ChoiceController) -> None:
         if request.control.mode == "token" or (request.sampling.top_p < 1.0 and not ctl.pruning):  # by the worker
             ctl.kl += await self.fetch_kl(self._key(request, choice), ctl.tokens_generated)
-        raw, combined = await self.in_scorer_thread(self.final_values, request.prompt_token_ids, ctl.taken(),
-                                                    request.control.weights, ctl.final_position())
-        ctl.set_values(raw, combined)
+        raw, combined, spread = await self.in_scorer_thread(
+            self.final_values, request.prompt_token_ids, ctl.taken(), request.control.weights,
+            ctl.final_position(), request.control.risk)
+        ctl.set_values(raw, combined, spread)
 
     def submit_rewards(self, ctl: ChoiceController) -> dict[str, Future]:
         """Start the request's rewards on its candidates' texts (batched across requests)."""
@@ -306,15 +307,17 @@ class VLLMEngine:
         finally:
             self.add_scorer_seconds(time.perf_counter() - started)
 
-    def final_values(self, prompt: list[int], output: list[int], weights,
-                     position: int | None = None) -> tuple[list[float], float]:
-        """Raw per-head values and the combined value of a finished output (one scorer pass),
-        normalised at `position` (default: its last token's index)."""
-        raw = self.scorer.final_values(prompt, output).float()  # (H,)
+    def final_values(self, prompt: list[int], output: list[int], weights, position: int | None = None,
+                     risk: float = 0.0) -> tuple[list[float], float, list[float] | None]:
+        """Per-head values (ensemble means), the combined value (heads at mean + risk * spread) and
+        the spreads (None without an ensemble) of a finished output (one scorer pass), normalised
+        at `position` (default: its last token's index)."""
+        raw = self.scorer.final_values(prompt, output).float()  # (H*E,)
         pos = torch.tensor([len(output) - 1 if position is None else position])
         w = torch.tensor([weights], dtype=torch.float32)
-        combined = float(self.scorer.combine(raw[None], pos, w)[0])
-        return raw.tolist(), combined
+        combined = float(self.scorer.combine(raw[None], pos, w, torch.tensor([risk]))[0])
+        values, spread = self.scorer.head_values(raw[None])
+        return values[0].tolist(), combined, None if spread is None else spread[0].tolist()
 
     async def fetch_kl(self, key: str, num_tokens: int, forget: list[str] | None = None) -> float:
         """The KL the worker measured over a choice's (or candidate's) first num_tokens tokens;

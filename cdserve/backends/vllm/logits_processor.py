@@ -4,6 +4,8 @@ For each request whose `SamplingParams.extra_args["cdserve"]` asks for token mod
 
     logits'(z) = logits(z) + strength * sum_h w_h (Q_h(x, y, z) - mean_h[pos]) / std_h[pos]
 
+(Q_h: the head's ensemble mean + risk * spread for an ensemble scorer, scorer_runner.steer_rows)
+
 over the base model's top_k tokens (-inf elsewhere; top_k 0: every token), pos being the index of
 the token being generated. All controlled requests of a step share one scorer call; requests
 without control cost nothing. vLLM applies non-argmax-invariant processors before temperature,
@@ -123,8 +125,9 @@ class ScorerLogitsProcessor(LogitsProcessor):
     def _steer(self, base: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         dev = base.device
         slots = torch.tensor([r.slot for r in rows], device=dev)
-        q = self.rows.queries.index_select(0, slots)  # (N, H, d_e)
+        q = self.rows.queries.index_select(0, slots)  # (N, H*E, d_e)
         weights = torch.tensor([r.control.weights for r in rows], device=dev, dtype=q.dtype)
         strength = torch.tensor([r.control.strength for r in rows], device=dev, dtype=base.dtype)
         positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
-        return steer_rows(self.scorer, base, q, weights, strength, [r.control.top_k for r in rows], positions)
+        return steer_rows(self.scorer, base, q, weights, strength, [r.control.top_k for r in rows], positions,
+                          [r.control.risk for r in rows])

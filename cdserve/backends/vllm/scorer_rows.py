@@ -36,6 +36,7 @@ class TokenControl:
     top_p: float = 1.0
     steer: bool = True  # False: only measure the KL of top-p truncation (modes none/block/best_of_n)
     by_output: bool = False  # results keyed by key@output ids (block candidates share one key)
+    risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
 
 
 @dataclass
@@ -82,17 +83,19 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
     weights = spec.get("weights")
     if not isinstance(weights, (list, tuple)) or len(weights) != num_heads:
         raise ValueError(f"cdserve.weights must list one weight per scorer head ({num_heads}), got {weights!r}")
-    strength, top_k = spec.get("strength"), spec.get("top_k")
-    values = [*weights, strength]
+    strength, top_k, risk = spec.get("strength"), spec.get("top_k"), spec.get("risk", 0.0)
+    values = [*weights, strength, risk]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-        raise ValueError(f"cdserve.weights and cdserve.strength must be finite numbers, got {values!r}")
+        raise ValueError(f"cdserve.weights, cdserve.strength and cdserve.risk must be finite numbers, got {values!r}")
     if strength < 0:
         raise ValueError(f"cdserve.strength must be >= 0, got {strength}")
+    if not -1 <= risk <= 1:
+        raise ValueError(f"cdserve.risk must be between -1 and 1, got {risk}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"cdserve.top_k must be an integer >= 0 (0: whole vocabulary), got {top_k!r}")
     return TokenControl(key=str(spec.get("key", "")), weights=tuple(float(w) for w in weights),
                         strength=float(strength), top_k=top_k, temperature=float(temperature),
-                        top_p=float(top_p))
+                        top_p=float(top_p), risk=float(risk))
 
 
 class ScorerRows:
@@ -105,7 +108,7 @@ class ScorerRows:
         self.by_index: dict[int, Row] = {}  # vLLM batch index -> row
         self.slots: list[Row] = []  # cache row order
         self.cache = KVCache.empty(self.num_layers)
-        self.queries: torch.Tensor | None = None  # (len(slots), H, d_e), at each row's last token
+        self.queries: torch.Tensor | None = None  # (len(slots), H*E, d_e), at each row's last token
         self.finished: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self._dropped = False
 
