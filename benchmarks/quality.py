@@ -72,6 +72,36 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
     return runs
 
 
+# Issue 14/15 runs, for the first head (`positive`): N plain samples per prompt (the true-reward
+# best-of-N baseline and the base distributions the KL estimates need), the reward in the loop,
+# early-pruned best-of-N and the concise-length check at 128 tokens. In the order they run: an
+# interrupted pass has the rows that matter most. `reward` is the first head's reward function.
+SAMPLES = 16
+
+
+def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
+    w, rw = {head: 1.0}, {reward: 1.0}
+    prune = {"prune_every": 8, "keep_fraction": 0.5}
+    runs = [
+        {"mode": "none", "weights": w, "samples_per_prompt": 4 if quick else SAMPLES},
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 4},
+        {"mode": "best_of_n", "weights": w, "num_candidates": 8, **prune},
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8, **prune},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 8, "segment": "fixed"},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "sentence"},
+        {"mode": "none", "weights": {"concise": 1.0}, "max_tokens": 128},
+        {"mode": "token", "weights": {"concise": 1.0}, "max_tokens": 128},  # the server's default strength
+        {"mode": "best_of_n", "weights": w, "num_candidates": 16, **prune},
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 16, **prune},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
+        {"mode": "best_of_n", "weights": w, "num_candidates": 16},
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8},
+    ]
+    if quick:
+        runs = [r for r in runs if r.get("num_candidates", 1) <= 8 and "max_tokens" not in r]
+    return [{**r, "issue": True} for r in runs]
+
+
 def sweep_plan(strength: float) -> list[dict]:
     """positive/concise weights in token mode. (1, 0) is the token run steering positive alone at
     this strength (same request, same seeds), so the sweep reuses it instead of running it again."""
@@ -79,36 +109,49 @@ def sweep_plan(strength: float) -> list[dict]:
              "strength": strength, "top_k": 20, "sweep": True} for a in (0.75, 0.5, 0.25, 0.0)]
 
 
-CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "block_size", "num_candidates", "selection")
+CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "block_size", "num_candidates", "selection",
+                  "rewards", "segment", "prune_every", "keep_fraction")
+REQUEST_FIELDS = ("samples_per_prompt", "max_tokens")  # `n` and max_tokens of the request, when not the default
 
 
 def run_key(run: dict) -> str:
-    """A run's identity: its control settings (a stored result carries more fields)."""
-    return json.dumps({k: run[k] for k in CONTROL_FIELDS if k in run}, sort_keys=True)
+    """A run's identity: its control and request settings (a stored result carries more fields)."""
+    return json.dumps({k: run[k] for k in CONTROL_FIELDS + REQUEST_FIELDS if k in run}, sort_keys=True)
 
 
 # -- talking to the server -----------------------------------------------------------------------
-async def one_request(client, model: str, prompt: str, seed: int, control: dict, args) -> dict:
+async def one_request(client, model: str, prompt: str, seed: int, control: dict, args,
+                      n: int = 1, max_tokens: int | None = None) -> list[dict]:
+    """One chat request; its n choices (plain samples: choice j draws from generator row j, the
+    rows best_of_n's candidates use, so the first N of them are best_of_n N's candidates)."""
     r = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
-        temperature=args.temperature, seed=seed, extra_body={"control": control})
-    choice = r.choices[0]
-    extra = choice.model_extra or {}
-    return {"text": choice.message.content or "", "completion_tokens": r.usage.completion_tokens,
-            "control": extra.get("control")}
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens or args.max_tokens,
+        temperature=args.temperature, seed=seed, n=n, extra_body={"control": control})
+    tokens = [r.usage.completion_tokens] if n == 1 else [None] * n  # usage is summed over choices
+    out = []
+    for choice, t in zip(sorted(r.choices, key=lambda c: c.index), tokens):
+        extra = choice.model_extra or {}
+        out.append({"text": choice.message.content or "", "completion_tokens": t, "control": extra.get("control"),
+                    "finish_reason": choice.finish_reason})
+    return out
 
 
 async def run_once(client, model: str, prompts: list[dict], run: dict, args) -> dict:
-    control = {k: v for k, v in run.items() if k != "sweep"}
-    sem = asyncio.Semaphore(args.concurrency)
+    control = {k: v for k, v in run.items() if k in CONTROL_FIELDS}
+    n = run.get("samples_per_prompt", 1)
+    sem = asyncio.Semaphore(max(1, args.concurrency // n))
 
     async def go(i, p):
         async with sem:
-            return await one_request(client, model, p["prompt"], args.seed + i, control, args)
+            return await one_request(client, model, p["prompt"], args.seed + i, control, args, n=n,
+                                     max_tokens=run.get("max_tokens"))
 
     t0 = time.perf_counter()
-    answers = await asyncio.gather(*(go(i, p) for i, p in enumerate(prompts)))
+    per_prompt = await asyncio.gather(*(go(i, p) for i, p in enumerate(prompts)))
     seconds = time.perf_counter() - t0
+    if n > 1:
+        return samples_result(run, prompts, per_prompt, seconds)
+    answers = [a[0] for a in per_prompt]
     texts = [a["text"] for a in answers]
     rewards = score_texts(texts, list(HEADS.values()))
     kl = [(a["control"] or {}).get("kl", 0.0) for a in answers]
@@ -122,8 +165,33 @@ async def run_once(client, model: str, prompts: list[dict], run: dict, args) -> 
         "completion_tokens": statistics.fmean(comp),
         "scorer_values": {h: statistics.fmean((a["control"] or {}).get("values", {}).get(h, 0.0) for a in answers)
                           for h in HEADS},
-        "samples": [{"prompt": p["prompt"], "text": t} for p, t in zip(prompts, texts)],
+        "samples": [{"prompt": p["prompt"], "text": a["text"], "completion_tokens": a["completion_tokens"],
+                     "finish_reason": a["finish_reason"], "control": a["control"]}
+                    for p, a in zip(prompts, answers)],
     }
+
+
+def samples_result(run: dict, prompts: list[dict], per_prompt: list[list[dict]], seconds: float) -> dict:
+    """N plain samples per prompt, every one kept with its true rewards and the scorer's values
+    (the server's `control` of each choice): the true-reward best-of-N baseline, scorer-ranked
+    best-of-N recomputed client-side, and the base distributions behind the measured KL."""
+    texts = [a["text"] for answers in per_prompt for a in answers]
+    rewards = score_texts(texts, list(HEADS.values()))
+    it = iter(range(len(texts)))
+    per = []
+    for p, answers in zip(prompts, per_prompt):
+        idx = [next(it) for _ in answers]
+        per.append({"prompt": p["prompt"], "texts": [a["text"] for a in answers],
+                    "finish_reasons": [a["finish_reason"] for a in answers],
+                    "controls": [a["control"] for a in answers],
+                    "rewards": {h: [rewards[r][i] for i in idx] for h, r in HEADS.items()}})
+    first = [a[0] for a in per_prompt]
+    return {**run, "n": len(prompts), "seconds": round(seconds, 1),
+            "reward": {h: statistics.fmean(rewards[r]) for h, r in HEADS.items()},
+            "reward_sem": {h: statistics.stdev(rewards[r]) / len(texts) ** 0.5 for h, r in HEADS.items()},
+            "kl": 0.0, "tokens_per_accepted": 1.0,
+            "completion_tokens": statistics.fmean((a["control"] or {}).get("tokens_generated", 0) for a in first),
+            "samples": [], "per_prompt": per}
 
 
 def free_port() -> int:
@@ -169,17 +237,27 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # -- reporting -----------------------------------------------------------------------------------
 def label(r: dict) -> str:
+    suffix = "".join([f" max_tokens={r['max_tokens']}" if "max_tokens" in r else "",
+                      " reward-ranked" if r.get("rewards") else "",
+                      f" pruned every {r['prune_every']} keep {r['keep_fraction']:g}" if r.get("prune_every") else ""])
     if r["mode"] == "none":
-        return "none"
+        return (f"none x{r['samples_per_prompt']} samples" if "samples_per_prompt" in r else "none") + suffix
     if r["mode"] == "token":
-        return f"token s={r['strength']:g} top_k={r['top_k']}"
+        s = f"s={r['strength']:g}" if "strength" in r else "default strength"
+        return f"token {s}" + (f" top_k={r['top_k']}" if "top_k" in r else "") + suffix
     if r["mode"] == "block":
-        return f"block K={r['num_candidates']} M={r['block_size']}"
-    return f"best_of_n N={r['num_candidates']}"
+        seg = r.get("segment", "fixed")
+        size = f"M={r['block_size']}" if seg == "fixed" else f"{seg} segments (max {r['block_size']})"
+        return f"block K={r['num_candidates']} {size}" + suffix
+    return f"best_of_n N={r['num_candidates']}" + suffix
 
 
 def steered_head(r: dict) -> str:
-    return next(iter(r["weights"]))
+    """The head a run steers: its first weight, or the head whose reward it ranks by."""
+    if r["weights"]:
+        return next(iter(r["weights"]))
+    by_reward = {reward: head for head, reward in HEADS.items()}
+    return by_reward.get(next(iter(r.get("rewards") or {})), next(iter(HEADS)))
 
 
 def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
@@ -277,18 +355,20 @@ def table(results: list[dict], command: str, meta: dict) -> str:
 async def main_async(args) -> None:
     from openai import AsyncOpenAI
 
-    out = HERE / "results" / "quality.json"
+    out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     cache = {run_key(r): r for r in json.loads(out.read_text())["runs"]} if out.exists() and not args.fresh else {}
     prompts = load_prompts("eval")
     step = max(1, len(prompts) // args.prompts)
     prompts = prompts[::step][: args.prompts]  # spread over the categories
     heads = args.heads.split(",")
-    runs = plan(args.quick, heads) + (sweep_plan(args.sweep_strength) if "concise" in HEADS else [])
+    issue = issue_plan(heads[0], HEADS[heads[0]], args.quick) if args.issue_runs else []
+    runs = plan(args.quick, heads) + (sweep_plan(args.sweep_strength) if "concise" in HEADS else []) + issue
     todo = [r for r in runs if run_key(r) not in cache or cache[run_key(r)]["n"] != len(prompts)]
-    # the base run, the first head, then the sweep, then the other heads: an interrupted run has the
-    # comparisons that matter most
-    todo.sort(key=lambda r: (r["mode"] != "none", bool(r.get("sweep")) and 1 or (2 if steered_head(r) != heads[0] else 0)))
+    # the base run, the issue runs (in their order), the first head, then the sweep, then the other
+    # heads: an interrupted run has the comparisons that matter most
+    todo.sort(key=lambda r: (r["mode"] != "none" or "issue" in r, 0 if "issue" in r else
+                             bool(r.get("sweep")) and 2 or (3 if steered_head(r) != heads[0] else 1)))
     proc = None
     if todo and not args.url:
         proc, args.url = start_server(args)
@@ -297,8 +377,15 @@ async def main_async(args) -> None:
             client = AsyncOpenAI(base_url=args.url + "/v1", api_key=os.environ.get("CDSERVE_API_KEY", "none"),
                                  timeout=3600, max_retries=0)
             model = (await client.models.list()).data[0].id
+            import openai
+
             for i, run in enumerate(todo):
-                res = await run_once(client, model, prompts, run, args)
+                try:
+                    res = await run_once(client, model, prompts, run, args)
+                except openai.BadRequestError as e:  # e.g. a segment this server does not have yet
+                    print(f"[{i + 1}/{len(todo)}] {label(run)}: refused, skipped: {e}", flush=True)
+                    continue
+                res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 cache[run_key(run)] = res
                 print(f"[{i + 1}/{len(todo)}] {label(res):22s} {json.dumps(run['weights'])} "
                       + " ".join(f"{h}={res['reward'][h]:.3f}" for h in HEADS)
@@ -314,7 +401,7 @@ async def main_async(args) -> None:
         if proc is not None:
             stop_server(proc)
     data = json.loads(out.read_text())
-    results = [cache[run_key(r)] for r in runs if run_key(r) in cache]
+    results = [cache[run_key(r)] for r in runs if run_key(r) in cache and "issue" not in r]
     plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
     plot_sweep(results, HERE / "quality_weights_sweep.png")
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -329,6 +416,7 @@ async def main_async(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", help="a running server (default: start one)")
+    ap.add_argument("--out", default=str(HERE / "results" / "quality.json"), help="results JSON (the run cache)")
     ap.add_argument("--backend", default="hf")
     ap.add_argument("--scorer", default="default")
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts per run")
@@ -342,6 +430,8 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server it starts")
     ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
+    ap.add_argument("--no-issue-runs", dest="issue_runs", action="store_false",
+                    help="skip the plain samples, reward-in-the-loop and pruned runs (issues 14/15)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached runs")
     args = ap.parse_args()
     if args.quick:
