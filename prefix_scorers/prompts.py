@@ -129,6 +129,106 @@ def build_prompts(seed: int = 0, per_category: int = 90) -> list[dict]:
     return [{"id": f"p{i:04d}", **p} for i, p in enumerate(prompts)]
 
 
+# -- the extra training prompts: more subjects and templates, same categories ---------------------
+_MORE_PRODUCTS = ["noise-cancelling earbuds", "espresso machine", "yoga mat", "gaming laptop", "slow cooker",
+                  "electric bike", "water filter", "baby stroller", "camping tent", "dishwasher",
+                  "fitness tracker", "tablet for kids", "vacuum flask", "sewing machine", "drone",
+                  "instant camera", "memory foam pillow", "garden hose", "space heater", "car seat"]
+_MORE_PLACES = ["Thai restaurant", "ski resort", "vet clinic", "bookshop on the corner", "ramen shop",
+                "beach hotel", "climbing gym", "hair salon", "airport lounge", "escape room",
+                "art gallery", "bike repair shop", "food truck", "zoo", "cinema"]
+_MORE_MEDIA = ["horror movie", "poetry collection", "cooking blog", "indie video game", "classical concert",
+               "stand-up comedy special", "nature documentary", "graphic novel", "musical", "sitcom"]
+_MORE_ADVICE = ["how to train a puppy", "how to negotiate a used car price", "how to make a good first impression",
+                "how to start a vegetable garden", "how to meditate", "how to read more books",
+                "how to apologise to a friend", "how to save for retirement", "how to give a presentation",
+                "how to travel with small children", "how to fix a leaking tap", "how to bake bread",
+                "how to get better at chess", "how to reduce plastic waste", "how to move to another country",
+                "how to study for a maths exam", "how to choose a laptop", "how to sleep on a long flight",
+                "how to keep a journal", "how to say no to extra work"]
+_MORE_TOPICS = ["rainbows", "how batteries work", "the moon's phases", "plate tectonics", "evolution",
+                "how bees make honey", "the Roman Empire", "solar panels", "interest rates", "nuclear power",
+                "how the heart works", "ocean tides", "cryptocurrency", "the printing press", "viruses",
+                "how memory works", "coral reefs", "the speed of light", "taxes", "bread rising",
+                "the Great Wall of China", "3D printing", "how GPS works", "dinosaurs"]
+_MORE_STORY = ["a girl who can talk to birds", "a forgotten toy in an attic", "a baker who opens a shop at midnight",
+               "a postman on his last day of work", "a ghost who is bad at scaring people",
+               "a submarine crew finding a new creature", "a king who gives away his crown",
+               "two old friends meeting after twenty years", "a runaway hot-air balloon",
+               "a robot and a boy fixing a bicycle", "a snowman who wants to see summer",
+               "a pirate who gets seasick", "a small town's first traffic light", "a mouse living in a piano"]
+_MORE_COMPLAINTS = ["my order has been 'processing' for two weeks", "the airline lost my suitcase",
+                    "my new phone's battery dies by noon", "the plumber never showed up",
+                    "my bank froze my card while I was abroad", "the parking ticket was unfair",
+                    "my roommate never does the dishes", "the concert was cancelled an hour before",
+                    "the delivery driver left my parcel in the rain", "my train ticket was charged twice",
+                    "the school changed the timetable without telling parents", "my washing machine broke after a month"]
+_MORE_OPINION = ["school uniforms", "working from cafes", "banning cars from city centres", "learning Latin",
+                 "smart speakers at home", "pineapple on pizza", "year-round daylight saving time",
+                 "universal basic income", "space tourism", "homeschooling", "e-books versus paper books",
+                 "zoos", "unlimited vacation policies", "tiny houses"]
+_MORE_PEOPLE = ["my brother", "my dad", "an old classmate", "my mentor", "my landlord", "a team I lead"]
+_MORE_EVENTS = ["first marathon", "new job", "moving house", "exam results", "engagement", "anniversary"]
+
+_MORE_TEMPLATES: dict[str, list[str]] = {
+    "review": ["Tell me what you liked and disliked about the {x}.", "Rate the {x} out of ten and explain why.",
+               "Would you recommend the {x} to a friend?", "Write a one-paragraph review of a {x}."],
+    "advice": ["What would you suggest about {x}?", "Quick question: {x}?", "Give me three tips on {x}.",
+               "I'm a beginner. Explain {x}."],
+    "explain": ["How would you describe {x} to a friend?", "What is the most surprising fact about {x}?",
+                "Teach me about {x}.", "Summarise {x} in a short paragraph."],
+    "story": ["Write a bedtime story about {x}.", "Write a funny story about {x}.",
+              "Describe the first scene of a film about {x}."],
+    "complaint": ["{x}, and I'm furious. Any advice?", "Write an email to complain that {x}.",
+                  "Should I be upset that {x}?"],
+    "opinion": ["Convince me that {x} is a good idea.", "What are the risks of {x}?",
+                "Share your honest view on {x}."],
+    "message": ["Write a short card to {p} for their {e}.", "What should I say to {p} about their {e}?",
+                "Draft a text message to {p} about their {e}."],
+    "short": ["Sum up {x} in one line.", "Give me a one-word opinion of {x}, then explain.",
+              "Tell me one fact about {x}."],
+}
+
+
+def _extended_subjects() -> dict[str, list[str]]:
+    people = _PEOPLE + _MORE_PEOPLE
+    return {
+        "review": _PRODUCTS + _PLACES + _MEDIA + _MORE_PRODUCTS + _MORE_PLACES + _MORE_MEDIA,
+        "advice": _ADVICE + _MORE_ADVICE,
+        "explain": _TOPICS + _MORE_TOPICS,
+        "story": _STORY + _MORE_STORY,
+        "complaint": _COMPLAINTS + _MORE_COMPLAINTS,
+        "opinion": _OPINION + _MORE_OPINION,
+        "message": [f"{p}|{e}" for p in people for e in _EVENTS + _MORE_EVENTS],
+        "short": _TOPICS + _OPINION + _MORE_TOPICS + _MORE_OPINION,
+    }
+
+
+def build_extra_prompts(seed: int = 0) -> list[dict]:
+    """More training prompts (ids `x00000`...): every (template, subject) pair of the extended
+    lists (the original and `_MORE_*` subjects, the original and `_MORE_TEMPLATES` templates)
+    that is not already a prompt of `build_prompts(seed)` -- train or eval -- shuffled. Adding
+    them never changes the original 616 prompts or their train/eval split."""
+    rng = random.Random(seed + 2)
+    taken = {p["prompt"] for p in build_prompts(seed)}
+    subjects = _extended_subjects()
+    pool = []
+    for category, (_, templates) in _TEMPLATES.items():
+        for template in templates + _MORE_TEMPLATES[category]:
+            for subject in subjects[category]:
+                if "|" in subject:
+                    p, e = subject.split("|")
+                    text = template.format(p=p, e=e)
+                else:
+                    text = template.format(x=subject)
+                text = text[0].upper() + text[1:]
+                if text not in taken:
+                    taken.add(text)
+                    pool.append({"category": category, "prompt": text})
+    rng.shuffle(pool)
+    return [{"id": f"x{i:05d}", **p} for i, p in enumerate(pool)]
+
+
 def split_prompts(prompts: list[dict], eval_fraction: float = 0.15, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Stratified by category, so the held-out set has every kind of prompt."""
     rng = random.Random(seed + 1)
@@ -155,14 +255,17 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_prompt_set(out_dir: Path = DATA_DIR, seed: int = 0) -> tuple[Path, Path]:
+def write_prompt_set(out_dir: Path = DATA_DIR, seed: int = 0) -> tuple[Path, Path, Path]:
+    """prompts_train.jsonl and prompts_eval.jsonl (the original 522 / 94 split), and
+    prompts_train_large.jsonl: the 522 train prompts followed by every extra prompt."""
     train, evals = split_prompts(build_prompts(seed), seed=seed)
     return (write_jsonl(train, Path(out_dir) / "prompts_train.jsonl"),
-            write_jsonl(evals, Path(out_dir) / "prompts_eval.jsonl"))
+            write_jsonl(evals, Path(out_dir) / "prompts_eval.jsonl"),
+            write_jsonl(train + build_extra_prompts(seed), Path(out_dir) / "prompts_train_large.jsonl"))
 
 
 def load_prompts(split: str, data_dir: Path = DATA_DIR) -> list[dict]:
-    """The committed prompts of one split ('train' or 'eval')."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    """The committed prompts of one split ('train', 'eval' or 'train_large')."""
+    if split not in ("train", "eval", "train_large"):
+        raise ValueError(f"split must be 'train', 'eval' or 'train_large', got {split!r}")
     return read_jsonl(Path(data_dir) / f"prompts_{split}.jsonl")

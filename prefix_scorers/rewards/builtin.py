@@ -1,4 +1,4 @@
-"""The four built-in rewards behind the default scorer's heads. All run offline.
+"""The built-in rewards behind the default scorer's heads (and `civility`). All run offline.
 
 | reward           | head      | range    | formula                                                        |
 |------------------|-----------|----------|----------------------------------------------------------------|
@@ -13,6 +13,17 @@ hyphenation dictionary that ships with pyphen (hyphenation points + 1 per word).
 `flesch_reading_ease` looks syllables up in NLTK's cmudict, which must be downloaded; pyphen is
 textstat's own fallback for words cmudict lacks, so this is the same formula, offline and
 identical on every machine. An empty text scores 0 (readable) and 1 (concise).
+
+`specificity` replaced `civility` in the default scorer: SmolLM2's answers are already civil
+(0.96 on average), so that head had nothing to steer. Specific answers name things: numbers,
+names and precise terms ("chlorophyll", "Bluetooth", "30 minutes") rather than common words
+("good", "things", "important"). Words are runs of letters (with an inner apostrophe) of three or
+more letters, and runs of digits; a word is specific if it is a number or if wordfreq's English
+Zipf frequency (log10 of occurrences per billion words: 4 is once in 100,000 words, "budget" 4.8,
+"recipe" 4.2, "bluetooth" 3.8, "chlorophyll" 2.8) is below `RARE_ZIPF` (4) but above 0. Words wordfreq does not know (Zipf 0: typos,
+made-up words) do not count, so gibberish does not score. Measured on 522 SmolLM2-135M-Instruct
+answers (48 tokens, temperature 0.7): mean 0.10, std 0.09 (prefix_scorers/README.md). The data
+ships with the wordfreq package: nothing is downloaded. An empty text scores 0.
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ from functools import lru_cache
 from prefix_scorers.rewards.registry import register_reward
 
 CONCISE_WORDS = 50  # an answer of this many words (or more) scores 0 on `concise`
+RARE_ZIPF = 4.0  # `specificity`: words rarer than this Zipf frequency count as specific
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+_SPECIFIC_TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)*")
 
 
 @lru_cache(maxsize=1)
@@ -83,3 +96,28 @@ def flesch_reading_ease(text: str) -> float:
                  reward_range=(0.0, 1.0))
 def readable(texts: Sequence[str]) -> list[float]:
     return [min(100.0, max(0.0, flesch_reading_ease(t))) / 100.0 for t in texts]
+
+
+@lru_cache(maxsize=200_000)
+def _zipf(word: str) -> float:
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def is_specific(word: str) -> bool:
+    """A number, or a real but rare English word (0 < Zipf frequency < RARE_ZIPF)."""
+    if word[0].isdigit():
+        return True
+    return 0.0 < _zipf(word.lower()) < RARE_ZIPF
+
+
+def specificity(text: str) -> float:
+    words = [w for w in _SPECIFIC_TOKEN.findall(text) if w[0].isdigit() or len(w) >= 3]
+    return sum(map(is_specific, words)) / len(words) if words else 0.0
+
+
+@register_reward("specificity", description=f"Specific wording: share of words that are numbers or rare "
+                 f"(wordfreq Zipf frequency < {RARE_ZIPF:g}).", reward_range=(0.0, 1.0))
+def specificity_reward(texts: Sequence[str]) -> list[float]:
+    return [specificity(t) for t in texts]

@@ -26,7 +26,7 @@ HARD = ("The mitochondrial electron transport chain facilitates oxidative phosph
 def test_builtin_rewards_are_registered_with_ranges():
     names = {r.name: r.reward_range for r in list_rewards()}
     assert names["vader_compound"] == (-1.0, 1.0)
-    for name in ("civility", "concise", "readable"):
+    for name in ("civility", "concise", "readable", "specificity"):
         assert names[name] == (0.0, 1.0)
 
 
@@ -49,6 +49,18 @@ def test_concise_formula():
 def test_readable_prefers_plain_text():
     plain, hard, empty = get_reward("readable")([PLAIN, HARD, ""])
     assert plain > 0.8 and hard < 0.2 and empty == 0.0
+
+
+def test_specificity_counts_numbers_and_rare_real_words():
+    plain, specific, number, gibberish, empty = get_reward("specificity")([
+        "It is a good thing and very important for all of us.",
+        "Chlorophyll absorbs light for photosynthesis.",  # 3 of 5 words rare: chlorophyll, absorbs, photosynthesis
+        "Bake it for 30 minutes at 180 degrees.",  # 30, 180 of 6 words (bake: Zipf < 4 too)
+        "Xqzt blorptang vrrmfl.",  # unknown to wordfreq: not specific
+        ""])
+    assert plain == 0.0 and empty == 0.0 and gibberish == 0.0
+    assert specific == pytest.approx(3 / 5)
+    assert number == pytest.approx(3 / 6)
 
 
 def test_registry_callable_and_range_check():
