@@ -74,7 +74,8 @@ class BlockDecoder:
         raw = runner.values_at(q_last, taken)[:, :, 0].float()  # (K, H*E)
         w = torch.tensor([weights] * K, dtype=torch.float32)
         combined = runner.combine(raw, torch.tensor(value_positions), w, torch.full((K,), risk)).float()
-        return Scored(*runner.head_values(raw), combined=combined, forked=forked)
+        values, spread = runner.head_values(raw)
+        return Scored(values, combined, spread, forked)
 
     # -- one choice ------------------------------------------------------------------------------
     async def run_choice(self, request: GenerationRequest, choice: int, emit) -> None:
