@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.quality.runs import label
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 from prefix_scorers.prompts import load_prompts
 from prefix_scorers.rewards import score_texts
@@ -84,18 +85,17 @@ def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
     prune = {"prune_every": 8, "keep_fraction": 0.5}
     runs = [
         {"mode": "none", "weights": w, "samples_per_prompt": 4 if quick else SAMPLES},
-        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 4},
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 2},  # = client-side? (a check)
         {"mode": "best_of_n", "weights": w, "num_candidates": 8, **prune},
-        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8, **prune},
         {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 8, "segment": "fixed"},
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8, **prune},
         {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "sentence"},
         {"mode": "none", "weights": {"concise": 1.0}, "max_tokens": 128},
         {"mode": "token", "weights": {"concise": 1.0}, "max_tokens": 128},  # the server's default strength
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
         {"mode": "best_of_n", "weights": w, "num_candidates": 16, **prune},
         {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 16, **prune},
-        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
         {"mode": "best_of_n", "weights": w, "num_candidates": 16},
-        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8},
     ]
     if quick:
         runs = [r for r in runs if r.get("num_candidates", 1) <= 8 and "max_tokens" not in r]
@@ -236,22 +236,6 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 # -- reporting -----------------------------------------------------------------------------------
-def label(r: dict) -> str:
-    suffix = "".join([f" max_tokens={r['max_tokens']}" if "max_tokens" in r else "",
-                      " reward-ranked" if r.get("rewards") else "",
-                      f" pruned every {r['prune_every']} keep {r['keep_fraction']:g}" if r.get("prune_every") else ""])
-    if r["mode"] == "none":
-        return (f"none x{r['samples_per_prompt']} samples" if "samples_per_prompt" in r else "none") + suffix
-    if r["mode"] == "token":
-        s = f"s={r['strength']:g}" if "strength" in r else "default strength"
-        return f"token {s}" + (f" top_k={r['top_k']}" if "top_k" in r else "") + suffix
-    if r["mode"] == "block":
-        seg = r.get("segment", "fixed")
-        size = f"M={r['block_size']}" if seg == "fixed" else f"{seg} segments (max {r['block_size']})"
-        return f"block K={r['num_candidates']} {size}" + suffix
-    return f"best_of_n N={r['num_candidates']}" + suffix
-
-
 def steered_head(r: dict) -> str:
     """The head a run steers: its first weight, or the head whose reward it ranks by."""
     if r["weights"]:

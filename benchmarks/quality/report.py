@@ -1,0 +1,422 @@
+"""The GRUE-style report of the quality benchmark, built from its stored runs (results/quality.json).
+
+For every run: the true reward per head, the independent judge (AFINN), fluency (non-words,
+repetition, distinct-2, perplexity under the base model), KL as the server reports it and as
+measured (benchmarks/quality/kl.py), and compute (base tokens per answer token, wall time).
+Rows computed client-side from the plain samples (16 per prompt, the same seeds as every server
+run): best-of-N ranked by the true reward itself, and scorer-ranked best-of-N recomputed from the
+scorer values the server returned with each sample. Then the issues' targets, met or not, and
+two plots: reward vs measured KL and reward vs base tokens per answer token.
+
+    python -m benchmarks.quality.report            # after python benchmarks/quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+from pathlib import Path
+
+from benchmarks.quality import judges
+from benchmarks.quality.kl import (
+    best_of_n_kl,
+    best_of_n_kl_bound,
+    rank_mixture_kl,
+    winner_rank,
+    winners_kl,
+)
+
+HERE = Path(__file__).resolve().parent.parent
+RESULTS = HERE / "results"
+HEADS = ("positive", "civil", "concise", "readable")
+HEAD = "positive"
+NS = (2, 4, 8, 16)
+
+
+# -- rows ----------------------------------------------------------------------------------------
+def row(label: str, family: str, answers: list[dict], rewards: dict[str, list[float]], kl_reported: float | None,
+        kl_measured: float | None, kl_how: str, gen_per_answer: float, seconds: float | None, **extra) -> dict:
+    """One run's report line; `answers` are {prompt, text} in prompt order."""
+    return {"label": label, "family": family, "answers": answers,
+            "reward": {h: statistics.fmean(v) for h, v in rewards.items()},
+            "reward_sem": {h: statistics.stdev(v) / len(v) ** 0.5 for h, v in rewards.items()},
+            "positive_per_answer": rewards[HEAD],
+            "kl_reported": kl_reported, "kl_measured": kl_measured, "kl_how": kl_how,
+            "gen_per_answer": gen_per_answer, "seconds": seconds, **extra}
+
+
+def sample_tokens(control: dict | None, finish: str | None) -> tuple[int, int]:
+    """(tokens the base model sampled, answer tokens) of one plain sample (EOS is sampled, not kept)."""
+    gen = (control or {}).get("tokens_generated", 0)
+    return gen, gen - (finish == "stop")
+
+
+def client_rows(samples: dict, ns=NS) -> list[dict]:
+    """True-reward and scorer-ranked best-of-N from the plain samples, first N of each prompt's 16
+    (the rows best_of_n N's candidates use)."""
+    per = samples["per_prompt"]
+    rows = []
+    for rank_by in ("reward", "scorer"):
+        for n in ns:
+            win, pools_r, pools_s, gen, acc = [], [], [], 0, 0
+            for p in per:
+                score = p["rewards"][HEAD] if rank_by == "reward" else [c["combined"] for c in p["controls"]]
+                j = max(range(n), key=lambda k: score[k])  # the first of tied candidates, as cdserve
+                win.append(j)
+                pools_r.append(p["rewards"][HEAD])
+                pools_s.append([c["combined"] for c in p["controls"]])
+                g = [sample_tokens(p["controls"][k], p["finish_reasons"][k]) for k in range(n)]
+                gen += sum(x for x, _ in g)
+                acc += g[j][1]
+            pool = pools_r if rank_by == "reward" else pools_s
+            winners = [pool[i][j] for i, j in enumerate(win)]
+            kl = statistics.fmean(best_of_n_kl(pl, n) for pl in pool)
+            label = (f"true-reward best-of-{n} (client)" if rank_by == "reward"
+                     else f"scorer-ranked best-of-{n} (client, recomputed)")
+            rows.append(row(
+                label, "true-reward best-of-N" if rank_by == "reward" else "scorer best-of-N (client)",
+                [{"prompt": p["prompt"], "text": p["texts"][j]} for p, j in zip(per, win)],
+                {h: [p["rewards"][h][j] for p, j in zip(per, win)] for h in HEADS},
+                best_of_n_kl_bound(n), kl, "plug-in best-of-N over 16 base samples", gen / max(1, acc),
+                samples["seconds"] * n / len(per[0]["texts"]), n=n, rank_by=rank_by,
+                kl_monte_carlo=winners_kl(winners, pool, n)))
+    return rows
+
+
+def _find(texts: list[str], text: str, n: int) -> int | None:
+    return next((k for k in range(n) if texts[k] == text), None)
+
+
+def family(run: dict) -> str:
+    mode = run["mode"]
+    if "max_tokens" in run:
+        return f"{mode} at {run['max_tokens']} tokens"
+    if mode == "token":
+        return "token (top 20)" if run.get("top_k", 20) else "token (all tokens)"
+    if mode == "block":
+        return f"block, reward in the loop ({run.get('segment', 'fixed')})" if run.get("rewards") else "block (scorer)"
+    if mode == "best_of_n":
+        by = "reward" if run.get("rewards") else "scorer"
+        return f"pruned best-of-N ({by})" if run.get("prune_every") else f"best_of_n ({by}, server)"
+    return mode
+
+
+def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str]) -> dict:
+    """A server run; best_of_n's measured KL from the plain samples of the same prompts and seeds."""
+    from benchmarks.quality.runs import label  # the run's name in every table
+    from prefix_scorers.rewards import score_texts
+
+    answers = [{"prompt": a["prompt"], "text": a["text"]} for a in run["samples"]]
+    scored = score_texts([a["text"] for a in answers], list(head_rewards.values()))
+    rewards = {h: scored[r] for h, r in head_rewards.items()}
+    extra: dict = {}
+    fam, mode, n = family(run), run["mode"], run.get("num_candidates", 1)
+    if mode == "none":
+        measured, how = 0.0, "plain decoding"
+    elif mode == "token":
+        measured, how = run["kl"], "exact per-step sum (server)"
+    elif mode == "block":
+        measured, how = None, "bound only: the server returns no per-block candidate scores"
+    elif samples is None or (run.get("rewards") and run["weights"]):
+        measured, how = None, "bound only: no base samples for this ranking score"
+    elif len(samples["per_prompt"][0]["texts"]) < n:
+        measured, how = None, f"bound only: fewer base samples than N={n}"
+    else:
+        per = samples["per_prompt"]
+        by_reward = bool(run.get("rewards"))
+        pools = [p["rewards"][HEAD] if by_reward else [c["combined"] for c in p["controls"]] for p in per]
+        found = [_find(p["texts"], a["text"], n) for p, a in zip(per, answers)]
+        extra["winners_among_samples"] = sum(k is not None for k in found) / len(found)
+        client = [max(range(n), key=lambda k, pl=pl: pl[k]) for pl in pools]
+        extra["same_as_client_best_of_n"] = sum(k == c for k, c in zip(found, client)) / len(found)
+        if run.get("prune_every"):
+            ranks = [winner_rank(pl[:n], pl[k]) for pl, k in zip(pools, found) if k is not None]
+            measured = rank_mixture_kl(ranks, n) if ranks else None
+            how = "rank mixture over its own N candidates: the final score's KL (a lower bound; log N the upper)"
+            extra["kl_upper"] = math.log(n)
+            extra["winner_rank_mean"] = statistics.fmean(ranks) if ranks else None
+        else:
+            measured = statistics.fmean(best_of_n_kl(pl, n) for pl in pools)
+            how = "plug-in best-of-N over 16 base samples"
+            hits = [(pl[k], pl) for pl, k in zip(pools, found) if k is not None]
+            if hits:
+                extra["kl_monte_carlo"] = winners_kl([w for w, _ in hits], [pl for _, pl in hits], n)
+    return row(label(run), fam, answers, rewards, run["kl"], measured, how, run["tokens_per_accepted"],
+               run["seconds"], run=run_settings(run), **extra)
+
+
+def run_settings(run: dict) -> dict:
+    skip = {"samples", "per_prompt", "reward", "reward_sem", "scorer_values", "n", "seconds", "kl",
+            "tokens_per_accepted", "completion_tokens", "date", "issue"}
+    return {k: v for k, v in run.items() if k not in skip}
+
+
+def add_judges(rows: list[dict], ppl: judges.Perplexity | None) -> None:
+    for r in rows:
+        texts = [a["text"] for a in r["answers"]]
+        af = judges.afinn_scores(texts)
+        r["afinn"] = statistics.fmean(af)
+        r["afinn_sem"] = statistics.stdev(af) / len(af) ** 0.5
+        r["afinn_per_answer"] = af
+        r["nonword_share"] = judges.nonword_share(texts)
+        r["repetition"] = statistics.fmean(judges.repetition(t) for t in texts)
+        r["distinct_2"] = judges.distinct_2(texts)
+        r["words"] = statistics.fmean(len(t.split()) for t in texts)
+        if ppl is not None and r.get("perplexity_wanted", True):
+            r["perplexity"] = ppl.perplexity([(a["prompt"], a["text"]) for a in r["answers"]])
+
+
+# -- targets -------------------------------------------------------------------------------------
+def _pick(rows: list[dict], label: str) -> dict | None:
+    return next((r for r in rows if r["label"] == label), None)
+
+
+def _curve_at(points: list[tuple[float, float]], x: float) -> float:
+    """Linear interpolation of a (x, y) curve sorted by x, held at its last y beyond it."""
+    points = sorted(points)
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+    return points[-1][1]
+
+
+def _fmt(x: float | None, d: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
+
+
+def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
+    """Each target of issues 14 and 15 that this benchmark measures: met or not, with the numbers."""
+    out = []
+
+    def add(issue: str, name: str, met: bool | None, detail: str) -> None:
+        out.append({"issue": issue, "target": name, "met": met, "detail": detail})
+
+    none = _pick(rows, "none")
+    tr = {n: _pick(rows, f"true-reward best-of-{n} (client)") for n in NS}
+    tr = {n: r for n, r in tr.items() if r}
+    base = none["reward"][HEAD]
+    tr8 = tr.get(8)
+    srv8 = _pick(rows, "best_of_n N=8")
+    if srv8 and tr8:
+        share = (srv8["reward"][HEAD] - base) / (tr8["reward"][HEAD] - base)
+        add("14", "scorer-ranked best-of-8 reaches >= 90% of true-reward best-of-8's gain over plain decoding",
+            share >= 0.9, f"gain {srv8['reward'][HEAD] - base:.3f} of {tr8['reward'][HEAD] - base:.3f} ({share:.0%})")
+    for lab, issue in (("block K=4 M=8", "14"), ("block K=4 M=8 reward-ranked", "15"),
+                       ("block K=4 sentence segments (max 24) reward-ranked", "15"),
+                       ("block K=4 entropy segments (max 24) reward-ranked", "15")):
+        b = _pick(rows, lab)
+        if b and tr8:
+            ok = b["reward"][HEAD] >= tr8["reward"][HEAD] and b["gen_per_answer"] <= tr8["gen_per_answer"] / 2
+            add(issue, f"{lab} reaches true-reward best-of-8's {HEAD} at half its base tokens or fewer", ok,
+                f"{b['reward'][HEAD]:.3f} (s.e. {b['reward_sem'][HEAD]:.3f}) at {b['gen_per_answer']:.2f} base "
+                f"tokens/answer token vs {tr8['reward'][HEAD]:.3f} at {tr8['gen_per_answer']:.2f} "
+                f"(half: {tr8['gen_per_answer'] / 2:.2f})")
+    curve_kl = [(0.0, base)] + [(r["kl_measured"], r["reward"][HEAD]) for r in tr.values() if r]
+    curve_gen = [(1.0, base)] + [(r["gen_per_answer"], r["reward"][HEAD]) for r in tr.values() if r]
+    steered = [r for r in rows if r["family"].startswith(("token", "block")) and r["run"]["weights"].get(HEAD, 0) > 0
+               and len(r["run"]["weights"]) == 1 or r["family"].startswith("block, reward")]
+    at_kl = [(r, r["reward"][HEAD] - _curve_at(curve_kl, r["kl_measured"] if r["kl_measured"] is not None
+                                               else r["kl_reported"])) for r in steered]
+    best = max(at_kl, key=lambda x: x[1]) if at_kl else None
+    if best:
+        add("14", "at equal measured KL, token or block mode reaches true-reward best-of-N's reward",
+            best[1] >= 0, "; ".join(f"{r['label']}: {d:+.3f}" for r, d in at_kl) +
+            " (reward minus the true-reward best-of-N curve at the same KL; block at its bound)")
+    at_gen = [(r, r["reward"][HEAD] - _curve_at(curve_gen, r["gen_per_answer"])) for r in steered]
+    if at_gen:
+        add("14", "at equal base tokens per answer token, every steered mode beats true-reward best-of-N",
+            all(d > 0 for _, d in at_gen), "; ".join(f"{r['label']}: {d:+.3f}" for r, d in at_gen) +
+            " (reward minus the true-reward best-of-N curve at the same cost; best-of-1 = none)")
+    c_none, c_tok = _pick(rows, "none max_tokens=128"), _pick(rows, "token default strength max_tokens=128")
+    if c_none and c_tok:
+        toks = {r["label"]: next(x for x in runs if x.get("max_tokens") == 128 and x["mode"] == m)["completion_tokens"]
+                for r, m in ((c_none, "none"), (c_tok, "token"))}
+        ratio = toks[c_tok["label"]] / toks[c_none["label"]]
+        add("14", "concise at the server's default strength: <= 0.8x the plain answer length at 128 max tokens",
+            ratio <= 0.8, f"{toks[c_tok['label']]:.1f} vs {toks[c_none['label']]:.1f} answer tokens ({ratio:.2f}x); "
+            f"words {c_tok['words']:.1f} vs {c_none['words']:.1f} ({c_tok['words'] / c_none['words']:.2f}x)")
+    for head in HEADS:
+        pts = sorted((r["run"]["weights"][head] * r["run"].get("strength", 0), r["reward"][head], r["reward_sem"][head])
+                     for r in rows if r["family"] == "token (top 20)" and list(r["run"]["weights"]) == [head])
+        if len(pts) >= 2:
+            pts = [(0.0, none["reward"][head], none["reward_sem"][head])] + pts
+            ys = [y for _, y, _ in pts]
+            strict = all(b > a for a, b in itertools.pairwise(ys))
+            noisy = all(b > a - 2 * max(ea, eb) for (_, a, ea), (_, b, eb) in itertools.pairwise(pts))
+            add("14", f"{head} reward rises monotonically with its weight (token mode, top 20)", strict,
+                " -> ".join(f"{y:.3f}" for y in ys) + f" at weight x strength {', '.join(f'{x:g}' for x, _, _ in pts)}"
+                + ("" if strict else f"; {'within' if noisy else 'outside'} 2 s.e. where it falls"))
+    pos = [r for r in rows if r["family"] != "none" and "afinn" in r]
+    if len(pos) >= 3:
+        rho = _spearman([r["reward"][HEAD] for r in pos], [r["afinn"] for r in pos])
+        pairs = [(v, a) for r in pos for v, a in zip(r["positive_per_answer"], r["afinn_per_answer"])]
+        corr = _pearson([v for v, _ in pairs], [a for _, a in pairs])
+        add("14", "the independent judge (AFINN) rises with the trained reward (VADER)", rho > 0.5,
+            f"Spearman over {len(pos)} runs {rho:.2f}; Pearson over {len(pairs)} answers {corr:.2f}")
+    if none and "nonword_share" in none:
+        worse = []
+        for r in rows:
+            if r is none or "nonword_share" not in r or "max_tokens" in r.get("run", {}):
+                continue
+            if r["nonword_share"] > 2 * none["nonword_share"] + 0.005 or r["repetition"] > none["repetition"] + 0.03:
+                worse.append(f"{r['label']} (non-words {r['nonword_share']:.3f}, repetition {r['repetition']:.3f})")
+        add("14", "fluency no worse than plain decoding (non-words, repetition)", not worse,
+            f"none: non-words {none['nonword_share']:.3f}, repetition {none['repetition']:.3f}, distinct-2 "
+            f"{none['distinct_2']:.3f}, perplexity {_fmt(none.get('perplexity'), 2)}; worse: "
+            + ("; ".join(worse) if worse else "none of the runs (perplexity: see the table)"))
+    chk = _pick(rows, "best_of_n N=2 reward-ranked")
+    if chk and "same_as_client_best_of_n" in chk:
+        add("15", "best_of_n with the reward in the loop equals client-side true-reward best-of-N (same seeds)",
+            chk["same_as_client_best_of_n"] == 1.0,
+            f"N=2: {chk['same_as_client_best_of_n']:.0%} of answers identical; reward {chk['reward'][HEAD]:.3f} vs "
+            f"{tr[2]['reward'][HEAD]:.3f} client-side" if 2 in tr else "")
+    for n in (8, 16):
+        for by in ("", " reward-ranked"):
+            r = _pick(rows, f"best_of_n N={n}{by} pruned every 8 keep 0.5")
+            if r and n in tr:
+                ok = r["reward"][HEAD] >= tr[n]["reward"][HEAD] and r["gen_per_answer"] <= tr[n]["gen_per_answer"] / 2
+                add("15", f"pruned best-of-{n} ({'reward' if by else 'scorer'}) reaches true-reward best-of-{n}'s "
+                    "reward with at most half its base tokens", ok,
+                    f"{r['reward'][HEAD]:.3f} at {r['gen_per_answer']:.2f} vs {tr[n]['reward'][HEAD]:.3f} at "
+                    f"{tr[n]['gen_per_answer']:.2f} base tokens/answer token")
+    return out
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    r = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+
+def _pearson(x: list[float], y: list[float]) -> float:
+    return statistics.correlation(x, y)
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    return statistics.correlation(_ranks(x), _ranks(y))
+
+
+# -- output --------------------------------------------------------------------------------------
+def table(rows: list[dict]) -> str:
+    head = ("| run | positive | civil | concise | readable | AFINN | non-words | rep-3 | distinct-2 | ppl | "
+            "KL reported | KL measured | base tok / answer tok | s |")
+    lines = [head, "|" + "---|" * 14]
+    for r in rows:
+        cells = [f"{r['reward'][h]:.3f}" for h in HEADS]
+        cells[0] += f" ± {r['reward_sem'][HEAD]:.3f}"
+        kl_m = _fmt(r["kl_measured"], 2) if r["kl_measured"] is not None else "(bound)"
+        if r.get("kl_upper"):
+            kl_m = f"{kl_m} (<= {r['kl_upper']:.2f})"
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_fmt(r.get('afinn'), 2)} | "
+                     f"{_fmt(r.get('nonword_share'))} | {_fmt(r.get('repetition'))} | {_fmt(r.get('distinct_2'))} | "
+                     f"{_fmt(r.get('perplexity'), 2)} | {_fmt(r['kl_reported'], 2)} | {kl_m} | "
+                     f"{r['gen_per_answer']:.2f} | {_fmt(r['seconds'], 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+STYLE = {"true-reward best-of-N": ("black", "*", "-"), "scorer best-of-N (client)": ("tab:green", "^", ":"),
+         "best_of_n (scorer, server)": ("tab:green", "^", "-"), "best_of_n (reward, server)": ("black", "x", ""),
+         "token (top 20)": ("tab:blue", "o", "-"), "token (all tokens)": ("tab:cyan", "D", "-"),
+         "block (scorer)": ("tab:orange", "s", "-"), "block, reward in the loop (fixed)": ("tab:red", "s", ""),
+         "block, reward in the loop (sentence)": ("tab:purple", "P", ""),
+         "block, reward in the loop (entropy)": ("tab:pink", "X", ""),
+         "pruned best-of-N (scorer)": ("tab:olive", "v", "-"), "pruned best-of-N (reward)": ("tab:brown", "v", "-")}
+
+
+def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    none = _pick(rows, "none")
+    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    for fam, (color, marker, ls) in STYLE.items():
+        pts = sorted((r[x] if r[x] is not None else r["kl_reported"], r["reward"][HEAD], r["reward_sem"][HEAD],
+                      r[x] is None) for r in rows if r["family"] == fam
+                     and (fam.startswith(("true", "scorer", "best", "pruned", "block, reward"))
+                          or list(r["run"]["weights"]) == [HEAD]))
+        if not pts:
+            continue
+        xs, ys, es, bound = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, ls=ls or "none", capsize=2, ms=6,
+                    mfc="none" if all(bound) else color, label=fam + (" (KL: bound)" if all(bound) and x == "kl_measured" else ""))
+    ax.plot([1.0 if x == "gen_per_answer" else 0.0], [none["reward"][HEAD]], "k.", ms=12, label="none (plain)")
+    if log:
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"mean true {HEAD} reward (VADER compound)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build(results: Path, ppl_cache: Path | None) -> dict:
+    from prefix_scorers.checkpoint import DEFAULT_HEADS
+
+    data = json.loads(results.read_text())
+    runs = data["runs"]
+    head_rewards = {h.name: h.reward for h in DEFAULT_HEADS}
+    samples = next((r for r in runs if r.get("samples_per_prompt")), None)
+    prompts = {tuple(a["prompt"] for a in r["samples"]) for r in runs if r.get("samples")}
+    if samples:
+        prompts.add(tuple(p["prompt"] for p in samples["per_prompt"]))
+    if len(prompts) != 1:
+        raise ValueError(f"{results}: runs over different prompt sets ({len(prompts)}); rerun with --fresh")
+    rows = [server_row(r, samples, head_rewards) for r in runs
+            if not r.get("samples_per_prompt") and not r.get("sweep")]
+    if samples:
+        rows += client_rows(samples, [n for n in NS if n <= samples["samples_per_prompt"]])
+    checks = {}
+    if samples:
+        none = next(r for r in runs if r["mode"] == "none" and "max_tokens" not in r and not r.get("samples_per_prompt"))
+        same = [p["texts"][0] == a["text"] for p, a in zip(samples["per_prompt"], none["samples"])]
+        checks["first_sample_is_the_none_answer"] = sum(same) / len(same)
+    order = {f: i for i, f in enumerate(["none", *STYLE])}
+    rows.sort(key=lambda r: (order.get(r["family"], 99), r["kl_reported"] or 0))
+    ppl = judges.Perplexity(ppl_cache) if ppl_cache else None
+    add_judges(rows, ppl)
+    return {"meta": data["meta"], "checks": checks, "rows": rows, "targets": targets(rows, runs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--no-perplexity", action="store_true", help="skip the base model's perplexity (slow on CPU)")
+    args = ap.parse_args()
+    rep = build(Path(args.results), None if args.no_perplexity else RESULTS / "quality_perplexity_cache.json")
+    slim = {**rep, "rows": [{k: v for k, v in r.items() if not k.endswith("per_answer") and k != "answers"}
+                            for r in rep["rows"]]}
+    (RESULTS / "quality_report.json").write_text(json.dumps(slim, indent=1) + "\n")
+    meta = rep["meta"]
+    plot(rep["rows"], "kl_measured", HERE / "quality_reward_vs_measured_kl.png",
+         f"{HEAD}: reward vs measured KL, {meta['n']} held-out prompts, {meta['max_tokens']} tokens",
+         "KL from the base model, nats per answer (measured; hollow: bound)", True)
+    plot(rep["rows"], "gen_per_answer", HERE / "quality_reward_vs_compute.png",
+         f"{HEAD}: reward vs compute, {meta['n']} held-out prompts, {meta['max_tokens']} tokens",
+         "base-model tokens sampled per answer token", True)
+    md = ["| target | met | numbers |", "|---|---|---|"]
+    md += [f"| ({t['issue']}) {t['target']} | {'yes' if t['met'] else 'no'} | {t['detail']} |" for t in rep["targets"]]
+    (RESULTS / "quality_report.md").write_text(table(rep["rows"]) + "\n" + "\n".join(md) + "\n\n" +
+                                               json.dumps(rep["checks"]) + "\n")
+    print((RESULTS / "quality_report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
