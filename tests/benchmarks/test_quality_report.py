@@ -1,0 +1,99 @@
+"""The quality report's client-side best-of-N, its server-run checks and its text measures, on
+hand-made samples (no model, no server)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.quality import judges
+from benchmarks.quality.report import client_rows, server_row, targets
+
+HEAD_REWARDS = {"positive": "vader_compound", "civil": "civility", "concise": "concise", "readable": "readable"}
+
+
+def samples_run(per_prompt_rewards: list[list[float]], tokens: int = 10) -> dict:
+    """A plain-samples run: sample j of prompt i has positive reward per_prompt_rewards[i][j] and
+    a scorer value that ranks the samples in reverse."""
+    per = []
+    for i, rs in enumerate(per_prompt_rewards):
+        per.append({
+            "prompt": f"p{i}", "texts": [f"answer {i}.{j}" for j in range(len(rs))],
+            "finish_reasons": ["stop"] * len(rs),
+            "controls": [{"combined": -r, "tokens_generated": tokens + 1} for r in rs],
+            "rewards": {h: (list(rs) if h == "positive" else [0.5] * len(rs)) for h in HEAD_REWARDS}})
+    return {"mode": "none", "weights": {"positive": 1.0}, "samples_per_prompt": len(per_prompt_rewards[0]),
+            "per_prompt": per, "seconds": 16.0}
+
+
+def test_true_reward_best_of_n_keeps_the_best_of_the_first_n_samples():
+    s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
+    rows = {r["label"]: r for r in client_rows(s, [2, 4])}
+    tr2, tr4 = rows["true-reward best-of-2 (client)"], rows["true-reward best-of-4 (client)"]
+    assert [a["text"] for a in tr2["answers"]] == ["answer 0.1", "answer 1.0"]
+    assert tr2["reward"]["positive"] == pytest.approx((0.9 + 0.3) / 2)
+    assert tr4["reward"]["positive"] == pytest.approx((0.9 + 0.8) / 2)
+    # the scorer ranks in reverse here: its best-of-2 keeps the worse sample
+    sc2 = rows["scorer-ranked best-of-2 (client, recomputed)"]
+    assert sc2["reward"]["positive"] == pytest.approx((0.1 + 0.2) / 2)
+    # 4 samples of 11 sampled tokens (EOS included) per 10-token answer
+    assert tr4["gen_per_answer"] == pytest.approx(4 * 11 / 10)
+    assert tr4["seconds"] == pytest.approx(16.0)
+    # distinct rewards: the measured KL is the bound
+    assert tr4["kl_measured"] == pytest.approx(math.log(4) - 3 / 4)
+    assert tr4["kl_reported"] == pytest.approx(math.log(4) - 3 / 4)
+
+
+def test_tied_rewards_lower_the_measured_kl():
+    s = samples_run([[0.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.2, 0.2]])
+    tr4 = next(r for r in client_rows(s, [4]) if r["rank_by"] == "reward")
+    assert tr4["kl_measured"] < math.log(4) - 3 / 4
+
+
+def server_run(s: dict, texts: list[str], **control) -> dict:
+    return {**control, "kl": 0.64, "tokens_per_accepted": 4.0, "seconds": 10.0,
+            "samples": [{"prompt": p["prompt"], "text": t} for p, t in zip(s["per_prompt"], texts)]}
+
+
+def test_a_server_best_of_n_is_checked_against_the_samples():
+    s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
+    right = server_row(server_run(s, ["answer 0.1", "answer 1.2"], mode="best_of_n", weights={},
+                                  rewards={"vader_compound": 1.0}, num_candidates=4), s, HEAD_REWARDS)
+    assert right["same_as_client_best_of_n"] == 1.0
+    assert right["kl_measured"] == pytest.approx(math.log(4) - 3 / 4)
+    wrong = server_row(server_run(s, ["answer 0.0", "answer 1.2"], mode="best_of_n", weights={},
+                                  rewards={"vader_compound": 1.0}, num_candidates=4), s, HEAD_REWARDS)
+    assert wrong["same_as_client_best_of_n"] == 0.5
+
+
+def test_pruned_best_of_n_gets_the_rank_mixture_kl():
+    s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
+    # kept the second best of 4 for one prompt, the best for the other
+    r = server_row(server_run(s, ["answer 0.3", "answer 1.2"], mode="best_of_n", weights={},
+                              rewards={"vader_compound": 1.0}, num_candidates=4, prune_every=8,
+                              keep_fraction=0.5), s, HEAD_REWARDS)
+    assert r["winner_rank_mean"] == pytest.approx(3.5)
+    assert 0 < r["kl_measured"] < math.log(4) - 3 / 4
+    assert r["kl_upper"] == pytest.approx(math.log(4))
+
+
+def test_a_reward_in_the_loop_mismatch_is_reported_as_not_met():
+    s = samples_run([[0.1, 0.9], [0.3, 0.2]])
+    none = server_row(server_run(s, ["answer 0.0", "answer 1.0"], mode="none", weights={"positive": 1.0}),
+                      s, HEAD_REWARDS)
+    none["label"] = "none"
+    bad = server_row(server_run(s, ["answer 0.0", "answer 1.0"], mode="best_of_n", weights={},
+                                rewards={"vader_compound": 1.0}, num_candidates=2), s, HEAD_REWARDS)
+    rows = [none, bad] + client_rows(s, [2])
+    [check] = [t for t in targets(rows, []) if "equals client-side" in t["target"]]
+    assert check["met"] is False
+
+
+def test_text_measures():
+    assert judges.repetition("the cat sat the cat sat") == pytest.approx(1 / 4)
+    assert judges.repetition("one two") == 0.0
+    assert judges.distinct_2(["a b c", "a b d"]) == pytest.approx(3 / 4)
+    assert judges.nonword_share(["hello world", "zxqvbnm fine"]) == pytest.approx(1 / 4)
+    good, bad = judges.afinn_scores(["What a wonderful, happy day!", "This is terrible and awful."])
+    assert good > 0 > bad
