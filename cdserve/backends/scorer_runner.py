@@ -55,6 +55,12 @@ class ScorerRunner:
         return self.scorer(tokens[:, None], positions=positions, valid=valid[:, None],
                            cache=self.cache).queries[:, -1]
 
+    @torch.inference_mode()
+    def unread_last(self, rows: torch.Tensor) -> None:
+        """Forget the token the last step read for rows (Bc,) bool (as ModelRunner.unread_last)."""
+        if rows.numel():
+            self.cache.mask[:, -1] &= ~rows
+
     # -- values ---------------------------------------------------------------------------------
     def values_at(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Raw member values (N, H*E, k) of tokens (N, k)."""

@@ -13,19 +13,17 @@ included (the scorer reads a finished prefix at the token taken, DESIGN.md).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from cdserve.control.request import ResolvedControl
+from cdserve.control.segments import SENTENCE_END
 from cdserve.control.steering import best_of_n_kl_bound, select_candidate
 from cdserve.outputs import ChoiceDelta, ControlValues
 from cdserve.sampling import SamplingParams
 from cdserve.text import find_stop, safe_prefix_len
-
-SENTENCE_END = re.compile(r"[.!?\n]")  # segment "sentence": a block ends after the first of these
 
 
 @dataclass(eq=False)
@@ -130,7 +128,8 @@ class ChoiceController:
 
     def _block_ends(self, c: Candidate) -> bool:
         """Block mode: after block_size tokens, or (segment "sentence") at the first sentence end
-        in the text this block added."""
+        in the text this block added. Segment "entropy" ends are the engine's (`end_block`): they
+        depend on the base model's next-token distribution (segments.py)."""
         if self.pruning:
             return not self.streaming and len(c.tokens) % self.control.prune_every == 0
         if self.control.mode != "block":
@@ -140,7 +139,8 @@ class ChoiceController:
         return self.control.segment == "sentence" and SENTENCE_END.search(c.text, len(self.text)) is not None
 
     def end_block(self, k: int) -> None:
-        """The engine ended candidate k's block (vLLM stopped it at a segment end)."""
+        """The engine ended candidate k's block at a segment end (vLLM stopped it at a sentence
+        end; either engine before a token of high entropy)."""
         if not self.candidates[k].tokens:
             raise ValueError(f"candidate {k} of choice {self.index} cannot end a block with no tokens")
         self.candidates[k].done = True

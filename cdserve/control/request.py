@@ -18,13 +18,15 @@ from cdserve.errors import InvalidRequestError
 
 Mode = Literal["none", "token", "block", "best_of_n"]
 Selection = Literal["argmax", "sample"]
+Segment = Literal["fixed", "sentence", "entropy"]
 
 # Which explicitly given fields make sense in which mode (weights always do: they define the
 # combined value reported with every output).
 _FIELDS_BY_MODE: dict[str, set[str]] = {
     "none": {"weights", "risk"},
     "token": {"weights", "strength", "top_k", "risk"},
-    "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment", "risk"},
+    "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment",
+              "entropy_threshold", "risk"},
     "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards", "prune_every",
                   "keep_fraction", "risk"},
 }
@@ -57,9 +59,15 @@ class ControlRequest(BaseModel):
         "still running, by the same value as the final selection (speculative rejection); 0: no pruning.")
     keep_fraction: float | None = Field(None, description="best_of_n with prune_every: fraction of the "
                                         "candidates kept at each pruning point (at least one).")
-    segment: Literal["fixed", "sentence"] | None = Field(
+    segment: Segment | None = Field(
         None, description="block mode: where a block ends. fixed: after block_size tokens; sentence: at the "
-        "first sentence end (. ! ? or a newline) in the block's text, or after block_size tokens at most.")
+        "first sentence end (. ! ? or a newline) in the block's text; entropy: before the first token (after "
+        "the block's first) whose base-model next-token entropy exceeds entropy_threshold. block_size is the "
+        "longest a block may grow in every segmentation.")
+    entropy_threshold: float | None = Field(
+        None, description="block mode with segment entropy: the entropy (nats) of the base model's own "
+        "next-token distribution (temperature 1, before top-p and steering) above which a block ends before "
+        "that token.")
 
 
     risk: float | None = Field(
@@ -81,7 +89,9 @@ class ControlConfig(BaseModel):
     block_size: int = Field(8, ge=1, description="Default block size M.")
     num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
     selection: Selection = "argmax"
-    segment: Literal["fixed", "sentence"] = Field("fixed", description="Default block segmentation.")
+    segment: Segment = Field("fixed", description="Default block segmentation.")
+    entropy_threshold: float = Field(3.0, gt=0, allow_inf_nan=False,
+                                     description="Default entropy threshold (nats) of segment entropy.")
     prune_every: int = Field(0, ge=0, description="Default pruning interval of best_of_n (0: off).")
     keep_fraction: float = Field(0.5, gt=0, le=1, description="Default fraction kept at each pruning point.")
     risk: float = Field(0.0, ge=-1, le=1, description="Default risk: heads valued at mean + risk * spread.")
@@ -127,6 +137,7 @@ class ResolvedControl:
     segment: str = "fixed"
     prune_every: int = 0
     keep_fraction: float = 0.5
+    entropy_threshold: float = 3.0  # segment "entropy": nats, base model at temperature 1
     risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
 
     @property
@@ -210,6 +221,14 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
         raise InvalidRequestError("control.keep_fraction", f"must be in (0, 1], got {keep_fraction}")
     risk = _finite("control.risk", req.risk if req.risk is not None else config.risk)
     _within("control.risk", risk, -1.0, 1.0, " (negative avoids uncertain values, positive seeks them)")
+    segment = req.segment or config.segment
+    entropy_threshold = _finite("control.entropy_threshold", req.entropy_threshold
+                                if req.entropy_threshold is not None else config.entropy_threshold)
+    if req.entropy_threshold is not None and segment != "entropy":
+        raise InvalidRequestError("control.entropy_threshold", f"only applies to segment 'entropy' (this "
+                                  f"request's segment is '{segment}'); send \"segment\": \"entropy\" or drop it")
+    if not entropy_threshold > 0:
+        raise InvalidRequestError("control.entropy_threshold", f"must be > 0 (nats), got {entropy_threshold}")
     for name, w in (req.rewards or {}).items():
         param = f"control.rewards.{name}"
         if name not in rewards:
@@ -221,6 +240,6 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
                            strength=strength, top_k=int(top_k), block_size=int(block_size),
                            num_candidates=int(num_candidates), selection=selection,
                            rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
-                           segment=req.segment or config.segment,
+                           segment=segment, entropy_threshold=entropy_threshold,
                            prune_every=int(prune_every) if mode == "best_of_n" else 0, keep_fraction=keep_fraction,
                            risk=risk)

@@ -304,6 +304,7 @@ def _control_union(limits: Limits) -> Any:
         "num_candidates": integer(ge=1, le=cfg.max_num_candidates),
         "prune_every": integer(ge=0, le=getattr(cfg, "max_prune_every", None)),
         "keep_fraction": Annotated[float, Field(gt=0, le=1)],
+        "entropy_threshold": Annotated[float, Field(gt=0)],
         "risk": Annotated[float, Field(ge=-1, le=1)],
     }
 

@@ -22,6 +22,7 @@ from cdserve.backends.hf.sequence import Choice, RequestState, Row
 from cdserve.backends.scorer_runner import ScorerRunner, steer_rows
 from cdserve.config import EngineConfig
 from cdserve.control.choice import ChoiceController
+from cdserve.control.segments import entropy_ends
 from cdserve.control.steering import sampled_kl
 from cdserve.errors import reward_failed
 from cdserve.outputs import StepStats
@@ -65,11 +66,13 @@ class EngineCore:
         steered = self._steer(logits, queries)  # token mode: logits + strength * sum_h w_h Q_h
         scorer_seconds = time.perf_counter() - scorer_start
         kl = self._kl(steered, logits)  # KL(sampled || base) of the rows that can have any
-        sampled = sample(steered, *self._sampling_tensors()).tolist()  # host sync: stops need ids
+        ends = self._segment_ends(logits)  # segment entropy: candidates that end before this token
+        tokens = sample(steered, *self._sampling_tensors())
+        sampled, ended = torch.stack([tokens, ends.to(tokens.dtype)]).tolist()  # host sync: stops need ids
         scorer_start = time.perf_counter()
         taken = self._taken_values(sampled, queries)  # the scorer's values of the sampled tokens
         scorer_seconds = scorer_seconds + time.perf_counter() - scorer_start if queries is not None else 0.0
-        candidates = self._postprocess(sampled, taken, kl)
+        candidates = self._postprocess(sampled, taken, kl, ended)
         return StepStats(batch_rows=sampling_rows, step_seconds=time.perf_counter() - start,
                          scorer_seconds=scorer_seconds, prefill_tokens=prefill_tokens,
                          candidates_generated=candidates)
@@ -186,8 +189,28 @@ class EngineCore:
         kl = sampled_kl(steered[sel], logits[sel], temperature, top_p)
         return dict(zip(idx, kl.tolist()))  # host sync, with the sampled ids
 
+    def _segment_ends(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) bool on the device: rows whose candidate ends its block before the token sampled
+        now (segment entropy, segments.py). Their input token is unread from both caches, so the
+        next block reads it again as if this step had not run."""
+        ends = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)
+        idx = [i for i, r in enumerate(self.rows) if not r.waiting and r.ctl.control.mode == "block"
+               and r.ctl.control.segment == "entropy"]
+        if not idx:
+            return ends
+        sel = torch.tensor(idx, device=self.device)
+        threshold = torch.tensor([self.rows[i].ctl.control.entropy_threshold for i in idx], device=self.device)
+        taken = torch.tensor([len(self.rows[i].ctl.candidates[self.rows[i].k].tokens) for i in idx],
+                             device=self.device)
+        ends = ends.index_copy(0, sel, entropy_ends(logits[sel], threshold, taken))
+        self.runner.unread_last(ends)
+        ctrl = self._controlled()  # block rows are controlled: each has a scorer row
+        self.scorer.unread_last(ends[torch.tensor(ctrl, device=self.device)])
+        return ends
+
     # -- after sampling ---------------------------------------------------------------------------
-    def _postprocess(self, sampled: list[int], taken: dict[int, torch.Tensor], kl: dict[int, float]) -> int:
+    def _postprocess(self, sampled: list[int], taken: dict[int, torch.Tensor], kl: dict[int, float],
+                     ended: list[int]) -> int:
         candidates = 0
         touched: dict[int, Choice] = {}
         for i, row in enumerate(self.rows):
@@ -195,6 +218,10 @@ class EngineCore:
             if row.waiting:
                 continue
             ctl = row.ctl
+            if ended[i]:  # its block ends before this token (segment entropy): the token is dropped
+                ctl.end_block(row.k)
+                row.waiting = True
+                continue
             candidates += not ctl.streaming
             if i in taken:
                 row.last_values = taken[i]

@@ -61,6 +61,12 @@ class ModelRunner:
                          position_ids=positions, past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1].float()
 
+    @torch.inference_mode()
+    def unread_last(self, rows: torch.Tensor) -> None:
+        """Forget the token the last decode step read for rows (B,) bool: its cache column stops
+        counting, so the next step reads the same token again at the same position."""
+        self.mask[:, -1] &= ~rows
+
     # -- row operations ---------------------------------------------------------------------------
     def add_rows(self, cache: DynamicCache, mask: torch.Tensor, copies: int) -> None:
         """Append `copies` rows that share one prefilled prompt (the prompt was computed once)."""

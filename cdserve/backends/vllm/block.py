@@ -93,17 +93,25 @@ class BlockDecoder:
             max_tokens = ctl.block_len
             group = f"{request.request_id}-{choice}-b{step}"
             extra = fork_args(group, ctl.K if step > 0 else 0, last=max_tokens >= ctl.budget - len(ctl.accepted))
+            worker = {}
             if sp.top_p < 1.0:  # the worker measures each candidate's truncation KL, kept by its tokens
-                extra = {**(extra or {}), "cdserve": {"mode": ctrl.mode, "key": group, "measure": True,
-                                                      "by_output": True}}
+                worker = {"mode": ctrl.mode, "key": group, "measure": True, "by_output": True}
+            if ctrl.segment == "entropy":  # the worker ends candidates before uncertain tokens
+                worker = {"mode": ctrl.mode, **worker, "entropy": {"threshold": ctrl.entropy_threshold,
+                                                                    "sentinel": eng.segment_sentinel}}
+            if worker:
+                extra = {**(extra or {}), "cdserve": worker}
             params = eng.sampling_params(request, choice, n=ctl.K, max_tokens=max_tokens,
                                          seed=None if sp.seed is None else (seed + 7919 * choice + ctl.K * step) % 2**63,
                                          output_kind=_final_only(), extra_args=extra)
             outs = await self._final(prompt + ctl.accepted, params, group)
             for o in outs.outputs:
-                ctl.push_all(o.index, o.token_ids)  # tokens past a candidate's end are dropped
+                ids = list(o.token_ids)
+                if o.stop_reason == eng.segment_sentinel and ids[-1:] == [eng.segment_sentinel]:
+                    ids.pop()  # an entropy segment end: the worker's sentinel, not a token of the answer
+                ctl.push_all(o.index, ids)  # tokens past a candidate's end are dropped
                 if not ctl.candidates[o.index].done and ctrl.segment != "fixed" and o.finish_reason == "stop":
-                    ctl.end_block(o.index)  # vLLM stopped it at a segment end (segment_stops)
+                    ctl.end_block(o.index)  # vLLM stopped it at a segment end (a sentence end, the sentinel)
             if not ctl.waiting:
                 raise RuntimeError(f"vLLM ended a block of {request.request_id} early: "
                                    f"{[(o.finish_reason, len(o.token_ids)) for o in outs.outputs]}")

@@ -108,6 +108,7 @@ class VLLMEngine:
         self.llm = AsyncLLM.from_engine_args(self._engine_args(on_cpu), stat_loggers=[stats])
         self.max_model_len = self.llm.model_config.max_model_len
         self.eos_token_ids = eos_token_ids(self.model_dir, self.tokenizer)
+        self.segment_sentinel = segment_sentinel(self.llm.model_config.get_vocab_size(), self.eos_token_ids)
         self.blocks = BlockDecoder(self)
         self.rewards = RewardService(cfg.rewards)
         threads = cfg.scorer_threads
@@ -240,8 +241,10 @@ class VLLMEngine:
             extra = {"cdserve": {"mode": ctrl.mode, "key": self._key(request, choice), "measure": True}}
         seed = None if sp.seed is None else (sp.seed + choice) % 2**63
         stop = list(sp.stop) + (SEGMENT_STOPS if ctrl.mode == "block" and ctrl.segment == "sentence" else [])
+        stop_ids = [self.segment_sentinel] if ctrl.mode == "block" and ctrl.segment == "entropy" else None
         args = {"n": 1, "max_tokens": min(sp.max_tokens, self.max_model_len - len(request.prompt_token_ids)),
                 "temperature": sp.temperature, "top_p": sp.top_p, "seed": seed, "stop": stop or None,
+                "stop_token_ids": stop_ids,
                 "output_kind": RequestOutputKind.DELTA, "extra_args": extra}
         return SamplingParams(**{**args, **override})
 
@@ -399,6 +402,13 @@ class VLLMEngine:
     def _emit(self, stats: StepStats) -> None:
         for listener in self._listeners:
             listener(stats)
+
+
+def segment_sentinel(vocab_size: int, eos: set[int] | frozenset[int]) -> int:
+    """The token the worker forces where an entropy segment ends (logits_processor.py): the
+    vocabulary's last id that is not an EOS. It is a stop token of those requests only, and the
+    worker keeps them from ever sampling it otherwise, so it marks a segment end and nothing else."""
+    return next(t for t in range(vocab_size - 1, -1, -1) if t not in eos)
 
 
 def _finish_reason(reason: str | None) -> str:

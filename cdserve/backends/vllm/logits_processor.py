@@ -33,6 +33,7 @@ from cdserve.backends.scorer_runner import steer_rows
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
 from cdserve.backends.vllm.stats import timed_apply
+from cdserve.control.segments import entropy_ends
 from cdserve.control.steering import sampled_kl
 from prefix_scorers.config import ScorerConfig
 
@@ -99,6 +100,11 @@ class ScorerLogitsProcessor(LogitsProcessor):
         # Output ids are read now, not in update_state: with async scheduling the newest id is a
         # placeholder until vLLM fills it in right before the logits processors run.
         self.rows.sync()
+        ends = self._segment_ends(logits)  # on the base logits, before anything changes them
+        logits = self._steer_and_measure(logits)
+        return logits if ends is None else self._force_ends(logits, *ends)
+
+    def _steer_and_measure(self, logits: torch.Tensor) -> torch.Tensor:
         picked = self.rows.controlled(logits.shape[0])  # token mode: steer, then measure
         measured = picked + self.rows.measured(logits.shape[0])  # others with top_p < 1: measure
         if not measured:
@@ -120,6 +126,29 @@ class ScorerLogitsProcessor(LogitsProcessor):
         if not picked:
             return logits
         return logits.index_copy_(0, index[: len(picked)], sampled[: len(picked)])
+
+    def _segment_ends(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Block candidates with entropy segments (segments.py): (batch index, sentinel, ends) of
+        each, ends (N,) bool: it ends before the token sampled now. None if there are none."""
+        rows = self.rows.segmented(logits.shape[0])
+        if not rows:
+            return None
+        dev = logits.device
+        index = torch.tensor([i for i, _ in rows], device=dev)
+        threshold = torch.tensor([r.control.entropy_threshold for _, r in rows], device=dev)
+        taken = torch.tensor([len(r.output) for _, r in rows], device=dev)  # each block is its own request
+        sentinel = torch.tensor([r.control.sentinel for _, r in rows], device=dev)
+        return index, sentinel, entropy_ends(logits.index_select(0, index), threshold, taken)
+
+    @staticmethod
+    def _force_ends(logits: torch.Tensor, index: torch.Tensor, sentinel: torch.Tensor,
+                    ends: torch.Tensor) -> torch.Tensor:
+        """A candidate that ends here samples its sentinel, one of its stop tokens, so vLLM stops it
+        without taking a real token (block.py drops the sentinel); the others never sample it."""
+        rows = logits.index_select(0, index)
+        rows.scatter_(1, sentinel[:, None], float("-inf"))
+        forced = torch.full_like(rows, float("-inf")).scatter_(1, sentinel[:, None], 0.0)
+        return logits.index_copy_(0, index, torch.where(ends[:, None], forced, rows))
 
     @torch.inference_mode()
     def _steer(self, base: torch.Tensor, rows: list[Row]) -> torch.Tensor:

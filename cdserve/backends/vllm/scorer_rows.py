@@ -36,6 +36,9 @@ class TokenControl:
     top_p: float = 1.0
     steer: bool = True  # False: only measure the KL of top-p truncation (modes none/block/best_of_n)
     by_output: bool = False  # results keyed by key@output ids (block candidates share one key)
+    measure: bool = True  # unsteered rows: measure top-p's KL (False: only segment ends)
+    entropy_threshold: float | None = None  # block segment "entropy": end before a token above it
+    sentinel: int = -1  # ...by forcing this token, a stop token of the request, in its place
     risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
 
 
@@ -75,11 +78,14 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
     if spec is None:
         return None
     if spec.get("mode") != "token":
-        if not spec.get("measure"):
+        segment = _entropy_segment(spec.get("entropy"))
+        if not spec.get("measure") and segment is None:
             return None
+        threshold, sentinel = segment or (None, -1)
         return TokenControl(key=str(spec.get("key", "")), weights=(), strength=0.0, top_k=0,
                             temperature=float(temperature), top_p=float(top_p), steer=False,
-                            by_output=bool(spec.get("by_output")))
+                            by_output=bool(spec.get("by_output")), measure=bool(spec.get("measure")),
+                            entropy_threshold=threshold, sentinel=sentinel)
     weights = spec.get("weights")
     if not isinstance(weights, (list, tuple)) or len(weights) != num_heads:
         raise ValueError(f"cdserve.weights must list one weight per scorer head ({num_heads}), got {weights!r}")
@@ -96,6 +102,18 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
     return TokenControl(key=str(spec.get("key", "")), weights=tuple(float(w) for w in weights),
                         strength=float(strength), top_k=top_k, temperature=float(temperature),
                         top_p=float(top_p), risk=float(risk))
+
+
+def _entropy_segment(spec) -> tuple[float, int] | None:
+    """extra_args["cdserve"]["entropy"] = {"threshold": nats, "sentinel": token id} (block.py)."""
+    if spec is None:
+        return None
+    threshold, sentinel = (spec.get("threshold"), spec.get("sentinel")) if isinstance(spec, dict) else (None, None)
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"cdserve.entropy.threshold must be a finite number > 0 (nats), got {threshold!r}")
+    if not isinstance(sentinel, int) or sentinel < 0:
+        raise ValueError(f"cdserve.entropy.sentinel must be a token id >= 0, got {sentinel!r}")
+    return float(threshold), sentinel
 
 
 class ScorerRows:
@@ -255,4 +273,10 @@ class ScorerRows:
 
     def measured(self, num_rows: int) -> list[tuple[int, Row]]:
         """(batch index, row) of the unsteered rows whose top-p truncation KL is kept."""
-        return sorted((i, r) for i, r in self.by_index.items() if i < num_rows and not r.control.steer)
+        return sorted((i, r) for i, r in self.by_index.items()
+                      if i < num_rows and not r.control.steer and r.control.measure)
+
+    def segmented(self, num_rows: int) -> list[tuple[int, Row]]:
+        """(batch index, row) of the block candidates with entropy segments."""
+        return sorted((i, r) for i, r in self.by_index.items()
+                      if i < num_rows and r.control.entropy_threshold is not None)

@@ -179,6 +179,31 @@ def test_block_and_best_of_n_match_hf(loop, vllm_engine, hf_engine, prompts):
     assert rewarded["control"].rewards == {"concise": pytest.approx(max(0.0, 1 - len(rewarded["text"].split()) / 50))}
 
 
+ENTROPY = {"mode": "block", "num_candidates": 2, "block_size": 12, "segment": "entropy", "entropy_threshold": 3.7}
+
+
+def test_entropy_segments_match_hf_and_end_before_uncertain_tokens(loop, vllm_engine, hf_engine, prompts):
+    """Both engines end each block before the first token (past the block's first) whose base
+    next-token entropy exceeds 3.7 nats, or after 12 tokens: the selections counted from the answer's
+    own entropies. The answers' entropies stay at least 0.02 nats away from the threshold, far
+    beyond the engines' last-bit differences."""
+    from cdserve.control.segments import next_token_entropy
+
+    cases = [(p, ENTROPY, {"max_tokens": 30, **NEAR_GREEDY}) for p in (prompts[0], prompts[3])]
+    for (p, _, _), got in zip(cases, parity(loop, vllm_engine, hf_engine, cases)):
+        taken = got["ids"] + ([vllm_engine.tokenizer.eos_token_id] if got["finish"] == "stop" else [])
+        with torch.inference_mode():
+            logits = hf_engine.core.runner.model(input_ids=torch.tensor([p + taken[:-1]])).logits[0, len(p) - 1:]
+        entropy = next_token_entropy(logits).tolist()  # entropy[j]: before token j of the answer
+        assert min(abs(e - ENTROPY["entropy_threshold"]) for e in entropy[1:]) > 0.02
+        blocks, start = 0, 0
+        for j in range(1, len(taken) + 1):
+            if j == len(taken) or j - start == ENTROPY["block_size"] or entropy[j] > ENTROPY["entropy_threshold"]:
+                blocks, start = blocks + 1, j
+        assert got["control"].selections == blocks > math.ceil(len(taken) / ENTROPY["block_size"])
+        assert got["control"].tokens_generated == ENTROPY["num_candidates"] * len(taken)
+
+
 def test_block_parity_at_an_eos_mid_block_and_a_stop_string_across_blocks(loop, vllm_engine, hf_engine):
     tok = vllm_engine.tokenizer
 

@@ -232,3 +232,52 @@ def test_pruned_best_of_n_where_candidates_finish_between_pruning_points():
     # all survivors finished: the final selection among them
     assert ctl.select(torch.zeros(4, 2), torch.tensor([0.0, 9.0, 0.2, 0.1])) == 2
     assert ctl.finish_reason == "stop" and ctl.text == "efk" and ctl.selections == 2
+
+
+ENTROPY = {"mode": "block", "num_candidates": 3, "block_size": 4, "segment": "entropy", "entropy_threshold": 1.0}
+
+
+def uniform_logits(n: int, vocab: int = 16) -> torch.Tensor:
+    """Next-token logits of entropy log(n) nats: n equally likely tokens."""
+    return torch.full((vocab,), float("-inf")).index_fill(0, torch.arange(n), 0.0)
+
+
+def test_entropy_segments_end_candidates_before_their_first_uncertain_token():
+    """The engines' step: segments.entropy_ends on each candidate's next-token logits, then
+    end_block (the token is not taken) or push. Entropies log 1 = 0 and log 2 = 0.69 stay under the
+    threshold 1.0 nats, log 3 = 1.10 is over it."""
+    from cdserve.control.segments import entropy_ends
+
+    ctl = controller(ENTROPY, max_tokens=40)
+    # Per candidate, the number of equally likely next tokens at each of its steps.
+    support = [[3, 1, 3, 1], [1, 2, 1, 1, 1], [3, 3, 3, 3, 3]]
+    letters = iter("abcdefghijklmnop")
+    step = 0
+    while not ctl.waiting:
+        live = [k for k in range(ctl.K) if not ctl.candidates[k].done]
+        logits = torch.stack([uniform_logits(support[k][step]) for k in live])
+        taken = torch.tensor([len(ctl.candidates[k].tokens) for k in live])
+        ends = entropy_ends(logits, torch.full((len(live),), ctl.control.entropy_threshold), taken)
+        for k, end in zip(live, ends.tolist()):
+            if end:
+                ctl.end_block(k)
+            else:
+                ctl.push(k, ord(next(letters)))
+        step += 1
+    # 0: its first token is uncertain but a block takes at least one; it ends before its third.
+    # 1: never uncertain: block_size (4) ends it. 2: always uncertain: one token.
+    assert [len(c.tokens) for c in ctl.candidates] == [2, 4, 1]
+    assert ctl.value_positions() == [1, 3, 0]
+    assert select(ctl, [0.0, 0.0, 1.0]) == 2
+    assert ctl.tokens_generated == 7 and len(ctl.accepted) == 1 and ctl.selections == 1
+    # The next block starts with fresh candidates and again takes its first token whatever it costs.
+    assert [c.tokens for c in ctl.candidates] == [[], [], []]
+    with pytest.raises(ValueError, match="no tokens"):
+        ctl.end_block(0)
+
+
+def test_entropy_is_computed_at_temperature_one_in_nats():
+    from cdserve.control.segments import next_token_entropy
+
+    logits = torch.stack([uniform_logits(4), torch.tensor([0.0, math.log(3.0)] + [float("-inf")] * 14)])
+    assert next_token_entropy(logits).tolist() == pytest.approx([math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))])

@@ -130,3 +130,31 @@ def test_pruning_fields_are_validated():
         with pytest.raises(InvalidRequestError) as e:
             resolve_control(control, ControlConfig(), heads)
         assert e.value.param == param, control
+
+
+def test_entropy_segment_and_its_threshold_are_validated():
+    from cdserve.control.request import ControlConfig, resolve_control
+    from cdserve.errors import InvalidRequestError
+
+    heads = ["positive"]
+    ok = resolve_control({"mode": "block", "segment": "entropy", "entropy_threshold": 1.5}, ControlConfig(), heads)
+    assert (ok.segment, ok.entropy_threshold) == ("entropy", 1.5)
+    default = resolve_control({"mode": "block", "segment": "entropy"}, ControlConfig(entropy_threshold=2.5), heads)
+    assert default.entropy_threshold == 2.5
+    for control, param, words in (
+            ({"mode": "block", "segment": "entropy", "entropy_threshold": 0.0}, "control.entropy_threshold", "> 0"),
+            ({"mode": "block", "segment": "entropy", "entropy_threshold": -1}, "control.entropy_threshold", "> 0"),
+            ({"mode": "block", "segment": "entropy", "entropy_threshold": float("nan")},
+             "control.entropy_threshold", "finite"),
+            ({"mode": "block", "segment": "entropy", "entropy_threshold": "high"}, "control.entropy_threshold",
+             "number"),
+            ({"mode": "block", "entropy_threshold": 1.0}, "control.entropy_threshold", "segment 'entropy'"),
+            ({"mode": "block", "segment": "sentence", "entropy_threshold": 1.0}, "control.entropy_threshold",
+             "segment 'entropy'"),
+            ({"mode": "best_of_n", "entropy_threshold": 1.0}, "control.entropy_threshold", "mode 'best_of_n'"),
+            ({"mode": "best_of_n", "segment": "entropy"}, "control.segment", "mode 'best_of_n'")):
+        with pytest.raises(InvalidRequestError) as e:
+            resolve_control(control, ControlConfig(), heads)
+        assert e.value.param == param and words in str(e.value), (control, str(e.value))
+    with pytest.raises(ValueError, match="entropy_threshold"):
+        ControlConfig(entropy_threshold=0)
