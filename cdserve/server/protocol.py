@@ -499,7 +499,8 @@ class ChoiceControl(BaseModel):
     rewards: dict[str, float] | None = Field(None, description="block/best_of_n with control.rewards: each "
                                              "named reward of the kept answer (text so far at the last "
                                              "selection).")
-    spread: dict[str, float] | None = Field(None, description="Scorers with ensemble heads: per head, the "
+    spread: dict[str, float] | None = Field(None, exclude_if=lambda v: v is None, description="Scorers with "
+                                            "ensemble heads (absent otherwise): per head, the "
                                             "standard deviation of its ensemble's values (reward units; "
                                             "`values` holds their mean). How unsure the scorer is.")
 
