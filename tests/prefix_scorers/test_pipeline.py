@@ -4,6 +4,7 @@ both training objectives, export in bfloat16, and loading the result as the serv
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -80,3 +81,35 @@ def test_cli_stages(run_dir, tiny_model_dir, tmp_path):
     main(["export", "--run-dir", str(run_dir), "--base-model", str(tiny_model_dir), "--out",
           str(tmp_path / "cli-export")])
     assert (tmp_path / "cli-export" / "config.json").is_file()
+
+
+def test_cli_soft_target_bce_loss_held_out_run(run_dir, tiny_model_dir, tmp_path, capsys):
+    """prefix-scorers train with the soft target and the BCE loss, evaluated on another run's
+    prompts, exports a scorer that loads; `evaluate` reports the same held-out R^2."""
+    rows = read_jsonl(run_dir / "rollouts.jsonl")
+    held_prompts = sorted({r["prompt_id"] for r in rows})[:3]
+    for name in ("rollouts", "labels"):
+        src = read_jsonl(run_dir / f"{name}.jsonl")
+        ids = {r["id"] for r in rows if r["prompt_id"] in held_prompts}
+        write_jsonl([r for r in src if r["id"] not in ids], tmp_path / "train-run" / f"{name}.jsonl")
+        write_jsonl([r for r in src if r["id"] in ids], tmp_path / "held-run" / f"{name}.jsonl")
+    base = ["--base-model", str(tiny_model_dir)]
+    main(["train", "--run-dir", str(tmp_path / "train-run"), "--eval-run-dir", str(tmp_path / "held-run"),
+          "--target", "soft", "--soft-eta", "0.5", "--loss", "bce", "--epochs", "2", "--num-layers", "1",
+          "--batch-size", "8", *base])
+    trained = tmp_path / "train-run" / "train" / "scorer"
+    prov = json.loads((trained / "config.json").read_text())["provenance"]
+    assert prov["train_config"]["target"] == "soft" and prov["train_config"]["loss"] == "bce"
+    assert prov["data_size"] == 24  # 18 train + 6 held-out rollouts
+    r2 = {h.name: prov["metrics"][f"eval_r2_final_{h.name}"] for h in DEFAULT_HEADS}
+    assert all(math.isfinite(v) for v in r2.values())
+    main(["export", "--run-dir", str(tmp_path / "train-run"), *base, "--out", str(tmp_path / "soft-export")])
+    capsys.readouterr()
+    main(["evaluate", "--run-dir", str(tmp_path / "held-run"), *base, "--scorer", str(trained)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["rollouts"] == 6 and report["prompts"] == 3
+    assert report["r2"]["final"] == pytest.approx(r2, abs=1e-3)
+    # held-out prompts that also train are refused
+    with pytest.raises(ValueError, match="held-out prompts must not train"):
+        main(["train", "--run-dir", str(run_dir), "--eval-run-dir", str(tmp_path / "held-run"), "--epochs", "1",
+              "--num-layers", "1", *base, "--train-dir", str(tmp_path / "refused")])
