@@ -89,7 +89,3 @@ def test_risk_changes_greedy_token_steering(engine):
         return run(engine, request(engine, "Once upon a time", control, max_tokens=12, temperature=0.0))["ids"]
     assert ids(-1.0) != ids(1.0)
     assert ids(0.0) == ids(None)
-
-
-def test_the_scorers_heads_have_uncertainty(engine):
-    assert engine.scorer_config.ensemble_size == E
