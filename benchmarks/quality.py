@@ -85,17 +85,18 @@ def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
     prune = {"prune_every": 8, "keep_fraction": 0.5}
     runs = [
         {"mode": "none", "weights": w, "samples_per_prompt": 4 if quick else SAMPLES},
-        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 2},  # = client-side? (a check)
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 4},  # = client-side? (a check)
         {"mode": "best_of_n", "weights": w, "num_candidates": 8, **prune},
-        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 8, "segment": "fixed"},
         {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8, **prune},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 8, "segment": "fixed"},
         {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "sentence"},
         {"mode": "none", "weights": {"concise": 1.0}, "max_tokens": 128},
         {"mode": "token", "weights": {"concise": 1.0}, "max_tokens": 128},  # the server's default strength
-        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
         {"mode": "best_of_n", "weights": w, "num_candidates": 16, **prune},
         {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 16, **prune},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
         {"mode": "best_of_n", "weights": w, "num_candidates": 16},
+        {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8},
     ]
     if quick:
         runs = [r for r in runs if r.get("num_candidates", 1) <= 8 and "max_tokens" not in r]

@@ -76,13 +76,14 @@ def client_rows(samples: dict, ns=NS) -> list[dict]:
             kl = statistics.fmean(best_of_n_kl(pl, n) for pl in pool)
             label = (f"true-reward best-of-{n} (client)" if rank_by == "reward"
                      else f"scorer-ranked best-of-{n} (client, recomputed)")
+            mc = ({"kl_monte_carlo": winners_kl(winners, [pl[n:] for pl in pool], n)}
+                  if len(pool[0]) - n >= 4 else {})  # each winner against the samples that were not its candidates
             rows.append(row(
                 label, "true-reward best-of-N" if rank_by == "reward" else "scorer best-of-N (client)",
                 [{"prompt": p["prompt"], "text": p["texts"][j]} for p, j in zip(per, win)],
                 {h: [p["rewards"][h][j] for p, j in zip(per, win)] for h in HEADS},
                 best_of_n_kl_bound(n), kl, "plug-in best-of-N over 16 base samples", gen / max(1, acc),
-                samples["seconds"] * n / len(per[0]["texts"]), n=n, rank_by=rank_by,
-                kl_monte_carlo=winners_kl(winners, pool, n)))
+                samples["seconds"] * n / len(per[0]["texts"]), n=n, rank_by=rank_by, **mc))
     return rows
 
 
@@ -120,7 +121,8 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str]) ->
         measured, how = run["kl"], "exact per-step sum (server)"
     elif mode == "block":
         measured, how = None, "bound only: the server returns no per-block candidate scores"
-    elif samples is None or (run.get("rewards") and run["weights"]):
+    elif samples is None or (run["weights"] if run.get("rewards") else run["weights"] != samples["weights"]) \
+            or (run.get("rewards") and list(run["rewards"]) != [head_rewards[HEAD]]):
         measured, how = None, "bound only: no base samples for this ranking score"
     elif len(samples["per_prompt"][0]["texts"]) < n:
         measured, how = None, f"bound only: fewer base samples than N={n}"
@@ -141,10 +143,14 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str]) ->
         else:
             measured = statistics.fmean(best_of_n_kl(pl, n) for pl in pools)
             how = "plug-in best-of-N over 16 base samples"
-            hits = [(pl[k], pl) for pl, k in zip(pools, found) if k is not None]
-            if hits:
+            # Monte Carlo check: each winner against the samples that were not its candidates
+            hits = [(pl[k], pl[n:]) for pl, k in zip(pools, found) if k is not None]
+            if hits and len(pools[0]) - n >= 4:
                 extra["kl_monte_carlo"] = winners_kl([w for w, _ in hits], [pl for _, pl in hits], n)
-    return row(label(run), fam, answers, rewards, run["kl"], measured, how, run["tokens_per_accepted"],
+    name = label(run)
+    if run["mode"] != "none" and run["weights"] and run["weights"] != {HEAD: 1.0}:
+        name += " [" + ", ".join(f"{h}={w:g}" for h, w in run["weights"].items()) + "]"
+    return row(name, fam, answers, rewards, run["kl"], measured, how, run["tokens_per_accepted"],
                run["seconds"], run=run_settings(run), **extra)
 
 
@@ -162,7 +168,9 @@ def add_judges(rows: list[dict], ppl: judges.Perplexity | None) -> None:
         r["afinn_sem"] = statistics.stdev(af) / len(af) ** 0.5
         r["afinn_per_answer"] = af
         r["nonword_share"] = judges.nonword_share(texts)
-        r["repetition"] = statistics.fmean(judges.repetition(t) for t in texts)
+        r["nonword_per_answer"] = [judges.nonword_share([t]) for t in texts]
+        r["repetition_per_answer"] = [judges.repetition(t) for t in texts]
+        r["repetition"] = statistics.fmean(r["repetition_per_answer"])
         r["distinct_2"] = judges.distinct_2(texts)
         r["words"] = statistics.fmean(len(t.split()) for t in texts)
         if ppl is not None and r.get("perplexity_wanted", True):
@@ -263,18 +271,21 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
         for r in rows:
             if r is none or "nonword_share" not in r or "max_tokens" in r.get("run", {}):
                 continue
-            if r["nonword_share"] > 2 * none["nonword_share"] + 0.005 or r["repetition"] > none["repetition"] + 0.03:
-                worse.append(f"{r['label']} (non-words {r['nonword_share']:.3f}, repetition {r['repetition']:.3f})")
-        add("14", "fluency no worse than plain decoding (non-words, repetition)", not worse,
+            for m in ("nonword", "repetition"):
+                d = statistics.fmean(r[f"{m}_per_answer"]) - statistics.fmean(none[f"{m}_per_answer"])
+                se = math.hypot(_sem(r[f"{m}_per_answer"]), _sem(none[f"{m}_per_answer"]))
+                if d > 2 * se:
+                    worse.append(f"{r['label']} ({m} {statistics.fmean(r[f'{m}_per_answer']):.3f}, +{d:.3f} > 2 s.e.)")
+        add("14", "fluency no worse than plain decoding within noise (non-words, repetition: 2 s.e.)", not worse,
             f"none: non-words {none['nonword_share']:.3f}, repetition {none['repetition']:.3f}, distinct-2 "
             f"{none['distinct_2']:.3f}, perplexity {_fmt(none.get('perplexity'), 2)}; worse: "
             + ("; ".join(worse) if worse else "none of the runs (perplexity: see the table)"))
-    chk = _pick(rows, "best_of_n N=2 reward-ranked")
-    if chk and "same_as_client_best_of_n" in chk:
-        add("15", "best_of_n with the reward in the loop equals client-side true-reward best-of-N (same seeds)",
+    for chk in (r for r in rows if r["family"] == "best_of_n (reward, server)" and "same_as_client_best_of_n" in r):
+        n = chk["run"]["num_candidates"]
+        add("15", f"best_of_n N={n} with the reward in the loop equals client-side true-reward best-of-{n} (same seeds)",
             chk["same_as_client_best_of_n"] == 1.0,
-            f"N=2: {chk['same_as_client_best_of_n']:.0%} of answers identical; reward {chk['reward'][HEAD]:.3f} vs "
-            f"{tr[2]['reward'][HEAD]:.3f} client-side" if 2 in tr else "")
+            f"{chk['same_as_client_best_of_n']:.0%} of answers identical; reward {chk['reward'][HEAD]:.3f} vs "
+            + (f"{tr[n]['reward'][HEAD]:.3f} client-side" if n in tr else "-"))
     for n in (8, 16):
         for by in ("", " reward-ranked"):
             r = _pick(rows, f"best_of_n N={n}{by} pruned every 8 keep 0.5")
@@ -285,6 +296,10 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
                     f"{r['reward'][HEAD]:.3f} at {r['gen_per_answer']:.2f} vs {tr[n]['reward'][HEAD]:.3f} at "
                     f"{tr[n]['gen_per_answer']:.2f} base tokens/answer token")
     return out
+
+
+def _sem(xs: list[float]) -> float:
+    return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
 
 
 def _ranks(xs: list[float]) -> list[float]:

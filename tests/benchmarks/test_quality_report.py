@@ -97,3 +97,12 @@ def test_text_measures():
     assert judges.nonword_share(["hello world", "zxqvbnm fine"]) == pytest.approx(1 / 4)
     good, bad = judges.afinn_scores(["What a wonderful, happy day!", "This is terrible and awful."])
     assert good > 0 > bad
+
+
+def test_no_measured_kl_from_samples_ranked_by_another_score():
+    """The samples carry the positive scorer value: a best_of_n steering concise cannot use them."""
+    s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
+    r = server_row(server_run(s, ["answer 0.1", "answer 1.2"], mode="best_of_n", weights={"concise": 1.0},
+                              num_candidates=4), s, HEAD_REWARDS)
+    assert r["kl_measured"] is None
+    assert r["label"].endswith("[concise=1]")
