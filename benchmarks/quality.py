@@ -11,13 +11,24 @@ several N, steering one head at a time (weight 1), plus a weights sweep between 
   best_of_n: the bound log K - (K-1)/K per selection),
 - tokens the base model generated per accepted token (control.tokens_generated / completion tokens).
 
+For the first head it also runs (issues 14 and 15): 16 plain samples per prompt with the same
+seeds (choice j of a request with n=16 draws from generator row j, the row best_of_n's candidate
+j uses: the first N samples are best_of_n N's candidates), best_of_n and block with the true
+reward in the loop (`control.rewards`), early-pruned best_of_n (`prune_every`, `keep_fraction`)
+and `concise` at 128 tokens. benchmarks/quality/report.py then builds, from the stored runs, the
+GRUE-style report: true-reward best-of-N and scorer-ranked best-of-N computed client-side from
+the samples, an independent judge, fluency, perplexity, reported and measured KL
+(benchmarks/quality/kl.py), compute, and the issues' targets.
+
     python benchmarks/quality.py                        # starts `cdserve serve` itself (hf backend)
     python benchmarks/quality.py --url http://host:8000 # or uses a running server
     python benchmarks/quality.py --quick                # 8 prompts, fewer settings (smoke run)
 
 Results go to benchmarks/results/quality.json (each run is cached there: a rerun only does what
 is missing), the plots to benchmarks/quality_reward_vs_kl.png and
-benchmarks/quality_weights_sweep.png, and a markdown table to benchmarks/results/quality_table.md.
+benchmarks/quality_weights_sweep.png, and a markdown table to benchmarks/results/quality_table.md;
+the report to benchmarks/results/quality_report.{md,json}, benchmarks/quality_reward_vs_measured_kl.png
+and benchmarks/quality_reward_vs_compute.png (`python -m benchmarks.quality.report` rebuilds them).
 """
 
 from __future__ import annotations
@@ -396,6 +407,12 @@ async def main_async(args) -> None:
     findings = old[old.index(FINDINGS):] if FINDINGS in old else ""
     md.write_text(table(results, command.strip(), data["meta"]) + ("\n" + findings if findings else ""))
     print(f"wrote {out}, {HERE / 'quality_reward_vs_kl.png'}, {HERE / 'results' / 'quality_table.md'}")
+    if args.report:
+        from benchmarks.quality.report import write_report
+
+        write_report(out, perplexity=args.perplexity)
+        print(f"wrote {HERE / 'results' / 'quality_report.md'}, {HERE / 'quality_reward_vs_measured_kl.png'}, "
+              f"{HERE / 'quality_reward_vs_compute.png'}")
 
 
 def main() -> None:
@@ -415,6 +432,10 @@ def main() -> None:
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server it starts")
     ap.add_argument("--quick", action="store_true", help="fewer settings (a smoke run)")
+    ap.add_argument("--no-report", dest="report", action="store_false",
+                    help="skip the GRUE-style report (benchmarks/quality/report.py) at the end")
+    ap.add_argument("--no-perplexity", dest="perplexity", action="store_false",
+                    help="report without the base model's perplexity of the answers (slow on CPU)")
     ap.add_argument("--no-issue-runs", dest="issue_runs", action="store_false",
                     help="skip the plain samples, reward-in-the-loop and pruned runs (issues 14/15)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached runs")

@@ -410,12 +410,9 @@ def build(results: Path, ppl_cache: Path | None) -> dict:
     return {"meta": data["meta"], "checks": checks, "rows": rows, "targets": targets(rows, runs)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--results", default=str(RESULTS / "quality.json"))
-    ap.add_argument("--no-perplexity", action="store_true", help="skip the base model's perplexity (slow on CPU)")
-    args = ap.parse_args()
-    rep = build(Path(args.results), None if args.no_perplexity else RESULTS / "quality_perplexity_cache.json")
+def write_report(results: Path, perplexity: bool = True) -> dict:
+    """results/quality_report.{json,md} and the two plots, from the stored runs."""
+    rep = build(Path(results), RESULTS / "quality_perplexity_cache.json" if perplexity else None)
     slim = {**rep, "rows": [{k: v for k, v in r.items() if not k.endswith("per_answer") and k != "answers"}
                             for r in rep["rows"]]}
     (RESULTS / "quality_report.json").write_text(json.dumps(slim, indent=1) + "\n")
@@ -430,6 +427,15 @@ def main() -> None:
     md += [f"| ({t['issue']}) {t['target']} | {'yes' if t['met'] else 'no'} | {t['detail']} |" for t in rep["targets"]]
     (RESULTS / "quality_report.md").write_text(table(rep["rows"]) + "\n" + "\n".join(md) + "\n\n" +
                                                json.dumps(rep["checks"]) + "\n")
+    return rep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--no-perplexity", action="store_true", help="skip the base model's perplexity (slow on CPU)")
+    args = ap.parse_args()
+    write_report(Path(args.results), not args.no_perplexity)
     print((RESULTS / "quality_report.md").read_text())
 
 
