@@ -82,6 +82,7 @@ def cmd_label(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from prefix_scorers.prompts import read_jsonl
     from prefix_scorers.train import TrainConfig, train
 
     run = _run_dir(args)
@@ -91,9 +92,10 @@ def cmd_train(args) -> None:
                       ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
                       loss=args.loss)
     held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
+    held_ids = {p["id"] for p in read_jsonl(Path(args.eval_prompts))} if getattr(args, "eval_prompts", None) else None
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", Path(args.train_dir) if args.train_dir else
                 run / "train", cfg, _base_dir(args), eval_rollouts=held and held / "rollouts.jsonl",
-                eval_labels=held and held / "labels.jsonl")
+                eval_labels=held and held / "labels.jsonl", eval_prompt_ids=held_ids)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 writes and reports
     print(out)
@@ -111,6 +113,7 @@ def cmd_export(args) -> None:
 def cmd_evaluate(args) -> None:
     from prefix_scorers.base_model import load_model, load_tokenizer
     from prefix_scorers.checkpoint import load_scorer
+    from prefix_scorers.prompts import read_jsonl
     from prefix_scorers.train import R2_POSITIONS, TrainConfig, final_r2, load_examples
 
     base_dir = _base_dir(args)
@@ -119,6 +122,9 @@ def cmd_evaluate(args) -> None:
     scorer = load_scorer(Path(args.scorer), tokenizer, emb).eval()
     run = _run_dir(args)
     examples = load_examples(run / "rollouts.jsonl", run / "labels.jsonl", scorer.config.heads)
+    if args.prompts:
+        ids = {p["id"] for p in read_jsonl(Path(args.prompts))}
+        examples = [e for e in examples if e.prompt_id in ids]
     cfg = TrainConfig(batch_size=args.train_batch_size, device=args.device)
     pad = tokenizer.pad_token_id
     rows = {"final": final_r2(scorer, examples, cfg, pad)} | \
@@ -177,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "value and target rescaled to [0, 1] by the reward range")
         sp.add_argument("--eval-run-dir", help="held-out run (rollouts.jsonl + labels.jsonl of other prompts): "
                         "evaluate there and train on every prompt of RUN")
+        sp.add_argument("--eval-prompts", help="prompt JSONL whose rollouts in RUN are held out (e.g. "
+                        "prefix_scorers/data/prompts_eval.jsonl); the other prompts train")
         sp.add_argument("--train-dir", help="where training writes (default: RUN/train)")
         sp.add_argument("--epochs", type=int, default=3)
         names = ("--batch-size", "--train-batch-size") if batch else ("--train-batch-size",)
@@ -217,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="held-out R^2 of a scorer's values against RUN's labels")
     common(sp)
     sp.add_argument("--scorer", required=True, help="scorer checkpoint directory")
+    sp.add_argument("--prompts", help="only the rollouts of these prompts (JSONL), e.g. the eval split")
     sp.add_argument("--batch-size", dest="train_batch_size", type=int, default=16)
     sp.set_defaults(fn=cmd_evaluate)
     sp = sub.add_parser("all", help="rollouts, label, train, export")

@@ -350,11 +350,11 @@ def with_targets(examples: list[Example], target: str, eta: torch.Tensor | None)
 
 def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfig,
           base_model_dir: Path | None = None, eval_rollouts: Path | None = None,
-          eval_labels: Path | None = None) -> Path:
+          eval_labels: Path | None = None, eval_prompt_ids: set[str] | None = None) -> Path:
     """Train a scorer; writes `out_dir/scorer` (float32 checkpoint), `loss.png`, `history.json`.
     With `eval_rollouts`/`eval_labels` (another run, e.g. of held-out prompts), every training
-    prompt trains and those rollouts are the held-out set; otherwise `eval_fraction` of the
-    training prompts is held out."""
+    prompt trains and those rollouts are the held-out set; with `eval_prompt_ids`, the rollouts of
+    those prompts are; otherwise `eval_fraction` of the training prompts is held out."""
     from prefix_scorers.base_model import (
         default_cache_dir,
         load_model,
@@ -383,6 +383,11 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
         if overlap:
             raise ValueError(f"{len(overlap)} prompts (e.g. {min(overlap)}) have rollouts in both "
                              f"{rollouts_path} and {eval_rollouts}: held-out prompts must not train")
+    elif eval_prompt_ids is not None:
+        train_ex = [e for e in examples if e.prompt_id not in eval_prompt_ids]
+        eval_ex = [e for e in examples if e.prompt_id in eval_prompt_ids]
+        if not eval_ex:
+            raise ValueError(f"none of the {len(eval_prompt_ids)} held-out prompts has a rollout in {rollouts_path}")
     else:
         train_ex, eval_ex = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
     rewards = torch.tensor([e.rewards for e in train_ex])

@@ -109,6 +109,16 @@ def test_cli_soft_target_bce_loss_held_out_run(run_dir, tiny_model_dir, tmp_path
     report = json.loads(capsys.readouterr().out)
     assert report["rollouts"] == 6 and report["prompts"] == 3
     assert report["r2"]["final"] == pytest.approx(r2, abs=1e-3)
+    # the same held-out rollouts picked by prompt from the full run
+    write_jsonl([{"id": pid} for pid in held_prompts], tmp_path / "held-prompts.jsonl")
+    main(["evaluate", "--run-dir", str(run_dir), *base, "--scorer", str(trained), "--prompts",
+          str(tmp_path / "held-prompts.jsonl")])
+    assert json.loads(capsys.readouterr().out)["r2"] == report["r2"]
+    main(["train", "--run-dir", str(run_dir), "--eval-prompts", str(tmp_path / "held-prompts.jsonl"), "--epochs",
+          "1", "--num-layers", "1", *base, "--train-dir", str(tmp_path / "by-prompt")])
+    metrics = json.loads((tmp_path / "by-prompt" / "scorer" / "config.json").read_text())["provenance"]["metrics"]
+    assert metrics["eval_r2_final_positive"] == pytest.approx(
+        json.loads(capsys.readouterr().out.split("\n", 1)[1])["eval_r2_final_positive"])
     # held-out prompts that also train are refused
     with pytest.raises(ValueError, match="held-out prompts must not train"):
         main(["train", "--run-dir", str(run_dir), "--eval-run-dir", str(tmp_path / "held-run"), "--epochs", "1",
