@@ -76,9 +76,34 @@ def cmd_rollouts(args) -> None:
 def cmd_label(args) -> None:
     from prefix_scorers.labels import label_rollouts
 
-    rewards = [h["reward"] for h in _heads(args)]
+    heads = _heads(args)
+    rewards = [h["reward"] for h in heads]
     run = _run_dir(args)
     print(label_rollouts(run / "rollouts.jsonl", run / "labels.jsonl", rewards))
+    if getattr(args, "segments", None):
+        _label_segments(args, run, heads, rewards)
+
+
+def _label_segments(args, run: Path, heads: list[dict], rewards: list[str]) -> None:
+    """`label --segments`: segment labels from every reward (and a critic) -> RUN/segment_labels.jsonl."""
+    from prefix_scorers.base_model import load_tokenizer
+    from prefix_scorers.critic import Critic, CriticConfig
+    from prefix_scorers.segment_labels import SegmentConfig, segment_rollouts
+
+    critic, critic_heads = None, {}
+    if args.critic_url:
+        critic = Critic(CriticConfig(base_url=args.critic_url, model=args.critic_model,
+                                     api_key=os.environ.get("CRITIC_API_KEY", "EMPTY"), timeout=args.critic_timeout,
+                                     retries=args.critic_retries, concurrency=args.critic_concurrency,
+                                     extra_body=json.loads(args.critic_extra_body or "{}")))
+        wanted = args.critic_heads.split(",") if args.critic_heads else [h["name"] for h in heads]
+        unknown = set(wanted) - {h["name"] for h in heads}
+        if unknown:
+            raise SystemExit(f"--critic-heads {sorted(unknown)} are not heads of this run: {[h['name'] for h in heads]}")
+        critic_heads = {h["name"]: h["description"] or h["name"] for h in heads if h["name"] in wanted}
+    cfg = SegmentConfig(unit=args.segments, min_tokens=args.segment_min_tokens, max_tokens=args.segment_max_tokens)
+    print(segment_rollouts(run / "rollouts.jsonl", run / "segment_labels.jsonl", load_tokenizer(_base_dir(args)),
+                           rewards, cfg, critic, critic_heads))
 
 
 def cmd_train(args) -> None:
@@ -90,7 +115,7 @@ def cmd_train(args) -> None:
                       head_lr=args.head_lr, num_layers=args.num_layers, seed=args.seed, device=args.device,
                       base_model=args.base_model, heads=_heads(args), ensemble=args.ensemble,
                       ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
-                      loss=args.loss)
+                      loss=args.loss, dense_source=args.dense_source, dense_lambda=args.dense_lambda)
     held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
     held_ids = {p["id"] for p in read_jsonl(Path(args.eval_prompts))} if getattr(args, "eval_prompts", None) else None
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", Path(args.train_dir) if args.train_dir else
@@ -174,9 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def train_args(sp, batch=True):
         sp.add_argument("--objective", choices=["fudge", "cdq"], default="fudge")
-        sp.add_argument("--target", choices=["final", "mean", "soft"], default="final", help="fudge: what each "
-                        "prefix regresses onto (prefix_scorers/targets.py): its rollout's reward, the mean or "
-                        "the soft value over the prompt's rollouts sharing that prefix")
+        sp.add_argument("--target", choices=["final", "mean", "soft", "dense"], default="final", help="fudge: what "
+                        "each prefix regresses onto (prefix_scorers/targets.py): its rollout's reward, the mean or "
+                        "the soft value over the prompt's rollouts sharing that prefix; dense: the reward mixed "
+                        "with a reward-to-go from segment labels (dense_targets.py; needs label --segments)")
+        sp.add_argument("--dense-source", choices=["reward", "critic"], default="reward", help="dense target: "
+                        "segment labels from each head's reward on prefixes, or from the critic")
+        sp.add_argument("--dense-lambda", type=float, default=0.5, help="dense target: weight in [0, 1] of the "
+                        "segment-label reward-to-go against the final reward (0: final reward only)")
         sp.add_argument("--soft-eta", type=float, default=1.0, help="soft target temperature, in units of each "
                         "head's reward std")
         sp.add_argument("--loss", choices=["mse", "bce"], default="mse", help="bce: cross-entropy on the "
@@ -197,6 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ensemble-prior", type=float, default=1.0, help="scale of the members' random "
                         "initial projections (x the single-projection init)")
 
+    def segment_args(sp):
+        sp.add_argument("--segments", choices=["sentence", "clause"], help="also label every segment of every "
+                        "rollout (prefix_scorers/segment_labels.py) -> RUN/segment_labels.jsonl")
+        sp.add_argument("--segment-min-tokens", type=int, default=2, help="shorter segments join the next one")
+        sp.add_argument("--segment-max-tokens", type=int, default=24, help="longer segments split at a word")
+        sp.add_argument("--critic-url", help="OpenAI-compatible base URL of a critic model that rates each "
+                        "segment (e.g. http://127.0.0.1:8000/v1; key from CRITIC_API_KEY)")
+        sp.add_argument("--critic-model", help="critic model name (default: the server's first model)")
+        sp.add_argument("--critic-heads", help="comma-separated heads the critic rates (default: every head)")
+        sp.add_argument("--critic-timeout", type=float, default=60.0, help="seconds per critic request")
+        sp.add_argument("--critic-retries", type=int, default=2, help="retries per critic request")
+        sp.add_argument("--critic-concurrency", type=int, default=4, help="critic requests in flight")
+        sp.add_argument("--critic-extra-body", help='JSON added to each critic request, e.g. '
+                        '\'{"control": {"mode": "none"}}\' for cdserve')
+
     def export_args(sp):
         sp.add_argument("--src", help="trained checkpoint (default: RUN/train/scorer)")
         sp.add_argument("--out", default=str(DEFAULT_OUT))
@@ -213,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_rollouts)
     sp = sub.add_parser("label", help="score every rollout with every head's reward")
     common(sp)
+    segment_args(sp)
     sp.set_defaults(fn=cmd_label)
     sp = sub.add_parser("train", help="train all heads (CD-FUDGE or CD-Q)")
     common(sp)

@@ -75,7 +75,8 @@ def build_messages(prompt: str, segments: list[str], quality: str, scale: tuple[
 
 
 _INDEX = re.compile(r"\d+")
-_LINE = re.compile(r"^\W*(?:segment\s*)?\[?(\d+)\]?\s*(?:[:=)\-–]|\.\s)\s*\**\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE | re.MULTILINE)
+_LINE = re.compile(r"""^\W*(?:segment\s*)?\[?(\d+)\]?["*]*\s*(?:[:=)\-–]|\.\s)\s*\**\s*(-?\d+(?:\.\d+)?)""",
+                   re.IGNORECASE | re.MULTILINE)
 
 
 def _number(v) -> float | None:
@@ -162,7 +163,13 @@ class Critic:
     async def model_name(self, client) -> str:
         if self.cfg.model:
             return self.cfg.model
-        models = await client.models.list()
+        import openai
+
+        try:
+            models = await client.models.list()
+        except openai.APIError as e:
+            raise ValueError(f"cannot list the critic's models at {self.cfg.base_url} ({e}): check the URL, "
+                             "or pass --critic-model") from e
         if not models.data:
             raise ValueError(f"the critic server at {self.cfg.base_url} lists no models: pass --critic-model")
         return models.data[0].id
@@ -181,9 +188,12 @@ class Critic:
                     max_tokens=self.cfg.max_tokens, temperature=self.cfg.temperature,
                     extra_body=self.cfg.extra_body or None)
                 reply = resp.choices[0].message.content if resp.choices else None
-            except (openai.APIError, asyncio.TimeoutError) as e:
+            # a failed request, or a body that is not a chat completion (non-JSON, wrong shape)
+            except (openai.APIError, asyncio.TimeoutError, ValueError, TypeError, AttributeError, KeyError,
+                    IndexError) as e:
                 self.stats.failed += 1
                 self.stats.errors[type(e).__name__] += 1
+                self.stats.missing += len(segments)
                 log.warning("critic request failed after %d retries: %s", self.cfg.retries, e)
                 return [None] * len(segments), None
         ratings = parse_ratings(reply, len(segments), self.cfg.scale)

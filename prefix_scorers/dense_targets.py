@@ -34,12 +34,14 @@ why lambda < 1 and why the comparison on held-out prompts (prefix_scorers/README
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from prefix_scorers.config import HeadSpec
-from prefix_scorers.location_norm import LocationNormalizer
-from prefix_scorers.segment_labels import CRITIC_PREFIX, located, source_labels
+from prefix_scorers.location_norm import LocationNormalizer, save_normalizers
+from prefix_scorers.segment_labels import CRITIC_PREFIX, load_segment_labels, located, source_labels
 
 DENSE_SOURCES = ("reward", "critic")
 
@@ -98,3 +100,26 @@ def dense_targets(ids: Sequence[str], lengths: Sequence[int], rewards, heads: Se
             "label_source": src, "used": True, "rollouts": len(labelled), "slope": slope,
             "mean_abs_shift": round(float(np.mean(shifts)), 5), "normalizer": norm.to_dict()}
     return out, summary
+
+
+def with_dense_targets(examples: list, heads: Sequence[HeadSpec], segment_labels_path: Path, source: str,
+                       lam: float, out_dir: Path | None = None) -> tuple[list, dict]:
+    """Training examples (train.Example) with their dense per-position targets. The normalisers
+    are fitted on these examples only; with `out_dir`, they are written to `segment_norm.json`
+    there. Returns the examples and a summary for the checkpoint's provenance."""
+    rows = load_segment_labels(segment_labels_path)
+    if not rows:
+        raise ValueError(f"--target dense needs segment labels: {segment_labels_path} is missing or empty; run "
+                         "`prefix-scorers label --segments clause` (with --critic-url for --dense-source critic)")
+    per, summary = dense_targets([e.id for e in examples], [len(e.input_ids) - e.prompt_len for e in examples],
+                                 [e.rewards for e in examples], heads, rows, source, lam)
+    if not any(h["used"] for h in summary["heads"].values()):
+        raise ValueError(f"no head has {source} segment labels in {segment_labels_path}: label with the heads' "
+                         "rewards (or a critic for them) first")
+    if out_dir is not None:
+        save_normalizers({h: LocationNormalizer.from_dict(s["normalizer"]) for h, s in summary["heads"].items()
+                          if s["used"]}, Path(out_dir) / "segment_norm.json", source=source, lam=lam,
+                         fitted_on=f"{len(examples)} training rollouts")
+    compact = {k: v for k, v in summary.items() if k != "heads"} | {
+        "heads": {h: {k: v for k, v in s.items() if k != "normalizer"} for h, s in summary["heads"].items()}}
+    return [replace(e, targets=t.tolist()) for e, t in zip(examples, per)], compact

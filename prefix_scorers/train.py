@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from prefix_scorers.checkpoint import DEFAULT_HEADS, init_from_base, save_scorer
 from prefix_scorers.config import EnsembleSpec, HeadSpec, Provenance
+from prefix_scorers.dense_targets import DENSE_SOURCES, with_dense_targets
 from prefix_scorers.labels import load_labels
 from prefix_scorers.model import PrefixScorer
 from prefix_scorers.prompts import read_jsonl
@@ -71,6 +72,8 @@ class TrainConfig:
     target: str = "final"  # fudge: what each prefix regresses onto (prefix_scorers/targets.py)
     soft_eta: float = 1.0  # soft target: eta per head = soft_eta * std(r_h)
     loss: str = "mse"  # "mse" | "bce" (bounded rewards)
+    dense_source: str = "reward"  # target "dense": segment labels from the heads' rewards or a critic
+    dense_lambda: float = 0.5  # target "dense": weight of the segment-label reward-to-go (dense_targets.py)
     epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-4  # copied transformer layers
@@ -93,8 +96,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.target not in (*TARGETS, "dense"):
+            raise ValueError(f"target must be one of {(*TARGETS, 'dense')}, got {self.target!r}")
+        if self.dense_source not in DENSE_SOURCES or not 0 <= self.dense_lambda <= 1:
+            raise ValueError(f"dense_source must be one of {DENSE_SOURCES} and dense_lambda in [0, 1], got "
+                             f"{self.dense_source!r} and {self.dense_lambda}")
         if self.target != "final" and self.objective != "fudge":
             raise ValueError(f"target {self.target!r} is a CD-FUDGE target: use --objective fudge (CD-Q "
                              "bootstraps from its own next values)")
@@ -392,7 +398,12 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
         train_ex, eval_ex = split_by_prompt(examples, cfg.eval_fraction, cfg.seed)
     rewards = torch.tensor([e.rewards for e in train_ex])
     r_mean, r_std = rewards.mean(0), rewards.std(0, unbiased=False)
-    train_ex = with_targets(train_ex, cfg.target, cfg.soft_eta * r_std.clamp(min=1e-6))
+    dense = None
+    if cfg.target == "dense":  # segment labels written by `label --segments`, beside labels.jsonl
+        train_ex, dense = with_dense_targets(train_ex, heads, Path(labels_path).with_name("segment_labels.jsonl"),
+                                             cfg.dense_source, cfg.dense_lambda, out_dir)
+    else:
+        train_ex = with_targets(train_ex, cfg.target, cfg.soft_eta * r_std.clamp(min=1e-6))
     train_ex = bootstrap(train_ex, cfg.ensemble, cfg.seed)
     # a (nearly) constant reward must not get a huge weight: floor its std at 10% of its range
     width = torch.tensor([h.reward_range[1] - h.reward_range[0] for h in heads])
@@ -488,7 +499,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
         note=(f"{cfg.num_layers} copied base layers + {len(heads)} CD-Q heads; {len(train_ex)} train / "
               f"{len(eval_ex)} eval rollouts; rewards {[h.reward for h in heads]}"),
         reward_mean=[round(x, 5) for x in r_mean.tolist()], reward_std=[round(x, 5) for x in r_std.tolist()],
-        train_config={k: v for k, v in asdict(cfg).items() if k != "heads"})
+        train_config={k: v for k, v in asdict(cfg).items() if k != "heads"},
+        **({"dense_targets": dense} if dense else {}))
     (out_dir / "history.json").write_text(json.dumps(history) + "\n")
     plot_losses(history, out_dir / "loss.png", f"{cfg.objective}: {len(train_ex)} train rollouts")
     save_scorer(scorer.cpu(), out_dir / "scorer")
