@@ -115,7 +115,8 @@ def cmd_train(args) -> None:
                       head_lr=args.head_lr, num_layers=args.num_layers, seed=args.seed, device=args.device,
                       base_model=args.base_model, heads=_heads(args), ensemble=args.ensemble,
                       ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
-                      loss=args.loss, dense_source=args.dense_source, dense_lambda=args.dense_lambda)
+                      loss=args.loss, dense_source=args.dense_source, dense_lambda=args.dense_lambda,
+                      eval_every=args.eval_every)
     held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
     held_ids = {p["id"] for p in read_jsonl(Path(args.eval_prompts))} if getattr(args, "eval_prompts", None) else None
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", Path(args.train_dir) if args.train_dir else
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--eval-prompts", help="prompt JSONL whose rollouts in RUN are held out (e.g. "
                         "prefix_scorers/data/prompts_eval.jsonl); the other prompts train")
         sp.add_argument("--train-dir", help="where training writes (default: RUN/train)")
+        sp.add_argument("--eval-every", type=int, default=25, help="steps between held-out loss points (and "
+                        "after each epoch); each is a pass over the held-out rollouts")
         sp.add_argument("--epochs", type=int, default=3)
         names = ("--batch-size", "--train-batch-size") if batch else ("--train-batch-size",)
         sp.add_argument(*names, dest="train_batch_size", type=int, default=16)
