@@ -135,6 +135,13 @@ def test_dense_target_from_critic_ratings_by_hand():
     np.testing.assert_allclose(t[0][:, 0], [0.9 - slope * 1.0, 0.9])
     np.testing.assert_allclose(t[1][:, 0], [0.1 + slope * 1.0, 0.1])
     np.testing.assert_allclose(t[2][:, 0], [0.5, 0.5])  # its future rating is missing: no shift
+    # a critic that disagrees with the reward (high ratings, low reward) gets slope 0: no shift
+    flipped = {k: _row(r["spans"], [0, 0], critic=[11 - v if v else None for v in r["critic"]["h"]])
+               for k, r in rows.items()}
+    tf, sf = dense_targets(["a", "b", "c"], [2, 2, 2], rewards, [HEAD], flipped, "critic", lam=1.0,
+                           location="index", bucket=1, num_buckets=2, min_count=1)
+    assert sf["heads"]["h"]["slope"] == 0.0
+    np.testing.assert_allclose(np.concatenate(tf)[:, 0], [0.9, 0.9, 0.1, 0.1, 0.5, 0.5])
     # a reward source with no labels for the head leaves it on the final reward
     t2, s2 = dense_targets(["a"], [2], [[0.9]], [HeadSpec(name="h", reward="other")], rows, "reward")
     assert not s2["heads"]["h"]["used"] and t2[0][:, 0].tolist() == [0.9, 0.9]
