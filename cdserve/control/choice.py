@@ -37,6 +37,13 @@ class Candidate:
     done: bool = False  # no more tokens this block: finished, or the block is full
     pruned: bool = False  # pruned best-of-N dropped it: it takes no more tokens and cannot win
     kl: float = 0.0  # sum of the per-token KL terms of its tokens
+    mark: int = 0  # pruned best-of-N: its tokens at the last pruning point it passed
+    mark_text: int = 0  # ...and the length of its text there
+
+    @property
+    def grown(self) -> int:
+        """Tokens taken since its block began (pruned best-of-N: since its last pruning point)."""
+        return len(self.tokens) - self.mark
 
     @property
     def ids(self) -> list[int]:
@@ -87,9 +94,14 @@ class ChoiceController:
         if self.control.mode == "block":
             return min(self.control.block_size, left)
         if self.pruning and not self.streaming:
-            grown = max((len(c.tokens) for c in self.candidates if not c.pruned and not c.finish_reason), default=0)
-            return min(self.control.prune_every - grown % self.control.prune_every, left - grown)
+            return max((self.candidate_len(k) for k in self.alive if not self.candidates[k].finish_reason), default=0)
         return left
+
+    def candidate_len(self, k: int) -> int:
+        """Pruned best-of-N: tokens candidate k may take before its next pruning point (at most
+        prune_every past the last one; a segment end may come first)."""
+        c = self.candidates[k]
+        return min(self.control.prune_every - c.grown, self.budget - len(self.accepted) - len(c.tokens))
 
     @property
     def waiting(self) -> bool:
@@ -130,18 +142,20 @@ class ChoiceController:
         """Block mode: after block_size tokens, or (segment "sentence") at the first sentence end
         in the text this block added. Segment "entropy" ends are the engine's (`end_block`): they
         depend on the base model's next-token distribution (segments.py)."""
-        if self.pruning:
-            return not self.streaming and len(c.tokens) % self.control.prune_every == 0
+        if self.pruning:  # pruning points: every prune_every tokens, or the candidate's next segment end
+            return not self.streaming and (c.grown >= self.control.prune_every
+                                           or self._sentence_end(c, c.mark_text))
         if self.control.mode != "block":
             return False
-        if len(c.tokens) >= self.control.block_size:
-            return True
-        return self.control.segment == "sentence" and SENTENCE_END.search(c.text, len(self.text)) is not None
+        return len(c.tokens) >= self.control.block_size or self._sentence_end(c, len(self.text))
+
+    def _sentence_end(self, c: Candidate, start: int) -> bool:
+        return self.control.segment == "sentence" and SENTENCE_END.search(c.text, start) is not None
 
     def end_block(self, k: int) -> None:
         """The engine ended candidate k's block at a segment end (vLLM stopped it at a sentence
         end; either engine before a token of high entropy)."""
-        if not self.candidates[k].tokens:
+        if not self.candidates[k].grown:
             raise ValueError(f"candidate {k} of choice {self.index} cannot end a block with no tokens")
         self.candidates[k].done = True
 
@@ -216,6 +230,7 @@ class ChoiceController:
         for k in ranked[:keep]:
             c = self.candidates[k]
             c.done = c.finish_reason is not None
+            c.mark, c.mark_text = len(c.tokens), len(c.text)
         if keep == 1 and not self.candidates[ranked[0]].finish_reason:
             survivor = self.candidates[ranked[0]]
             self.tokens_generated += sum(len(c.tokens) for c in self.candidates if c is not survivor)

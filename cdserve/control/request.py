@@ -28,7 +28,7 @@ _FIELDS_BY_MODE: dict[str, set[str]] = {
     "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment",
               "entropy_threshold", "risk"},
     "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards", "prune_every",
-                  "keep_fraction", "risk"},
+                  "keep_fraction", "segment", "entropy_threshold", "risk"},
 }
 
 
@@ -55,17 +55,19 @@ class ControlRequest(BaseModel):
         "candidates by, with a weight each: a candidate's value is sum_r weight_r * reward_r(answer text so "
         "far) plus the scorer's combined value (send weights {} to rank by the rewards alone).")
     prune_every: int | None = Field(
-        None, description="best_of_n: every this many tokens, keep the best keep_fraction of the candidates "
-        "still running, by the same value as the final selection (speculative rejection); 0: no pruning.")
+        None, description="best_of_n: every this many tokens (or at each candidate's next segment end, with "
+        "segment sentence/entropy), keep the best keep_fraction of the candidates still running, by the same "
+        "value as the final selection (speculative rejection); 0: no pruning.")
     keep_fraction: float | None = Field(None, description="best_of_n with prune_every: fraction of the "
                                         "candidates kept at each pruning point (at least one).")
     segment: Segment | None = Field(
-        None, description="block mode: where a block ends. fixed: after block_size tokens; sentence: at the "
+        None, description="block mode: where a block ends (best_of_n with prune_every: where a pruning point "
+        "falls, at most prune_every tokens after the last). fixed: after block_size tokens; sentence: at the "
         "first sentence end (. ! ? or a newline) in the block's text; entropy: before the first token (after "
         "the block's first) whose base-model next-token entropy exceeds entropy_threshold. block_size is the "
         "longest a block may grow in every segmentation.")
     entropy_threshold: float | None = Field(
-        None, description="block mode with segment entropy: the entropy (nats) of the base model's own "
+        None, description="block mode (or pruned best_of_n) with segment entropy: the entropy (nats) of the base model's own "
         "next-token distribution (temperature 1, before top-p and steering) above which a block ends before "
         "that token.")
 
@@ -221,7 +223,10 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
         raise InvalidRequestError("control.keep_fraction", f"must be in (0, 1], got {keep_fraction}")
     risk = _finite("control.risk", req.risk if req.risk is not None else config.risk)
     _within("control.risk", risk, -1.0, 1.0, " (negative avoids uncertain values, positive seeks them)")
-    segment = req.segment or config.segment
+    segment = req.segment or (config.segment if mode == "block" else "fixed")
+    if mode == "best_of_n" and segment != "fixed" and prune_every == 0:
+        raise InvalidRequestError("control.segment", f"best_of_n uses segment ends ('{segment}') as pruning "
+                                  "points: set prune_every > 0 (the most tokens between two points)")
     entropy_threshold = _finite("control.entropy_threshold", req.entropy_threshold
                                 if req.entropy_threshold is not None else config.entropy_threshold)
     if req.entropy_threshold is not None and segment != "entropy":

@@ -194,14 +194,13 @@ class EngineCore:
         now (segment entropy, segments.py). Their input token is unread from both caches, so the
         next block reads it again as if this step had not run."""
         ends = torch.zeros(len(self.rows), dtype=torch.bool, device=self.device)
-        idx = [i for i, r in enumerate(self.rows) if not r.waiting and r.ctl.control.mode == "block"
-               and r.ctl.control.segment == "entropy"]
+        idx = [i for i, r in enumerate(self.rows) if not r.waiting and r.ctl.control.segment == "entropy"
+               and (r.ctl.control.mode == "block" or (r.ctl.pruning and not r.ctl.streaming))]
         if not idx:
             return ends
         sel = torch.tensor(idx, device=self.device)
         threshold = torch.tensor([self.rows[i].ctl.control.entropy_threshold for i in idx], device=self.device)
-        taken = torch.tensor([len(self.rows[i].ctl.candidates[self.rows[i].k].tokens) for i in idx],
-                             device=self.device)
+        taken = torch.tensor([self.rows[i].ctl.candidates[self.rows[i].k].grown for i in idx], device=self.device)
         ends = ends.index_copy(0, sel, entropy_ends(logits[sel], threshold, taken))
         self.runner.unread_last(ends)
         ctrl = self._controlled()  # block rows are controlled: each has a scorer row

@@ -97,8 +97,7 @@ class BlockDecoder:
             if sp.top_p < 1.0:  # the worker measures each candidate's truncation KL, kept by its tokens
                 worker = {"mode": ctrl.mode, "key": group, "measure": True, "by_output": True}
             if ctrl.segment == "entropy":  # the worker ends candidates before uncertain tokens
-                worker = {"mode": ctrl.mode, **worker, "entropy": {"threshold": ctrl.entropy_threshold,
-                                                                    "sentinel": eng.segment_sentinel}}
+                worker = {"mode": ctrl.mode, **worker, **self._entropy_args(ctrl)}
             if worker:
                 extra = {**(extra or {}), "cdserve": worker}
             params = eng.sampling_params(request, choice, n=ctl.K, max_tokens=max_tokens,
@@ -106,12 +105,7 @@ class BlockDecoder:
                                          output_kind=_final_only(), extra_args=extra)
             outs = await self._final(prompt + ctl.accepted, params, group)
             for o in outs.outputs:
-                ids = list(o.token_ids)
-                if o.stop_reason == eng.segment_sentinel and ids[-1:] == [eng.segment_sentinel]:
-                    ids.pop()  # an entropy segment end: the worker's sentinel, not a token of the answer
-                ctl.push_all(o.index, ids)  # tokens past a candidate's end are dropped
-                if not ctl.candidates[o.index].done and ctrl.segment != "fixed" and o.finish_reason == "stop":
-                    ctl.end_block(o.index)  # vLLM stopped it at a segment end (a sentence end, the sentinel)
+                self._take(ctl, o.index, o)
             if not ctl.waiting:
                 raise RuntimeError(f"vLLM ended a block of {request.request_id} early: "
                                    f"{[(o.finish_reason, len(o.token_ids)) for o in outs.outputs]}")
@@ -139,13 +133,17 @@ class BlockDecoder:
         prompt, rid = request.prompt_token_ids, f"{request.request_id}-{choice}"
         prefix = await eng.in_scorer_thread(self.prefix, prompt)
 
-        def params(n: int, key: int, **kw):
-            return eng.sampling_params(request, choice, n=n, max_tokens=ctl.block_len, extra_args=None,
+        def params(n: int, key: int, max_tokens: int | None = None, **kw):
+            return eng.sampling_params(request, choice, n=n, max_tokens=max_tokens or ctl.block_len,
                                        seed=None if sp.seed is None else (seed + 7919 * choice + 104729 * key) % 2**63,
                                        **kw)
 
-        outs = await self._final(prompt, params(ctl.K, 0, output_kind=_final_only()), f"{rid}-p0")
-        self._push(ctl, [(o.index, o.token_ids) for o in outs.outputs])
+        def to_next_point(n: int, key: int, max_tokens: int | None = None):  # stops at segment ends too
+            entropy = {"cdserve": {"mode": ctrl.mode, **self._entropy_args(ctrl)}} if ctrl.segment == "entropy" else None
+            return params(n, key, max_tokens, segments=True, extra_args=entropy, output_kind=_final_only())
+
+        outs = await self._final(prompt, to_next_point(ctl.K, 0), f"{rid}-p0")
+        self._push(ctl, [(o.index, o) for o in outs.outputs])
         step = 1
         while True:
             if not ctl.waiting:
@@ -161,20 +159,37 @@ class BlockDecoder:
                 return
             if ctl.streaming:  # one survivor left: it streams to the end on what it accepted
                 k = ctl.alive[0]
-                return await eng.stream(request, choice, ctl, k, prompt + ctl.accepted, params(1, step * 64 + k), emit)
+                return await eng.stream(request, choice, ctl, k, prompt + ctl.accepted,
+                                        params(1, step * 64 + k, extra_args=None), emit)
             running = [k for k in ctl.alive if not ctl.candidates[k].done]
-            outs = await asyncio.gather(*(self._final(prompt + ctl.candidates[k].tokens, params(
-                1, step * 64 + k, output_kind=_final_only()), f"{rid}-p{step}-{k}") for k in running))
-            self._push(ctl, [(k, out.outputs[0].token_ids) for k, out in zip(running, outs)])
+            outs = await asyncio.gather(*(self._final(prompt + ctl.candidates[k].tokens, to_next_point(
+                1, step * 64 + k, ctl.candidate_len(k)), f"{rid}-p{step}-{k}") for k in running))
+            self._push(ctl, [(k, out.outputs[0]) for k, out in zip(running, outs)])
             step += 1
 
-    def _push(self, ctl, sampled: list[tuple[int, list[int]]]) -> None:
-        """Feed sampled candidates to the controller; count the tokens it kept (metrics)."""
+    def _push(self, ctl, sampled: list[tuple[int, object]]) -> None:
+        """Feed sampled candidates (vLLM CompletionOutputs) to the controller; count the tokens it
+        kept (metrics)."""
         kept = 0
-        for k, tokens in sampled:
+        for k, output in sampled:
             before = len(ctl.candidates[k].tokens)
-            kept += len(ctl.push_all(k, tokens)) - before
+            self._take(ctl, k, output)
+            kept += len(ctl.candidates[k].tokens) - before
         self.engine.count_candidates(kept)
+
+    def _take(self, ctl, k: int, output) -> None:
+        """Candidate k's sampled tokens into the controller (tokens past its end are dropped); a
+        segment end vLLM stopped it at (a sentence end, the entropy sentinel) ends its block."""
+        ids, sentinel = list(output.token_ids), self.engine.segment_sentinel
+        if output.stop_reason == sentinel and ids[-1:] == [sentinel]:
+            ids.pop()  # an entropy segment end: the worker's sentinel, not a token of the answer
+        ctl.push_all(k, ids)
+        if not ctl.candidates[k].done and ctl.control.segment != "fixed" and output.finish_reason == "stop":
+            ctl.end_block(k)
+
+    def _entropy_args(self, ctrl) -> dict:
+        """extra_args["cdserve"] entries that make the worker end candidates before uncertain tokens."""
+        return {"entropy": {"threshold": ctrl.entropy_threshold, "sentinel": self.engine.segment_sentinel}}
 
     async def _final(self, prompt: list[int], params, request_id: str):
         """The last output of a FINAL_ONLY vLLM request."""

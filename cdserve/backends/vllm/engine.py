@@ -228,8 +228,9 @@ class VLLMEngine:
     def _key(request: GenerationRequest, choice: int) -> str:
         return f"{request.request_id}-{choice}"
 
-    def sampling_params(self, request: GenerationRequest, choice: int, **override):
-        """vLLM SamplingParams for one choice (or one block of candidates: override n, max_tokens)."""
+    def sampling_params(self, request: GenerationRequest, choice: int, segments: bool | None = None, **override):
+        """vLLM SamplingParams for one choice (or one block of candidates: override n, max_tokens).
+        segments: stop at the request's segment ends (default: in block mode)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -240,8 +241,9 @@ class VLLMEngine:
         elif sp.top_p < 1.0:  # the worker measures top-p truncation's KL (the control.kl contract)
             extra = {"cdserve": {"mode": ctrl.mode, "key": self._key(request, choice), "measure": True}}
         seed = None if sp.seed is None else (sp.seed + choice) % 2**63
-        stop = list(sp.stop) + (SEGMENT_STOPS if ctrl.mode == "block" and ctrl.segment == "sentence" else [])
-        stop_ids = [self.segment_sentinel] if ctrl.mode == "block" and ctrl.segment == "entropy" else None
+        segments = ctrl.mode == "block" if segments is None else segments
+        stop = list(sp.stop) + (SEGMENT_STOPS if segments and ctrl.segment == "sentence" else [])
+        stop_ids = [self.segment_sentinel] if segments and ctrl.segment == "entropy" else None
         args = {"n": 1, "max_tokens": min(sp.max_tokens, self.max_model_len - len(request.prompt_token_ids)),
                 "temperature": sp.temperature, "top_p": sp.top_p, "seed": seed, "stop": stop or None,
                 "stop_token_ids": stop_ids,

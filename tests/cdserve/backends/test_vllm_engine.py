@@ -182,26 +182,50 @@ def test_block_and_best_of_n_match_hf(loop, vllm_engine, hf_engine, prompts):
 ENTROPY = {"mode": "block", "num_candidates": 2, "block_size": 12, "segment": "entropy", "entropy_threshold": 3.7}
 
 
+def answer_entropies(vllm_engine, hf_engine, prompt, got) -> tuple[list[int], list[float]]:
+    """The answer's tokens taken (its EOS included) and the base model's next-token entropy before
+    each; checks that none is within 0.02 nats of ENTROPY's threshold, far beyond the engines'
+    last-bit differences."""
+    from cdserve.control.segments import next_token_entropy
+
+    taken = got["ids"] + ([vllm_engine.tokenizer.eos_token_id] if got["finish"] == "stop" else [])
+    with torch.inference_mode():
+        logits = hf_engine.core.runner.model(input_ids=torch.tensor([prompt + taken[:-1]])).logits[0, len(prompt) - 1:]
+    entropy = next_token_entropy(logits).tolist()  # entropy[j]: before token j of the answer
+    assert min(abs(e - ENTROPY["entropy_threshold"]) for e in entropy[1:]) > 0.02
+    return taken, entropy
+
+
 def test_entropy_segments_match_hf_and_end_before_uncertain_tokens(loop, vllm_engine, hf_engine, prompts):
     """Both engines end each block before the first token (past the block's first) whose base
     next-token entropy exceeds 3.7 nats, or after 12 tokens: the selections counted from the answer's
-    own entropies. The answers' entropies stay at least 0.02 nats away from the threshold, far
-    beyond the engines' last-bit differences."""
-    from cdserve.control.segments import next_token_entropy
-
+    own entropies."""
     cases = [(p, ENTROPY, {"max_tokens": 30, **NEAR_GREEDY}) for p in (prompts[0], prompts[3])]
     for (p, _, _), got in zip(cases, parity(loop, vllm_engine, hf_engine, cases)):
-        taken = got["ids"] + ([vllm_engine.tokenizer.eos_token_id] if got["finish"] == "stop" else [])
-        with torch.inference_mode():
-            logits = hf_engine.core.runner.model(input_ids=torch.tensor([p + taken[:-1]])).logits[0, len(p) - 1:]
-        entropy = next_token_entropy(logits).tolist()  # entropy[j]: before token j of the answer
-        assert min(abs(e - ENTROPY["entropy_threshold"]) for e in entropy[1:]) > 0.02
+        taken, entropy = answer_entropies(vllm_engine, hf_engine, p, got)
         blocks, start = 0, 0
         for j in range(1, len(taken) + 1):
             if j == len(taken) or j - start == ENTROPY["block_size"] or entropy[j] > ENTROPY["entropy_threshold"]:
                 blocks, start = blocks + 1, j
         assert got["control"].selections == blocks > math.ceil(len(taken) / ENTROPY["block_size"])
         assert got["control"].tokens_generated == ENTROPY["num_candidates"] * len(taken)
+
+
+def test_pruning_at_entropy_ends_matches_hf(loop, vllm_engine, hf_engine, prompts):
+    """Pruned best-of-4 with entropy segments, near-greedy: the four equal candidates run to their
+    first entropy end (or 12 tokens), two survive to the next, then one streams to the end."""
+    pruned = {"mode": "best_of_n", "num_candidates": 4, "prune_every": 12, "keep_fraction": 0.5,
+              "segment": "entropy", "entropy_threshold": ENTROPY["entropy_threshold"]}
+    cases = [(p, pruned, {"max_tokens": 30, **NEAR_GREEDY}) for p in (prompts[0], prompts[3])]
+    for (p, _, _), got in zip(cases, parity(loop, vllm_engine, hf_engine, cases)):
+        taken, entropy = answer_entropies(vllm_engine, hf_engine, p, got)
+        points = [0]  # the first two pruning points, in answer tokens
+        for _ in range(2):
+            start = points[-1]
+            points.append(next(j for j in range(start + 1, start + 13) if j == start + 12 or entropy[j] > 3.7))
+        first, second = points[1:]
+        assert got["control"].selections == 2 and second < len(taken)
+        assert got["control"].tokens_generated == 2 * first + second + len(taken)  # 2 pruned, 1 pruned, the survivor
 
 
 def test_block_parity_at_an_eos_mid_block_and_a_stop_string_across_blocks(loop, vllm_engine, hf_engine):

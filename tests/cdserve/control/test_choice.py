@@ -281,3 +281,40 @@ def test_entropy_is_computed_at_temperature_one_in_nats():
 
     logits = torch.stack([uniform_logits(4), torch.tensor([0.0, math.log(3.0)] + [float("-inf")] * 14)])
     assert next_token_entropy(logits).tolist() == pytest.approx([math.log(4), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))])
+
+
+def test_pruning_points_fall_at_segment_ends():
+    """Pruned best-of-N with segment sentence: each candidate runs to its next sentence end (at most
+    prune_every tokens past its last pruning point), so the candidates meet a point at different
+    lengths; survivors go on from where they stopped."""
+    ctl = controller({**PRUNED, "prune_every": 6, "segment": "sentence"}, max_tokens=30)
+    assert ctl.block_len == 6
+    assert ctl.push_all(0, ids("Hi. Yo")) == ids("Hi.")
+    assert ctl.push_all(1, ids("abcdefgh")) == ids("abcdef")  # no sentence end: prune_every is the cap
+    assert ctl.push_all(2, ids("No!")) == ids("No!")
+    assert ctl.push_all(3, ids("x.")) == ids("x.")
+    assert ctl.select(torch.zeros(4, 2), torch.tensor([0.9, 0.8, 0.1, 0.0])) == -1
+    assert ctl.alive == [0, 1] and [ctl.candidate_len(k) for k in (0, 1)] == [6, 6]
+    # The "." already passed does not end candidate 0 again; the next one does.
+    assert ctl.push_all(0, ids(" Ok. b")) == ids("Hi. Ok.")
+    assert ctl.push_all(1, ids("g?")) == ids("abcdefg?")
+    assert ctl.value_positions()[:2] == [6, 7]
+    assert ctl.select(torch.zeros(4, 2), torch.tensor([0.0, 1.0, 9.0, 9.0])) == -1
+    assert ctl.alive == [1] and ctl.streaming and ctl.text == "abcdefg?"
+    assert ctl.tokens_generated == (3 + 2) + 8 + 7  # the pruned ones' tokens, then 0's 7 and 1's 8
+
+
+def test_pruning_points_at_entropy_ends_come_from_the_engine():
+    ctl = controller({**PRUNED, "prune_every": 4, "segment": "entropy"}, max_tokens=30)
+    ctl.push_all(0, ids("ab"))
+    ctl.end_block(0)  # the engine saw an uncertain next token
+    for k in (1, 2, 3):
+        assert ctl.push_all(k, ids("cdefg")) == ids("cdef")
+    assert ctl.select(torch.zeros(4, 2), torch.tensor([1.0, 0.9, 0.0, 0.0])) == -1
+    assert [len(ctl.candidates[k].tokens) for k in ctl.alive] == [2, 4]
+    assert [ctl.candidate_len(k) for k in ctl.alive] == [4, 4]
+    with pytest.raises(ValueError, match="no tokens"):  # a survivor takes a token before its next end
+        ctl.end_block(0)
+    ctl.push(0, ord("c"))
+    ctl.end_block(0)
+    assert ctl.candidates[0].done and ctl.candidates[0].grown == 1

@@ -151,10 +151,23 @@ def test_entropy_segment_and_its_threshold_are_validated():
             ({"mode": "block", "entropy_threshold": 1.0}, "control.entropy_threshold", "segment 'entropy'"),
             ({"mode": "block", "segment": "sentence", "entropy_threshold": 1.0}, "control.entropy_threshold",
              "segment 'entropy'"),
-            ({"mode": "best_of_n", "entropy_threshold": 1.0}, "control.entropy_threshold", "mode 'best_of_n'"),
-            ({"mode": "best_of_n", "segment": "entropy"}, "control.segment", "mode 'best_of_n'")):
+            ({"mode": "best_of_n", "entropy_threshold": 1.0}, "control.entropy_threshold", "segment 'entropy'"),
+            ({"mode": "best_of_n", "segment": "entropy"}, "control.segment", "set prune_every"),
+            ({"mode": "token", "segment": "entropy"}, "control.segment", "mode 'token'")):
         with pytest.raises(InvalidRequestError) as e:
             resolve_control(control, ControlConfig(), heads)
         assert e.value.param == param and words in str(e.value), (control, str(e.value))
     with pytest.raises(ValueError, match="entropy_threshold"):
         ControlConfig(entropy_threshold=0)
+
+
+def test_pruned_best_of_n_takes_segments_as_pruning_points():
+    from cdserve.control.request import ControlConfig, resolve_control
+
+    heads = ["positive"]
+    ok = resolve_control({"mode": "best_of_n", "prune_every": 16, "segment": "entropy", "entropy_threshold": 2.5},
+                         ControlConfig(), heads)
+    assert (ok.segment, ok.entropy_threshold, ok.prune_every) == ("entropy", 2.5, 16)
+    # The server's default segment is block mode's: best_of_n without one prunes every prune_every tokens.
+    plain = resolve_control({"mode": "best_of_n", "prune_every": 16}, ControlConfig(segment="sentence"), heads)
+    assert plain.segment == "fixed"
