@@ -140,7 +140,7 @@ def cmd_evaluate(args) -> None:
     from prefix_scorers.base_model import load_model, load_tokenizer
     from prefix_scorers.checkpoint import load_scorer
     from prefix_scorers.prompts import read_jsonl
-    from prefix_scorers.train import R2_POSITIONS, TrainConfig, final_r2, load_examples
+    from prefix_scorers.train import TrainConfig, load_examples, value_r2
 
     base_dir = _base_dir(args)
     tokenizer = load_tokenizer(base_dir)
@@ -153,8 +153,7 @@ def cmd_evaluate(args) -> None:
         examples = [e for e in examples if e.prompt_id in ids]
     cfg = TrainConfig(batch_size=args.train_batch_size, device=args.device)
     pad = tokenizer.pad_token_id
-    rows = {"final": final_r2(scorer, examples, cfg, pad)} | \
-        {f"at{p}": final_r2(scorer, examples, cfg, pad, position=p) for p in R2_POSITIONS}
+    rows = {("final" if p is None else f"at{p}"): v for p, v in value_r2(scorer, examples, cfg, pad).items()}
     print(json.dumps({"scorer": args.scorer, "rollouts": len(examples), "prompts": len({e.prompt_id for e in examples}),
                       "r2": {k: dict(zip(scorer.config.head_names, [round(x, 4) for x in v.tolist()]))
                              for k, v in rows.items()}}, indent=2))

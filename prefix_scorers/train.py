@@ -316,19 +316,28 @@ def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pa
     """R^2 per head of the value at the last token (the whole response) against the true reward;
     with `position`, of the value after that many generated tokens (rollouts at least that long;
     NaN where there are none)."""
-    preds, trues = [], []
-    if position is not None:
-        examples = [e for e in examples if len(e.input_ids) - e.prompt_len >= position]
-        if not examples:
-            return torch.full((scorer.num_heads,), float("nan"))
+    return value_r2(scorer, examples, cfg, pad_id, (position,))[position]
+
+
+@torch.no_grad()
+def value_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
+             positions: tuple[int | None, ...] = (None, *R2_POSITIONS)) -> dict[int | None, torch.Tensor]:
+    """`final_r2` at several positions (None: the last token) from one pass over the examples."""
+    preds = {p: [] for p in positions}
+    trues = {p: [] for p in positions}
     for group in batches(examples, cfg.batch_size, 0, shuffle=False):
         b = collate(group, pad_id, cfg.device, with_next=False)
         v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)
-        at = b.last if position is None else b.taken & (b.gen_pos == position - 1)
-        preds.append(scorer.head_values(v[at], dim=-1).float().cpu())
-        trues.append(b.rewards.cpu())
-    p, t = torch.cat(preds), torch.cat(trues)
-    return 1 - ((p - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)
+        for p in positions:
+            at = b.last if p is None else b.taken & (b.gen_pos == p - 1)  # one (or no) position per row
+            preds[p].append(scorer.head_values(v[at], dim=-1).float().cpu())
+            trues[p].append(b.rewards[at.any(1)].cpu())
+    out = {}
+    for p in positions:
+        pr, t = torch.cat(preds[p]), torch.cat(trues[p])
+        out[p] = (1 - ((pr - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)) if len(t) \
+            else torch.full((scorer.num_heads,), float("nan"))
+    return out
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -482,8 +491,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
         # Both objectives are judged on the FUDGE loss too: the squared error to the true reward.
         ev, per_head = evaluate(scorer, eval_ex, cfg, pad, inv_var, objective="fudge", ranges=ranges, loss="mse")
         metrics["eval_fudge_loss"] = round(ev, 4)
-        r2 = final_r2(scorer, eval_ex, cfg, pad)
-        early = {p: final_r2(scorer, eval_ex, cfg, pad, position=p) for p in R2_POSITIONS}
+        early = value_r2(scorer, eval_ex, cfg, pad)
+        r2 = early.pop(None)
         for i, (h, mse, r) in enumerate(zip(heads, per_head.tolist(), r2.tolist())):
             metrics[f"eval_mse_{h.name}"] = round(mse, 5)
             metrics[f"eval_r2_final_{h.name}"] = round(r, 4)
