@@ -61,13 +61,13 @@ class ControlRequest(BaseModel):
     keep_fraction: float | None = Field(None, description="best_of_n with prune_every: fraction of the "
                                         "candidates kept at each pruning point (at least one).")
     segment: Segment | None = Field(
-        None, description="block mode: where a block ends (best_of_n with prune_every: where a pruning point "
-        "falls, at most prune_every tokens after the last). fixed: after block_size tokens; sentence: at the "
+        None, description="block mode: where a block ends (best_of_n: where a pruning point falls, at most "
+        "prune_every tokens after the last; no effect without prune_every). fixed: after block_size tokens; sentence: at the "
         "first sentence end (. ! ? or a newline) in the block's text; entropy: before the first token (after "
         "the block's first) whose base-model next-token entropy exceeds entropy_threshold. block_size is the "
         "longest a block may grow in every segmentation.")
     entropy_threshold: float | None = Field(
-        None, description="block mode (or pruned best_of_n) with segment entropy: the entropy (nats) of the base model's own "
+        None, description="block / pruned best_of_n, used with segment entropy only: the entropy (nats) of the base model's own "
         "next-token distribution (temperature 1, before top-p and steering) above which a block ends before "
         "that token.")
 
@@ -224,14 +224,10 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
     risk = _finite("control.risk", req.risk if req.risk is not None else config.risk)
     _within("control.risk", risk, -1.0, 1.0, " (negative avoids uncertain values, positive seeks them)")
     segment = req.segment or (config.segment if mode == "block" else "fixed")
-    if mode == "best_of_n" and segment != "fixed" and prune_every == 0:
-        raise InvalidRequestError("control.segment", f"best_of_n uses segment ends ('{segment}') as pruning "
-                                  "points: set prune_every > 0 (the most tokens between two points)")
+    if mode == "best_of_n" and prune_every == 0:
+        segment = "fixed"  # best_of_n's segment ends are pruning points: none without prune_every
     entropy_threshold = _finite("control.entropy_threshold", req.entropy_threshold
                                 if req.entropy_threshold is not None else config.entropy_threshold)
-    if req.entropy_threshold is not None and segment != "entropy":
-        raise InvalidRequestError("control.entropy_threshold", f"only applies to segment 'entropy' (this "
-                                  f"request's segment is '{segment}'); send \"segment\": \"entropy\" or drop it")
     if not entropy_threshold > 0:
         raise InvalidRequestError("control.entropy_threshold", f"must be > 0 (nats), got {entropy_threshold}")
     for name, w in (req.rewards or {}).items():

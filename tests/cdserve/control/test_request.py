@@ -108,7 +108,7 @@ def test_rewards_and_segment_are_validated():
                            ({"mode": "best_of_n", "rewards": {"concise": float("nan")}}, "control.rewards.concise"),
                            ({"mode": "best_of_n", "rewards": {"concise": 1e9}}, "control.rewards.concise"),
                            ({"mode": "token", "rewards": {"concise": 1.0}}, "control.rewards"),
-                           ({"mode": "best_of_n", "segment": "sentence"}, "control.segment"),
+                           ({"mode": "token", "segment": "sentence"}, "control.segment"),
                            ({"mode": "block", "segment": "paragraph"}, "control.segment")):
         with pytest.raises(InvalidRequestError) as e:
             resolve_control(control, ControlConfig(), heads, rewards)
@@ -148,11 +148,9 @@ def test_entropy_segment_and_its_threshold_are_validated():
              "control.entropy_threshold", "finite"),
             ({"mode": "block", "segment": "entropy", "entropy_threshold": "high"}, "control.entropy_threshold",
              "number"),
-            ({"mode": "block", "entropy_threshold": 1.0}, "control.entropy_threshold", "segment 'entropy'"),
-            ({"mode": "block", "segment": "sentence", "entropy_threshold": 1.0}, "control.entropy_threshold",
-             "segment 'entropy'"),
-            ({"mode": "best_of_n", "entropy_threshold": 1.0}, "control.entropy_threshold", "segment 'entropy'"),
-            ({"mode": "best_of_n", "segment": "entropy"}, "control.segment", "set prune_every"),
+            ({"mode": "best_of_n", "prune_every": 8, "segment": "entropy", "entropy_threshold": 0},
+             "control.entropy_threshold", "> 0"),
+            ({"mode": "token", "entropy_threshold": 1.0}, "control.entropy_threshold", "mode 'token'"),
             ({"mode": "token", "segment": "entropy"}, "control.segment", "mode 'token'")):
         with pytest.raises(InvalidRequestError) as e:
             resolve_control(control, ControlConfig(), heads)
@@ -171,3 +169,9 @@ def test_pruned_best_of_n_takes_segments_as_pruning_points():
     # The server's default segment is block mode's: best_of_n without one prunes every prune_every tokens.
     plain = resolve_control({"mode": "best_of_n", "prune_every": 16}, ControlConfig(segment="sentence"), heads)
     assert plain.segment == "fixed"
+    # Schema-valid settings are accepted (the OpenAPI document cannot tie them to segment / prune_every):
+    # a threshold without segment entropy is unused, a best_of_n segment without pruning has no points.
+    for control, segment in (({"mode": "block", "entropy_threshold": 1.0}, "fixed"),
+                             ({"mode": "block", "segment": "sentence", "entropy_threshold": 1.0}, "sentence"),
+                             ({"mode": "best_of_n", "segment": "entropy", "entropy_threshold": 1.0}, "fixed")):
+        assert resolve_control(control, ControlConfig(), heads).segment == segment
