@@ -258,10 +258,14 @@ class Sweep:
                                       p.output_len, p.run.control, p.name + ("" if round_ is None else f"_r{round_}"))
                 t0 = time.monotonic()
                 refused = server.refusal(p.run.control)
+                before = server.counters() if spec.kind == "cdserve" else {}
                 if refused:  # no load against a setting the server refuses
                     metrics = {"completed": 0, "failed": p.num_prompts, "errors": [refused]}
                 else:
                     metrics = run_tool(tool, self.cfg.bench.run_timeout_s, self.logs / f"tool-{tool.name}.log")
+                if before:  # this run's counters, warm-ups included (reward time per answer token, ...)
+                    after = server.counters()
+                    metrics["server_counters"] = {k: round(after.get(k, 0.0) - v, 6) for k, v in before.items()}
                 self.results["runs"].append({
                     "label": p.run.label, "server": spec.name, "server_kind": spec.kind,
                     "control": p.run.control, "prompt_len": p.prompt_len, "output_len": p.output_len,

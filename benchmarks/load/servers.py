@@ -54,6 +54,12 @@ def command(spec: ServerSpec, port: int, upstream_url: str = "") -> tuple[list[s
     raise ValueError(f"unknown server kind {spec.kind!r}")
 
 
+# Counters the runner records per run (deltas) for cdserve servers.
+COUNTERS = ("cdserve_generation_tokens_total", "cdserve_candidates_generated_total", "cdserve_prefill_tokens_total",
+            "cdserve_reward_calls_total", "cdserve_reward_texts_total", "cdserve_reward_call_seconds_sum",
+            "cdserve_reward_call_seconds_count")
+
+
 @dataclass
 class Server:
     spec: ServerSpec
@@ -98,6 +104,24 @@ class Server:
                 pass
             time.sleep(1.0)
         raise TimeoutError(f"server {self.spec.name} not ready after {timeout_s:.0f}s; log: {self.log_path}")
+
+    def counters(self) -> dict[str, float]:
+        """cdserve's cumulative counters in COUNTERS (summed over labels) from /metrics, so a run's
+        deltas give e.g. reward-call seconds per answer token; {} if the server has no /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            r = httpx.get(self.base_url + "/metrics", timeout=10)
+        except httpx.HTTPError:
+            return {}
+        if r.status_code != 200:
+            return {}
+        out = dict.fromkeys(COUNTERS, 0.0)
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                if sample.name in out:
+                    out[sample.name] += sample.value
+        return out
 
     def refusal(self, control: dict | None) -> str | None:
         """The server's error message if it refuses a request with this control (the load tool
