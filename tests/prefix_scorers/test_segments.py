@@ -66,6 +66,16 @@ def test_token_spans_tile_the_response_and_decode_to_the_segment_text(tok):
                          "Then wait 5 minutes…", " Café au lait?", " Yes"]
 
 
+def test_characters_split_across_tokens_keep_spans_right(tok):
+    # "🙂" and "日本語" are several byte-level tokens each; decoding token by token would count
+    # replacement characters and misplace every later boundary
+    text = "I love it 🙂. 日本語 is fun! Really"
+    ids = tok.encode(text)
+    segs = segment_response(ids, tok, "sentence", min_tokens=1)
+    assert [s.text for s in segs] == ["I love it 🙂.", " 日本語 is fun!", " Really"]
+    assert [tok.decode(ids[s.start:s.end]) for s in segs] == [s.text for s in segs]
+
+
 def test_short_segments_merge_and_run_on_text_splits_at_a_word(tok):
     ids = tok.encode("Yes. " + " ".join(["word"] * 30))
     segs = segment_response(ids, tok, "sentence", min_tokens=3, max_tokens=12)
