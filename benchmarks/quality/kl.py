@@ -185,3 +185,45 @@ def rank_mixture_kl(ranks: Sequence[float], n: int, grid: int = 20_000) -> float
         if g > 0:
             total += g * math.log(g)
     return total / grid
+
+
+def pool_rank(pool: Sequence[float], score: float) -> float:
+    """1 + the number of independent base samples below the winner (a tie counts one half)."""
+    return 1 + sum(1.0 for x in pool if x < score) + 0.5 * sum(1 for x in pool if x == score)
+
+
+def effective_n(ranks: Sequence[float], m: int) -> float:
+    """Maximum-likelihood a of the best-of-a law (the kept score's CDF value u has density
+    a u^(a-1)) from the winners' ranks among m independent base samples each: P(rank = k | a) =
+    C(m, k-1) a B(k - 1 + a, m - k + 2). For winners of a policy that does not keep one of its own
+    samples' seeds (so `rank_mixture_kl` cannot be used): `effective_kl(a)` is then the KL of the
+    kept score under that law, a model-based estimate (exact best-of-N gives a near N)."""
+    if not ranks:
+        raise ValueError("no ranks: need one winner rank per prompt")
+    for r in ranks:
+        if not 1 <= r <= m + 1:
+            raise ValueError(f"rank {r} is outside 1..{m + 1}")
+
+    def loglik(a: float) -> float:
+        total = 0.0
+        for r in ranks:
+            k = math.floor(r) if r == int(r) else r  # a half rank: the continuous extension
+            total += (math.lgamma(m + 1) - math.lgamma(k) - math.lgamma(m - k + 2) + math.log(a)
+                      + math.lgamma(k - 1 + a) + math.lgamma(m - k + 2) - math.lgamma(m + 1 + a))
+        return total
+
+    lo, hi = math.log(0.05), math.log(512)  # the log-likelihood is unimodal in log a: golden-section search
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        x1, x2 = hi - g * (hi - lo), lo + g * (hi - lo)
+        if loglik(math.exp(x1)) < loglik(math.exp(x2)):
+            lo = x1
+        else:
+            hi = x2
+    return math.exp((lo + hi) / 2)
+
+
+def effective_kl(a: float) -> float:
+    """KL of best-of-a for a continuous score, real a: log a - (a - 1)/a (0 for a <= 1: winners
+    no better than a plain sample are not counted as a KL)."""
+    return math.log(a) - (a - 1) / a if a > 1 else 0.0

@@ -24,6 +24,9 @@ from benchmarks.quality import judges
 from benchmarks.quality.kl import (
     best_of_n_kl,
     best_of_n_kl_bound,
+    effective_kl,
+    effective_n,
+    pool_rank,
     rank_mixture_kl,
     winner_rank,
     winners_kl,
@@ -135,11 +138,18 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str]) ->
         client = [max(range(n), key=lambda k, pl=pl: pl[k]) for pl in pools]
         extra["same_as_client_best_of_n"] = sum(k == c for k, c in zip(found, client)) / len(found)
         if run.get("prune_every"):
-            ranks = [winner_rank(pl[:n], pl[k]) for pl, k in zip(pools, found) if k is not None]
-            measured = rank_mixture_kl(ranks, n) if ranks else None
-            how = "rank mixture over its own N candidates: the final score's KL (a lower bound; log N the upper)"
             extra["kl_upper"] = math.log(n)
-            extra["winner_rank_mean"] = statistics.fmean(ranks) if ranks else None
+            if extra["winners_among_samples"] == 1.0:
+                ranks = [winner_rank(pl[:n], pl[k]) for pl, k in zip(pools, found)]
+                measured = rank_mixture_kl(ranks, n)
+                how = "rank mixture over its own N candidates: the final score's KL (a lower bound; log N the upper)"
+                extra["winner_rank_mean"] = statistics.fmean(ranks)
+            else:  # its candidates are not the samples' seeds: rank the winners among the 16 samples
+                won = rewards[HEAD] if by_reward else [a["control"]["combined"] for a in run["samples"]]
+                a = effective_n([pool_rank(pl, w) for pl, w in zip(pools, won)], len(pools[0]))
+                measured, extra["effective_n"] = effective_kl(a), a
+                how = (f"best-of-a law fitted to the winners' ranks among the 16 samples (a = {a:.2f}): "
+                       "model-based; log N the upper bound")
         else:
             measured = statistics.fmean(best_of_n_kl(pl, n) for pl in pools)
             how = "plug-in best-of-N over 16 base samples"

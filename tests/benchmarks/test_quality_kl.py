@@ -10,6 +10,9 @@ import pytest
 from benchmarks.quality.kl import (
     best_of_n_kl,
     best_of_n_kl_bound,
+    effective_kl,
+    effective_n,
+    pool_rank,
     rank_mixture_kl,
     winner_rank,
     winners_kl,
@@ -126,3 +129,19 @@ def test_bad_inputs_are_named():
         winners_kl([0.1, 0.2], [[0.1]], 2)
     with pytest.raises(ValueError, match="outside 1..4"):
         rank_mixture_kl([5], 4)
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_effective_n_of_best_of_n_winners_is_n(n):
+    rng = random.Random(3)
+    ranks = []
+    for _ in range(3000):
+        u = max(rng.random() for _ in range(n))
+        ranks.append(pool_rank([rng.random() for _ in range(16)], u))
+    assert effective_n(ranks, 16) == pytest.approx(n, rel=0.15)
+    assert effective_kl(effective_n(ranks, 16)) == pytest.approx(best_of_n_kl_bound(n), abs=0.1)
+
+
+def test_pool_rank_counts_ties_as_half():
+    assert pool_rank([0.1, 0.5, 0.5, 0.9], 0.5) == 3.0
+    assert pool_rank([0.1, 0.2], 0.3) == 3.0

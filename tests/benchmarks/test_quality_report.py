@@ -106,3 +106,15 @@ def test_no_measured_kl_from_samples_ranked_by_another_score():
                               num_candidates=4), s, HEAD_REWARDS)
     assert r["kl_measured"] is None
     assert r["label"].endswith("[concise=1]")
+
+
+def test_pruned_winners_off_the_sample_seeds_get_the_fitted_best_of_a_kl():
+    """Winners that are none of the samples (the engine drew other tokens): ranked among the
+    samples by their own reward, with the best-of-a law fitted to the ranks."""
+    s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
+    r = server_row(server_run(s, ["A wonderful, happy, lovely day!", "Great, joyful, excellent work!"],
+                              mode="best_of_n", weights={}, rewards={"vader_compound": 1.0}, num_candidates=4,
+                              prune_every=8, keep_fraction=0.5), s, HEAD_REWARDS)
+    assert r["winners_among_samples"] == 0.0
+    assert r["effective_n"] > 4  # both beat every sample
+    assert r["kl_measured"] == pytest.approx(math.log(r["effective_n"]) - (r["effective_n"] - 1) / r["effective_n"])
