@@ -1,0 +1,73 @@
+"""Held-out R^2 of the final value for several scorers on the same rollouts, with a paired
+bootstrap of each scorer's difference to the first (resampling rollouts; 95% percentile interval).
+
+    python benchmarks/paired_r2.py --run-dir HELD_OUT_RUN SCORER_A SCORER_B ...
+
+HELD_OUT_RUN holds rollouts.jsonl and labels.jsonl of prompts none of the scorers trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
+from prefix_scorers.checkpoint import load_scorer
+from prefix_scorers.train import batches, collate, load_examples, taken_values
+
+
+@torch.no_grad()
+def final_values(scorer, examples, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H) values after each rollout's last token and (N, H) true rewards, in example order."""
+    preds, trues = [], []
+    for group in batches(examples, 16, 0, shuffle=False):  # a fixed order: the same rollouts line up
+        b = collate(group, pad_id, "cpu", with_next=False)
+        v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)
+        preds.append(scorer.head_values(v[b.last], dim=-1).float().numpy())
+        trues.append(b.rewards.numpy())
+    return np.concatenate(preds), np.concatenate(trues)
+
+
+def r2(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return 1 - ((p - t) ** 2).mean(0) / np.maximum(t.var(0), 1e-12)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("scorers", nargs="+")
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--base-model", default="smollm2")
+    ap.add_argument("--boot", type=int, default=2000)
+    args = ap.parse_args()
+    base = resolve_model(args.base_model, default_cache_dir())
+    tok = load_tokenizer(base)
+    emb = load_model(base).get_input_embeddings().weight.detach().float()
+    run = Path(args.run_dir)
+    values, heads = {}, None
+    for path in args.scorers:
+        scorer = load_scorer(Path(path), tok, emb).eval()
+        heads = scorer.config.head_names
+        examples = load_examples(run / "rollouts.jsonl", run / "labels.jsonl", scorer.config.heads)
+        values[path] = final_values(scorer, examples, tok.pad_token_id)
+    first = args.scorers[0]
+    truth = values[first][1]
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(truth), size=(args.boot, len(truth)))
+    out = {"rollouts": len(truth), "heads": heads, "r2": {}, "diff_vs_first": {}}
+    for path, (p, t) in values.items():
+        assert np.allclose(t, truth), "scorers must be evaluated on the same rollouts"
+        out["r2"][path] = {h: round(float(v), 4) for h, v in zip(heads, r2(p, t))}
+        if path != first:
+            d = np.stack([r2(p[i], t[i]) - r2(values[first][0][i], t[i]) for i in idx])  # (boot, H)
+            lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
+            out["diff_vs_first"][path] = {h: [round(float(a), 4), round(float(b), 4)]
+                                          for h, a, b in zip(heads, lo, hi)}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
