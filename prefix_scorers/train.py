@@ -18,6 +18,8 @@ only) are defined in `prefix_scorers/targets.py`: `final` is the CD-FUDGE target
 and `soft` pool the rollouts of a prompt that share a prefix, `bce` is a cross-entropy loss for
 bounded rewards. Held-out evaluation on another run's rollouts: `eval_rollouts`/`eval_labels`
 (the CLI's `--eval-run-dir`, e.g. rollouts of the 94 eval prompts) instead of a prompt split.
+`--target dense` (`--dense-source`, `--dense-lambda`) mixes the final reward with a reward-to-go
+from segment labels (`label --segments`): `prefix_scorers/dense_targets.py`.
 
 Ensemble heads (`--ensemble E`): each head gets E value projections on the shared trunk; member e
 weighs training rollout i by its own count w_{i,e} ~ Poisson(1), drawn once per run (the online
