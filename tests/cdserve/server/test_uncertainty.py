@@ -50,6 +50,8 @@ def test_choices_report_spread_next_to_values(ensemble_server, mode):
 def test_risk_out_of_range_is_a_400_naming_it(ensemble_server):
     r = _chat(ensemble_server, {"mode": "token", "risk": 1.5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "control.risk", r.text
+    message = r.json()["error"]["message"]  # a known field out of range, not an unknown one
+    assert "less than or equal to 1" in message or "between -1.0 and 1.0" in message, message
 
 
 def test_no_spread_without_an_ensemble(server):
