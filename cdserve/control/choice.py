@@ -21,6 +21,7 @@ import torch
 from cdserve.control.request import ResolvedControl
 from cdserve.control.segments import SENTENCE_END
 from cdserve.control.steering import best_of_n_kl_bound, select_candidate
+from cdserve.detokenizer import Detokenizer
 from cdserve.outputs import ChoiceDelta, ControlValues
 from cdserve.sampling import SamplingParams
 from cdserve.text import find_stop, safe_prefix_len
@@ -31,6 +32,7 @@ class Candidate:
     """One candidate of the current block (the only one, for none/token)."""
 
     text: str  # the answer's text with this candidate's tokens (cut before a stop string)
+    detok: Detokenizer  # the answer's detokeniser with this candidate's tokens (before any cut)
     tokens: list[int] = field(default_factory=list)  # taken this block, a final EOS included
     eos: bool = False  # ended by EOS (the last of `tokens`)
     finish_reason: str | None = None  # set when this candidate would end the answer
@@ -57,7 +59,7 @@ class ChoiceController:
                  seed: int):
         self.index, self.control, self.sampling = index, control, sampling
         self.eos = frozenset(eos_token_ids)
-        self.decode = decode
+        self.detok = Detokenizer(decode)  # of the accepted answer; candidates continue it
         self.budget = max(1, min(sampling.max_tokens, max_model_len - prompt_len))  # answer tokens
         self.K = control.candidates
         self.streaming = control.mode in ("none", "token")  # one candidate, accepted token by token
@@ -80,7 +82,10 @@ class ChoiceController:
         self.candidates = self._fresh()
 
     def _fresh(self) -> list[Candidate]:
-        return [Candidate(text=self.text) for _ in range(self.K)]
+        return [self._candidate() for _ in range(self.K)]
+
+    def _candidate(self) -> Candidate:
+        return Candidate(text=self.text, detok=self.detok)
 
     @property
     def finished(self) -> bool:
@@ -123,7 +128,8 @@ class ChoiceController:
         if token in self.eos:
             c.eos, c.finish_reason = True, "stop"
         else:
-            text = self.decode(self.accepted + c.ids)
+            c.detok = c.detok.push(token)
+            text = c.detok.text
             stops = self.sampling.stop
             cut = find_stop(text, stops, max(0, len(c.text) - self._stop_len)) if stops else -1
             c.text = text if cut < 0 else text[:cut]
@@ -135,7 +141,7 @@ class ChoiceController:
         if self.streaming:  # none / token (or the last survivor of pruning): accepted as it comes
             self._accept(c)
             if not self.finished:
-                self.candidates[k] = Candidate(text=self.text)
+                self.candidates[k] = self._candidate()
         return c.done
 
     def _block_ends(self, c: Candidate) -> bool:
@@ -170,7 +176,7 @@ class ChoiceController:
 
     def _accept(self, c: Candidate) -> None:
         self.accepted = self.accepted + c.ids
-        self.text = c.text
+        self.text, self.detok = c.text, c.detok
         self.kl += c.kl
         self.tokens_generated += len(c.tokens)
         if c.finish_reason:
@@ -236,7 +242,7 @@ class ChoiceController:
             self.tokens_generated += sum(len(c.tokens) for c in self.candidates if c is not survivor)
             self._accept(survivor)
             self.kl += math.log(self.K)
-            self.candidates[ranked[0]] = Candidate(text=self.text)
+            self.candidates[ranked[0]] = self._candidate()
             self.streaming = True
 
     # -- values and output ----------------------------------------------------------------------
