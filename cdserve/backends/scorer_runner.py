@@ -114,7 +114,8 @@ def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, 
         steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
     if part:
         t = torch.tensor(part, device=dev)
-        cands = top_k_candidates(base[t], torch.tensor([top_k[j] for j in part], device=dev))  # (n, k)
+        ks = [top_k[j] for j in part]
+        cands = top_k_candidates(base[t], torch.tensor(ks, device=dev), max(ks))  # (n, k)
         raw = scorer.values_at(queries[t], cands.clamp(min=0))  # (n, H*E, k)
         adjusted = risk_adjusted(raw, E, torch.tensor([risk[j] for j in part], device=dev))  # (n, H, k)
         combined = combine_heads(adjusted, mean[t], std[t], weights[t])

@@ -12,10 +12,11 @@ import math
 import torch
 
 
-def top_k_candidates(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def top_k_candidates(logits: torch.Tensor, top_k: torch.Tensor, k_max: int | None = None) -> torch.Tensor:
     """Candidate ids (N, k_max) of each row's top tokens; rows asking for fewer than k_max get
-    their extra ranks set to -1. logits (N, V), top_k (N,) >= 1."""
-    k_max = int(top_k.max())
+    their extra ranks set to -1. logits (N, V), top_k (N,) >= 1; k_max = max(top_k), passed from
+    the host where the caller knows it (reading it from the device is a host sync)."""
+    k_max = int(top_k.max()) if k_max is None else k_max
     ids = logits.topk(k_max, dim=-1).indices  # (N, k_max)
     ranks = torch.arange(k_max, device=logits.device)[None]
     return ids.masked_fill(ranks >= top_k[:, None], -1)
@@ -66,10 +67,12 @@ def steer_full(logits: torch.Tensor, combined: torch.Tensor, strength: torch.Ten
     return logits + strength[:, None] * combined
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor, truncate: bool | None = None) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability reaches top_p (per row), as vLLM's
-    sampler does: a token stays if the mass strictly above it is below top_p."""
-    if bool((top_p >= 1.0).all()):  # host sync; the common case skips the sort
+    sampler does: a token stays if the mass strictly above it is below top_p. truncate: whether
+    any row has top_p < 1, where the caller knows it on the host (else read from the device: a
+    host sync); the common case (no row truncates) skips the sort."""
+    if not (bool((top_p < 1.0).any()) if truncate is None else truncate):
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)
@@ -80,7 +83,7 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 
 def sampled_kl(sampled: torch.Tensor, base: torch.Tensor, temperature: torch.Tensor,
-               top_p: torch.Tensor) -> torch.Tensor:
+               top_p: torch.Tensor, truncate: bool | None = None) -> torch.Tensor:
     """KL(pi || p) per row: pi is the distribution the sampler actually draws from (logits
     `sampled`, -inf outside token mode's top-k, divided by the temperature, then top-p
     truncated); p is the base model's whole-vocabulary distribution at the same temperature.
@@ -89,7 +92,7 @@ def sampled_kl(sampled: torch.Tensor, base: torch.Tensor, temperature: torch.Ten
     sampled, base (N, V) logits; temperature, top_p (N,) -> (N,) float32."""
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None].float()
-    log_pi = torch.log_softmax(apply_top_p(sampled.float() / t, top_p), dim=-1)
+    log_pi = torch.log_softmax(apply_top_p(sampled.float() / t, top_p, truncate), dim=-1)
     log_p = torch.log_softmax(base.float() / t, dim=-1)
     pi = log_pi.exp()
     kl = torch.where(pi > 0, pi * (log_pi - log_p), torch.zeros_like(pi)).sum(-1)

@@ -53,6 +53,11 @@ class EngineCore:
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> StepStats | None:
+        """One token for every row. Host syncs left (on a GPU each waits for the device): the one
+        transfer of the sampled ids (with segment ends and KL terms) after sampling, because stops,
+        EOS, blocks and detokenising are host work; the per-step inputs built from host lists
+        (tokens, temperatures, row indices: blocking host-to-device copies); and, only when rows
+        leave or fork or a block is selected, the cache's dead-column check and the taken values."""
         start = time.perf_counter()
         self._drain_inbox()
         prefill_tokens = self._admit()
@@ -65,14 +70,15 @@ class EngineCore:
         queries = self._scorer_step(tokens, valid)  # (Bc, H, d_e) scorer, controlled rows only
         steered = self._steer(logits, queries)  # token mode: logits + strength * sum_h w_h Q_h
         scorer_seconds = time.perf_counter() - scorer_start
-        kl = self._kl(steered, logits)  # KL(sampled || base) of the rows that can have any
+        kl = self._kl(steered, logits)  # (B,) KL(sampled || base), 0 for rows that cannot have any
         ends = self._segment_ends(logits)  # segment entropy: candidates that end before this token
-        tokens = sample(steered, *self._sampling_tensors())
-        sampled, ended = torch.stack([tokens, ends.to(tokens.dtype)]).tolist()  # host sync: stops need ids
+        tokens = self._sample(steered)  # (B,)
         scorer_start = time.perf_counter()
-        taken = self._taken_values(sampled, queries)  # the scorer's values of the sampled tokens
+        taken = self._taken_values(tokens, queries)  # the scorer's values of the sampled tokens, on the device
         scorer_seconds = scorer_seconds + time.perf_counter() - scorer_start if queries is not None else 0.0
-        candidates = self._postprocess(sampled, taken, kl, ended)
+        # The step's one host sync: stops, blocks and detokenising need the ids (float64 holds ids exactly).
+        sampled, ended, kls = torch.stack([tokens.double(), ends.double(), kl.double()]).tolist()
+        candidates = self._postprocess([int(t) for t in sampled], taken, kls, ended)
         return StepStats(batch_rows=sampling_rows, step_seconds=time.perf_counter() - start,
                          scorer_seconds=scorer_seconds, prefill_tokens=prefill_tokens,
                          candidates_generated=candidates)
@@ -176,18 +182,24 @@ class EngineCore:
                              [c.risk for c in ctrls])
         return logits.index_copy(0, b_idx, steered)
 
-    def _kl(self, steered: torch.Tensor, logits: torch.Tensor) -> dict[int, float]:
+    def _sample(self, steered: torch.Tensor) -> torch.Tensor:
+        sps = [r.ctl.sampling for r in self.rows]  # the host knows what the device would be asked
+        return sample(steered, *self._sampling_tensors(), all_greedy=all(s.temperature == 0 for s in sps),
+                      truncate=any(s.top_p < 1.0 for s in sps))
+
+    def _kl(self, steered: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Per-token KL(sampled || base) of token-mode rows and of rows that truncate by top_p
         (elsewhere it is 0): the control.kl contract (steering.sampled_kl). Pruned best-of-N
         reports log N alone, on both engines."""
         idx = [i for i, r in enumerate(self.rows) if not r.waiting
                and (r.ctl.control.mode == "token" or (r.ctl.sampling.top_p < 1.0 and not r.ctl.pruning))]
+        kl = torch.zeros(len(self.rows), device=self.device)
         if not idx:
-            return {}
+            return kl
         sel = torch.tensor(idx, device=self.device)
         temperature, top_p, _ = self._sampling_tensors(idx)
-        kl = sampled_kl(steered[sel], logits[sel], temperature, top_p)
-        return dict(zip(idx, kl.tolist()))  # host sync, with the sampled ids
+        truncate = any(self.rows[i].ctl.sampling.top_p < 1.0 for i in idx)
+        return kl.index_copy(0, sel, sampled_kl(steered[sel], logits[sel], temperature, top_p, truncate).float())
 
     def _segment_ends(self, logits: torch.Tensor) -> torch.Tensor:
         """(B,) bool on the device: rows whose candidate ends its block before the token sampled
@@ -208,8 +220,8 @@ class EngineCore:
         return ends
 
     # -- after sampling ---------------------------------------------------------------------------
-    def _postprocess(self, sampled: list[int], taken: dict[int, torch.Tensor], kl: dict[int, float],
-                     ended: list[int]) -> int:
+    def _postprocess(self, sampled: list[int], taken: dict[int, torch.Tensor], kl: list[float],
+                     ended: list[float]) -> int:
         candidates = 0
         touched: dict[int, Choice] = {}
         for i, row in enumerate(self.rows):
@@ -225,7 +237,7 @@ class EngineCore:
             if i in taken:
                 row.last_values = taken[i]
             row.last_token = sampled[i]
-            done = ctl.push(row.k, sampled[i], kl.get(i, 0.0))
+            done = ctl.push(row.k, sampled[i], kl[i])
             row.waiting = done and not ctl.streaming
         self._advance_all(touched.values())
         return candidates
@@ -249,14 +261,15 @@ class EngineCore:
         self._advance_all(list(choices))
         return not self.rows or all(r.waiting for r in self.rows)
 
-    def _taken_values(self, sampled: list[int], queries: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """Raw member values (H*E,) of each controlled row's taken token: the value of the prefix
-        it completes."""
+    def _taken_values(self, tokens: torch.Tensor, queries: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """Raw member values (H*E,) of each controlled row's taken token (tokens (B,) on the
+        device): the value of the prefix it completes. They stay on the device until a selection
+        or a finished answer reads them."""
         if queries is None:
             return {}
         idx = self._controlled()
-        toks = torch.tensor([[sampled[b]] for b in idx], device=self.device)
-        vals = self.scorer.values_at(queries, toks)[:, :, 0].float().cpu()  # (Bc, H*E)
+        toks = tokens[torch.tensor(idx, device=self.device)][:, None]  # (Bc, 1)
+        vals = self.scorer.values_at(queries, toks)[:, :, 0].float()  # (Bc, H*E)
         return {b: vals[s] for s, b in enumerate(idx)}
 
     def _combine(self, raw: torch.Tensor, positions: list[int], ctl: ChoiceController) -> torch.Tensor:
@@ -273,7 +286,7 @@ class EngineCore:
         if ctl.streaming:
             if ctl.finished:
                 row = next(r for r in choice.rows if not ctl.candidates[r.k].pruned)  # pruning's survivor
-                raw = row.last_values
+                raw = None if row.last_values is None else row.last_values.cpu()
                 if raw is None:  # mode none kept no scorer state: one pass over the answer
                     raw = self.scorer.final_values(choice.request.gen.prompt_token_ids, ctl.taken()).float().cpu()
                 values, spread = self.scorer.head_values(raw[None])
@@ -285,7 +298,7 @@ class EngineCore:
         scores = self._reward_scores(choice)
         if scores is None:  # rewards still running (or failed): select at a later step
             return
-        raw = torch.stack([r.last_values for r in choice.rows])  # (K, H*E)
+        raw = torch.stack([r.last_values for r in choice.rows]).cpu()  # (K, H*E)
         values, spread = self.scorer.head_values(raw)
         w = ctl.select(values, self._combine(raw, ctl.value_positions(), ctl), scores, spread)
         if ctl.finished:

@@ -9,17 +9,22 @@ from cdserve.control.steering import apply_top_p
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generators: list[torch.Generator]) -> torch.Tensor:
+           generators: list[torch.Generator], all_greedy: bool | None = None,
+           truncate: bool | None = None) -> torch.Tensor:
     """logits (N, V) float32; temperature, top_p (N,); one generator per row -> tokens (N,) int64.
-    Rows with temperature 0 are greedy."""
+    Rows with temperature 0 are greedy. all_greedy (every row greedy) and truncate (some row has
+    top_p < 1) are known on the host from the requests; left None they are read from the device,
+    which is a host sync."""
     greedy = temperature == 0
     tokens = logits.argmax(-1)
-    if bool(greedy.all()):
+    if bool(greedy.all()) if all_greedy is None else all_greedy:
         return tokens
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    probs = apply_top_p(logits / t[:, None], top_p).softmax(-1)
-    # Exponential race (argmax p / E, E ~ Exp(1)) is a draw from p; noise comes per row.
-    noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
-                         for g in generators])
+    probs = apply_top_p(logits / t[:, None], top_p, truncate).softmax(-1)
+    # Exponential race (argmax p / E, E ~ Exp(1)) is a draw from p. One noise kernel per row:
+    # each row draws from its own generator (no host sync; rows are written in place).
+    noise = torch.empty_like(probs)
+    for row, g in zip(noise, generators):
+        row.exponential_(generator=g)
     drawn = (probs / noise).argmax(-1)
     return torch.where(greedy, tokens, drawn)
