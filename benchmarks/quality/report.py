@@ -250,7 +250,7 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
         add("14", "at equal base tokens per answer token, every steered mode beats true-reward best-of-N",
             all(d > 0 for _, d in at_gen), "; ".join(f"{r['label']}: {d:+.3f}" for r, d in at_gen) +
             " (reward minus the true-reward best-of-N curve at the same cost; best-of-1 = none)")
-    c_none, c_tok = _pick(rows, "none max_tokens=128"), _pick(rows, "token default strength max_tokens=128")
+    c_none, c_tok = _pick(rows, "none max_tokens=128"), _pick(rows, "token default strength max_tokens=128 [concise=1]")
     if c_none and c_tok:
         toks = {r["label"]: next(x for x in runs if x.get("max_tokens") == 128 and x["mode"] == m)["completion_tokens"]
                 for r, m in ((c_none, "none"), (c_tok, "token"))}
@@ -372,8 +372,7 @@ def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: boo
     for fam, (color, marker, ls) in STYLE.items():
         pts = sorted((r[x] if r[x] is not None else r["kl_reported"], r["reward"][HEAD], r["reward_sem"][HEAD],
                       r[x] is None) for r in rows if r["family"] == fam
-                     and (fam.startswith(("true", "scorer", "best", "pruned", "block, reward"))
-                          or list(r["run"]["weights"]) == [HEAD]))
+                     and ("run" not in r or r["run"]["weights"] in ({HEAD: 1.0}, {})))
         if not pts:
             continue
         xs, ys, es, bound = zip(*pts)
@@ -415,6 +414,9 @@ def build(results: Path, ppl_cache: Path | None) -> dict:
         checks["first_sample_is_the_none_answer"] = sum(same) / len(same)
     order = {f: i for i, f in enumerate(["none", *STYLE])}
     rows.sort(key=lambda r: (order.get(r["family"], 99), r["kl_reported"] or 0))
+    for r in rows:  # perplexity (slow on CPU) for the first head's runs, the baselines and the length check
+        r["perplexity_wanted"] = (r["family"] in ("none", "true-reward best-of-N") or "max_tokens" in r.get("run", {})
+                                  or r.get("run", {}).get("rewards") or list(r.get("run", {}).get("weights", {})) == [HEAD])
     ppl = judges.Perplexity(ppl_cache) if ppl_cache else None
     add_judges(rows, ppl)
     return {"meta": data["meta"], "checks": checks, "rows": rows, "targets": targets(rows, runs)}
