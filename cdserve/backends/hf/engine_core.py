@@ -184,7 +184,11 @@ class EngineCore:
 
     def _sample(self, steered: torch.Tensor) -> torch.Tensor:
         sps = [r.ctl.sampling for r in self.rows]  # the host knows what the device would be asked
-        return sample(steered, *self._sampling_tensors(), all_greedy=all(s.temperature == 0 for s in sps),
+        temperature, top_p, generators = self._sampling_tensors()
+        # Waiting rows (for a selection or a reward call) draw nothing: a seeded answer must not
+        # depend on how many steps the wait took.
+        generators = [None if r.waiting else g for r, g in zip(self.rows, generators)]
+        return sample(steered, temperature, top_p, generators, all_greedy=all(s.temperature == 0 for s in sps),
                       truncate=any(s.top_p < 1.0 for s in sps))
 
     def _kl(self, steered: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

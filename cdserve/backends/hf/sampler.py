@@ -9,10 +9,11 @@ from cdserve.control.steering import apply_top_p
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generators: list[torch.Generator], all_greedy: bool | None = None,
+           generators: list[torch.Generator | None], all_greedy: bool | None = None,
            truncate: bool | None = None) -> torch.Tensor:
     """logits (N, V) float32; temperature, top_p (N,); one generator per row -> tokens (N,) int64.
-    Rows with temperature 0 are greedy. all_greedy (every row greedy) and truncate (some row has
+    Rows with temperature 0 are greedy; rows whose generator is None draw nothing (their token is
+    the argmax and is not used). all_greedy (every row greedy) and truncate (some row has
     top_p < 1) are known on the host from the requests; left None they are read from the device,
     which is a host sync."""
     greedy = temperature == 0
@@ -25,6 +26,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     # each row draws from its own generator (no host sync; rows are written in place).
     noise = torch.empty_like(probs)
     for row, g in zip(noise, generators):
-        row.exponential_(generator=g)
+        if g is None:
+            row.fill_(1.0)
+        else:
+            row.exponential_(generator=g)
     drawn = (probs / noise).argmax(-1)
     return torch.where(greedy, tokens, drawn)

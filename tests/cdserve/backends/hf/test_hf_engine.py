@@ -210,6 +210,38 @@ def test_best_of_n_with_the_reward_in_the_loop_is_client_side_true_reward_best_o
     assert chosen["control"].rewards == {"readable": pytest.approx(scores[best])}
 
 
+def test_rows_waiting_for_a_reward_draw_no_random_numbers(tiny_model_dir, tiny_scorer_dir):
+    """While a slow reward call runs, other requests keep the batch stepping; the waiting rows must
+    not draw from their generators, or a seeded answer would depend on the reward's latency.
+    Pruned best-of-N by the reward alone then ends on one of the plain samples of the same seed."""
+    from prefix_scorers.rewards import get_reward, register_reward
+    from prefix_scorers.rewards.registry import _REGISTRY
+
+    readable = get_reward("readable")
+
+    def slow_readable(texts):
+        time.sleep(0.3)
+        return readable(texts)
+
+    register_reward("slow_readable", slow_readable, replace=True)
+    eng = HFEngine(EngineConfig(model=str(tiny_model_dir), scorer=str(tiny_scorer_dir), backend="hf", device="cpu",
+                                max_batch_rows=64, max_model_len=512, max_tokens_limit=256))
+    asyncio.run(eng.start())
+    try:
+        K, seed = 4, 5
+        pruned = request(eng, PROMPTS[3], {"mode": "best_of_n", "num_candidates": K, "weights": {},
+                                           "rewards": {"slow_readable": 1.0}, "prune_every": 4,
+                                           "keep_fraction": 0.5}, max_tokens=12, temperature=1.0, seed=seed)
+        busy = request(eng, PROMPTS[0], {"mode": "none"}, max_tokens=256, temperature=1.0, seed=1)
+        [chosen], _ = run(eng, pruned, busy)
+        plain = run(eng, request(eng, PROMPTS[3], {"mode": "none"}, max_tokens=12, temperature=1.0,
+                                 seed=seed, n=K))[0]
+        assert chosen["ids"] in [c["ids"] for c in plain]
+    finally:
+        asyncio.run(eng.shutdown())
+        _REGISTRY.pop("slow_readable", None)
+
+
 def test_a_failing_reward_fails_only_its_request(tiny_model_dir, tiny_scorer_dir):
     import http.server
     import threading
