@@ -293,8 +293,8 @@ def test_block_mode_keeps_the_scorers_argmax(loop, vllm_engine, prompts, monkeyp
     seen = []
     score = vllm_engine.blocks.score
 
-    def recording(prefix, candidates, positions, weights):
-        scored = score(prefix, candidates, positions, weights)
+    def recording(prefix, candidates, positions, weights, *rest):
+        scored = score(prefix, candidates, positions, weights, *rest)
         seen.append((candidates, scored.combined.clone(), positions[0] - len(candidates[0]) + 1))
         return scored
 
@@ -353,7 +353,7 @@ def test_best_of_n_keeps_the_best_answer(loop, vllm_engine, prompts):
     assert sorted(out) == [0, 1]
     for ch in out.values():
         assert ch["control"].selections == 1 and ch["control"].tokens_generated >= len(ch["ids"])
-        _, combined = vllm_engine.final_values(prompts[1], ch["ids"] + ([vllm_engine.tokenizer.eos_token_id]
+        _, combined, _ = vllm_engine.final_values(prompts[1], ch["ids"] + ([vllm_engine.tokenizer.eos_token_id]
                                                                           if ch["finish"] == "stop" else []),
                                                  request(vllm_engine, prompts[1]).control.weights)
         assert combined == pytest.approx(ch["control"].combined, rel=1e-3, abs=1e-4)
