@@ -23,9 +23,7 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,35 +33,12 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality.judges import afinn_scores
+from benchmarks.quality.server import start_server
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 from prefix_scorers.prompts import load_prompts
 from prefix_scorers.rewards import score_texts
 
 REWARD = {h.name: h.reward for h in DEFAULT_HEADS}
-
-
-def start_server(scorer: str, threads: int, log_path: Path, timeout: float) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(ROOT / ".venv" / "bin" / "cdserve"), "serve", "--port", str(port), "--backend", "hf",
-           "--scorer", scorer, "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    raise RuntimeError(f"server not ready after {timeout}s; see {log_path}")
 
 
 async def run_setting(client, model: str, prompts: list[str], control: dict, args) -> list[dict]:
@@ -128,7 +103,7 @@ async def main_async(args) -> list[dict]:
 
     prompts = [p["prompt"] for p in load_prompts("eval")[: args.prompts]]
     log = HERE / "results" / "ensemble_risk_server.log"
-    proc, url = start_server(args.scorer, args.threads, log, args.start_timeout)
+    proc, url = start_server(["--backend", "hf", "--scorer", args.scorer], args.threads, log, args.start_timeout)
     try:
         client = AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=3600)
         model = (await client.models.list()).data[0].id

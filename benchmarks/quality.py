@@ -39,7 +39,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality.runs import label
+from benchmarks.quality.server import start_server as start_cdserve
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 from prefix_scorers.prompts import load_prompts
 from prefix_scorers.rewards import score_texts
@@ -206,37 +206,10 @@ def samples_result(run: dict, prompts: list[dict], per_prompt: list[list[dict]],
             "samples": [], "per_prompt": per}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    exe = ROOT / ".venv" / "bin" / "cdserve"
-    cmd = [str(exe) if exe.exists() else "cdserve", "serve", "--port", str(port), "--backend", args.backend,
-           "--scorer", args.scorer, "--max-batch-rows", str(args.max_batch_rows), "--log-level", "warning"]
-    print("starting:", shlex.join(cmd), flush=True)
-    log = open(HERE / "results" / "quality_server.log", "w")  # noqa: SIM115 (the server's lifetime)
-    # One torch thread: on a shared CPU, oversubscribed OpenMP threads spin-wait (several times slower).
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(args.threads))}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.time() + args.start_timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    proc.terminate()
-    raise RuntimeError(f"server not ready after {args.start_timeout}s; see {log.name}")
+    flags = ["--backend", args.backend, "--scorer", args.scorer, "--max-batch-rows", str(args.max_batch_rows)]
+    threads = int(os.environ.get("OMP_NUM_THREADS", args.threads))
+    return start_cdserve(flags, threads, HERE / "results" / "quality_server.log", args.start_timeout)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
