@@ -47,7 +47,7 @@ $(BROWSER): deploy/install-chromium.sh $(STAMP)
 	touch $@
 
 test: $(STAMP) $(DEPLOY_TOOLS) $(BROWSER)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/decode_speed.py
