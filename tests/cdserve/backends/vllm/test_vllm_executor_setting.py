@@ -3,13 +3,15 @@ parallelism); 'auto' leaves vLLM's own choice alone."""
 
 import pytest
 
-from cdserve.config import EngineConfig
-from cdserve.server.settings import ServerSettings
+pytest.importorskip("vllm")
+
+from cdserve.backends.vllm.engine import VLLMEngine  # noqa: E402
+from cdserve.config import EngineConfig  # noqa: E402
+from cdserve.server.settings import ServerSettings  # noqa: E402
 
 
 def executor_args(config: EngineConfig) -> dict:
-    vllm_engine = pytest.importorskip("cdserve.backends.vllm.engine")
-    engine = vllm_engine.VLLMEngine.__new__(vllm_engine.VLLMEngine)
+    engine = VLLMEngine.__new__(VLLMEngine)
     engine.config = config
     return engine._executor()
 
