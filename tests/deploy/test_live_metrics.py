@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from deploy_helpers import (
@@ -25,9 +26,6 @@ from deploy_helpers import (
     metric_names,
     rules_exprs,
 )
-
-pytest.importorskip("cdserve.server", reason="the HTTP server (cdserve.server) is not there yet")
-httpx = pytest.importorskip("httpx")
 
 READY_TIMEOUT_S = 300
 # hf by default (fast); DEPLOY_TEST_BACKEND=vllm checks the production backend's series too.

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from deploy_helpers import (
@@ -41,8 +42,6 @@ from deploy_helpers import (
     metric_names,
     rules_exprs,
 )
-
-httpx = pytest.importorskip("httpx")
 
 READY_TIMEOUT_S = 300
 MAX_BATCH_ROWS = 4
