@@ -190,11 +190,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from cdserve.config import EngineConfig
+    from cdserve.config import EngineConfig, VLLMConfig
     from cdserve.engine_factory import build_engine
 
-    config = EngineConfig(backend=args.backend, scorer=args.scorer, enforce_eager=True, max_batch_rows=64,
-                          kv_cache_space_gib=args.kv_cache_space_gib, max_model_len=1024, max_tokens_limit=512)
+    config = EngineConfig(backend=args.backend, scorer=args.scorer, max_batch_rows=64, max_model_len=1024,
+                          max_tokens_limit=512,
+                          vllm=VLLMConfig(enforce_eager=True, kv_cache_space_gib=args.kv_cache_space_gib))
     modes = tuple((args.modes or ("generate,none,token,block,best_of_n" if args.backend == "hf"
                                   else "none,token,block,best_of_n")).split(","))
 

@@ -34,15 +34,15 @@ MODES = {
 
 async def _run_one(tp: int, pp: int, compiled: bool) -> dict:
     from cdserve.backends.vllm.engine import VLLMEngine
-    from cdserve.config import EngineConfig
+    from cdserve.config import EngineConfig, VLLMConfig
     from cdserve.control.request import resolve_control
     from cdserve.outputs import GenerationRequest
     from cdserve.sampling import SamplingParams
 
-    cfg = EngineConfig(backend="vllm", device="cpu", dtype="float32", scorer="default", enforce_eager=not compiled,
-                       kv_cache_space_gib=1, max_model_len=1024, max_tokens_limit=512, max_batch_rows=16,
-                       tensor_parallel_size=tp, pipeline_parallel_size=pp, block_fork_hold_s=60,
-                       scorer_threads=1)
+    cfg = EngineConfig(backend="vllm", device="cpu", dtype="float32", scorer="default", max_model_len=1024,
+                       max_tokens_limit=512, max_batch_rows=16,
+                       vllm=VLLMConfig(enforce_eager=not compiled, kv_cache_space_gib=1, tensor_parallel_size=tp,
+                                       pipeline_parallel_size=pp, block_fork_hold_s=60, scorer_threads=1))
     engine = VLLMEngine(cfg)
     started = time.perf_counter()
     await engine.start()

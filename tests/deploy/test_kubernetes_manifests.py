@@ -11,6 +11,9 @@ import pytest
 import yaml
 from deploy_helpers import KUBERNETES, METRICS, OVERLAYS, RULES, load_yaml_docs, tool
 
+from cdserve.config_flags import ENV_PREFIX, env_names
+from cdserve.server.settings import ServerSettings
+
 # The oldest Kubernetes the manifests promise to work on, and the newest the validator knows.
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 RAW_MANIFESTS = sorted(
@@ -122,11 +125,11 @@ def test_gpus_match_the_parallel_sizes(rendered):
         return
     # Pipeline stages beyond one node run as Ray workers elsewhere (deploy/README.md); in a pod,
     # tensor parallelism takes exactly the pod's GPUs.
-    assert gpus == {"nvidia.com/gpu": int(config["CDSERVE_TENSOR_PARALLEL_SIZE"])}
+    assert gpus == {"nvidia.com/gpu": int(config["CDSERVE_VLLM__TENSOR_PARALLEL_SIZE"])}
     assert (
         c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
     )
-    assert int(config["CDSERVE_PIPELINE_PARALLEL_SIZE"]) == 1
+    assert int(config["CDSERVE_VLLM__PIPELINE_PARALLEL_SIZE"]) == 1
 
 
 def test_selectors_match_the_pods(rendered):
@@ -172,15 +175,8 @@ def test_hpa_metrics_are_served_by_the_adapter(rendered):
 
 def test_config_keys_are_server_settings(rendered):
     """A typo in a ConfigMap key would be silently ignored by pydantic-settings: catch it here."""
-    settings = pytest.importorskip("cdserve.server.settings")
-    from cdserve.control.request import ControlConfig
-
     _, docs = rendered
-    known = {settings.ENV_PREFIX + name.upper() for name in settings.ServerSettings.model_fields}
-    known |= {
-        f"{settings.ENV_PREFIX}CONTROL__{name.upper()}" for name in ControlConfig.model_fields
-    }
-    assert set(one(docs, "ConfigMap")["data"]) <= known
+    assert set(one(docs, "ConfigMap")["data"]) <= env_names(ServerSettings)
 
 
 def test_monitoring_custom_resources_parse():
@@ -217,9 +213,8 @@ def test_fetch_job_fills_the_folders_the_config_names():
 def test_config_values_make_valid_settings(rendered, monkeypatch):
     """The ConfigMap's values pass the server's own validation (the model and scorer folders,
     which live on the cluster's volume, stand in as the embedded ones)."""
-    settings = pytest.importorskip("cdserve.server.settings")
     _, docs = rendered
-    for key in [k for k in os.environ if k.startswith(settings.ENV_PREFIX)]:
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     data = one(docs, "ConfigMap")["data"] | {
         "CDSERVE_MODEL": "smollm2",
@@ -227,5 +222,6 @@ def test_config_values_make_valid_settings(rendered, monkeypatch):
     }
     for key, value in data.items():
         monkeypatch.setenv(key, value)
-    s = settings.ServerSettings()
+    s = ServerSettings()
     assert s.port == int(data["CDSERVE_PORT"])
+    assert s.vllm.tensor_parallel_size == int(data["CDSERVE_VLLM__TENSOR_PARALLEL_SIZE"])

@@ -70,8 +70,8 @@ def server(request, tmp_path_factory):
         "CDSERVE_MAX_N": "2",
         "CDSERVE_CONTROL__MAX_NUM_CANDIDATES": "4",
         "CDSERVE_SHUTDOWN_GRACE_SECONDS": "5",
-        "CDSERVE_KV_CACHE_SPACE_GIB": "1",
-        "CDSERVE_ENFORCE_EAGER": "true",
+        "CDSERVE_VLLM__KV_CACHE_SPACE_GIB": "1",
+        "CDSERVE_VLLM__ENFORCE_EAGER": "true",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     }

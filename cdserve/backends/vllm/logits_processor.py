@@ -15,14 +15,15 @@ The per-step KL(steered || base) is kept per choice until the server fetches it 
 worker extension (`worker_extension.py`).
 
 Registered explicitly (`logits_processors=[ScorerLogitsProcessor]`); the scorer directory comes
-from `additional_config["cdserve_scorer"]` in the worker and from $CDSERVE_VLLM_SCORER where
-vLLM validates requests (the server process).
+from configuration, never from the process environment (two engines in one process may use two
+scorers): the engine's `additional_config["cdserve_scorer"]` in the worker, and each token-mode
+request's `extra_args["cdserve"]["scorer"]` where vLLM validates requests (the server process,
+where `validate_params` sees nothing but the request).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,8 +41,8 @@ from prefix_scorers.config import ScorerConfig
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-SCORER_ENV = "CDSERVE_VLLM_SCORER"
-CONFIG_KEY = "cdserve_scorer"
+CONFIG_KEY = "cdserve_scorer"  # additional_config key: the worker's scorer directory
+SCORER_KEY = "scorer"  # extra_args["cdserve"] key: the scorer a token-mode request was made for
 
 
 @functools.lru_cache(maxsize=4)
@@ -53,21 +54,22 @@ class ScorerLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """Runs in the server process when a request is admitted: ValueError -> HTTP 400."""
-        scorer_dir = os.environ.get(SCORER_ENV)
         spec = (sampling_params.extra_args or {}).get("cdserve")
         if spec is None:
             return
-        if not scorer_dir:
-            raise ValueError("cdserve control needs a scorer: set $CDSERVE_VLLM_SCORER")
-        parse_control(sampling_params.extra_args, _num_heads(scorer_dir), sampling_params.temperature,
-                      sampling_params.top_p)
+        scorer_dir = spec.get(SCORER_KEY)
+        if spec.get("mode") == "token" and not scorer_dir:
+            raise ValueError(f"cdserve token mode needs extra_args['cdserve']['{SCORER_KEY}'], the scorer "
+                             "directory the engine was started with")
+        parse_control(sampling_params.extra_args, _num_heads(scorer_dir) if scorer_dir else 0,
+                      sampling_params.temperature, sampling_params.top_p)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         extra = vllm_config.additional_config if isinstance(vllm_config.additional_config, dict) else {}
-        scorer_dir = extra.get(CONFIG_KEY) or os.environ.get(SCORER_ENV)
+        scorer_dir = extra.get(CONFIG_KEY)
         if not scorer_dir:
             raise ValueError(f"ScorerLogitsProcessor needs a scorer: additional_config['{CONFIG_KEY}'] "
-                             f"or ${SCORER_ENV}")
+                             "(the engine's scorer directory)")
         model_dir = vllm_config.model_config.model
         scorer = load_scorer_for_model(scorer_dir, model_dir, device=device)
         vocab = vllm_config.model_config.get_vocab_size()

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("vllm")
 
 from cdserve.backends.vllm.stats import SCORER_POLL_S
-from cdserve.config import EngineConfig
+from cdserve.config import EngineConfig, VLLMConfig
 from cdserve.control.request import ResolvedControl, resolve_control
 from cdserve.errors import InvalidRequestError
 from cdserve.outputs import GenerationRequest
@@ -42,10 +42,11 @@ class LoopThread:
 
 
 def engine_config(backend: str) -> EngineConfig:
-    return EngineConfig(backend=backend, device="cpu", dtype="float32", scorer="default", enforce_eager=True,
-                        kv_cache_space_gib=1, max_model_len=1024, max_tokens_limit=512, max_batch_rows=64,
-                        block_fork_hold_s=60,  # a slow CI machine must not let kept KV expire mid-test
-                        scorer_threads=1 if backend == "vllm" else None)
+    return EngineConfig(backend=backend, device="cpu", dtype="float32", scorer="default", max_model_len=1024,
+                        max_tokens_limit=512, max_batch_rows=64,
+                        vllm=VLLMConfig(enforce_eager=True, kv_cache_space_gib=1,
+                                        block_fork_hold_s=60,  # a slow CI machine must not let kept KV expire mid-test
+                                        scorer_threads=1))
 
 
 @pytest.fixture(scope="module")

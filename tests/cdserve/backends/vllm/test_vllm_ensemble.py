@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from cdserve.config import EngineConfig
+from cdserve.config import EngineConfig, VLLMConfig
 from cdserve.control.request import resolve_control
 from cdserve.outputs import GenerationRequest
 from cdserve.sampling import SamplingParams
@@ -54,9 +54,9 @@ def _engine(loop, backend, scorer_dir):
     else:
         from cdserve.backends.hf.engine import HFEngine as Engine
     eng = Engine(EngineConfig(backend=backend, device="cpu", dtype="float32", scorer=str(scorer_dir),
-                              enforce_eager=True, kv_cache_space_gib=1, max_model_len=512, max_tokens_limit=64,
-                              max_batch_rows=32, block_fork_hold_s=60,
-                              scorer_threads=1 if backend == "vllm" else None))
+                              max_model_len=512, max_tokens_limit=64, max_batch_rows=32,
+                              vllm=VLLMConfig(enforce_eager=True, kv_cache_space_gib=1, block_fork_hold_s=60,
+                                              scorer_threads=1)))
     run(loop, eng.start())
     return eng
 

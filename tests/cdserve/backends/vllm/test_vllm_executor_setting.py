@@ -5,9 +5,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from cdserve.backends.vllm.engine import VLLMEngine  # noqa: E402
-from cdserve.config import EngineConfig  # noqa: E402
-from cdserve.server.settings import ServerSettings  # noqa: E402
+from cdserve.backends.vllm.engine import VLLMEngine
+from cdserve.config import EngineConfig
+from cdserve.server.settings import ServerSettings
 
 
 def executor_args(config: EngineConfig) -> dict:
@@ -17,10 +17,10 @@ def executor_args(config: EngineConfig) -> dict:
 
 
 def test_ray_is_passed_through(monkeypatch):
-    monkeypatch.setenv("CDSERVE_DISTRIBUTED_EXECUTOR_BACKEND", "ray")
-    monkeypatch.setenv("CDSERVE_PIPELINE_PARALLEL_SIZE", "2")
+    monkeypatch.setenv("CDSERVE_VLLM__DISTRIBUTED_EXECUTOR_BACKEND", "ray")
+    monkeypatch.setenv("CDSERVE_VLLM__PIPELINE_PARALLEL_SIZE", "2")
     config = ServerSettings().engine_config()
-    assert (config.distributed_executor_backend, config.pipeline_parallel_size) == ("ray", 2)
+    assert (config.vllm.distributed_executor_backend, config.vllm.pipeline_parallel_size) == ("ray", 2)
     assert executor_args(config) == {"distributed_executor_backend": "ray"}
 
 
@@ -30,4 +30,4 @@ def test_auto_leaves_vllm_to_choose():
 
 def test_unknown_executor_is_refused():
     with pytest.raises(ValueError, match="distributed_executor_backend"):
-        EngineConfig(distributed_executor_backend="slurm")
+        EngineConfig(vllm={"distributed_executor_backend": "slurm"})

@@ -27,10 +27,10 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from cdserve.config import EngineConfig  # noqa: E402
-from cdserve.control.request import resolve_control  # noqa: E402
-from cdserve.outputs import GenerationRequest  # noqa: E402
-from cdserve.sampling import SamplingParams  # noqa: E402
+from cdserve.config import EngineConfig, VLLMConfig
+from cdserve.control.request import resolve_control
+from cdserve.outputs import GenerationRequest
+from cdserve.sampling import SamplingParams
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -121,9 +121,9 @@ def loop():
 def test_vllm_answers_do_not_change_with_load(loop):
     from cdserve.backends.vllm.engine import VLLMEngine
 
-    cfg = EngineConfig(backend="vllm", device="cpu", dtype="float32", scorer="default", enforce_eager=True,
-                       kv_cache_space_gib=1, max_model_len=1024, max_tokens_limit=512,
-                       max_batch_rows=CONCURRENT, max_waiting=256, scorer_threads=1)
+    cfg = EngineConfig(backend="vllm", device="cpu", dtype="float32", scorer="default", max_model_len=1024,
+                       max_tokens_limit=512, max_batch_rows=CONCURRENT, max_waiting=256,
+                       vllm=VLLMConfig(enforce_eager=True, kv_cache_space_gib=1, scorer_threads=1))
     engine = VLLMEngine(cfg)
     loop.run(engine.start())
     try:

@@ -35,7 +35,7 @@ def server(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDSERVE_") or k == "CDSERVE_CACHE_DIR"}
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [sys.executable, "-m", "cdserve.server", "--backend", "vllm", "--scorer", "default",
-           "--enforce-eager", "--kv-cache-space-gib", "1", "--dtype", "float32", "--max-model-len", "1024",
+           "--vllm-enforce-eager", "--vllm-kv-cache-space-gib", "1", "--dtype", "float32", "--max-model-len", "1024",
            "--max-tokens-limit", "512", "--port", str(port), "--log-level", "info"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
