@@ -141,7 +141,7 @@ def classify(exc: BaseException, retry_after: int = 1) -> APIError:
     if isinstance(exc, NotReadyError):
         return APIError(503, str(exc), "service_unavailable_error", None, "not_ready", retry_after)
     if isinstance(exc, ShuttingDownError):
-        return APIError(503, str(exc), "service_unavailable_error", None, "shutting_down")
+        return APIError(503, str(exc), "service_unavailable_error", None, "shutting_down", retry_after)
     if isinstance(exc, AuthenticationError):
         return APIError(401, str(exc), "authentication_error", None, "invalid_api_key")
     if isinstance(exc, HTTPException):
