@@ -87,17 +87,21 @@ async def _generate(args: argparse.Namespace, config: EngineConfig) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`cdserve generate` and `cdserve serve`, their engine flags generated from the same models."""
+    from cdserve.server.cli import add_serve_parser
+
     parser = argparse.ArgumentParser(prog="cdserve", description="Controlled-decoding inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    try:
-        from cdserve.server.cli import add_serve_parser, run_serve
-    except ImportError:
-        add_serve_parser = run_serve = None
-    if add_serve_parser is not None:
-        add_serve_parser(sub)
-    args = parser.parse_args(argv)
+    add_serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cdserve.server.cli import run_serve
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "generate":
         try:

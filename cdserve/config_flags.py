@@ -86,10 +86,15 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *, env: b
                             type=_json_or_str if len(path) > 1 else str,
                             metavar="{" + ",".join(choices) + "}" if choices else path[-1].upper(),
                             help=_help(info, about))
+    fields = dict(settings(model))
     for old, new in renamed.items():
-        message = f"{flag_name((old,))} was renamed {flag_name(new)} (environment: {env_name(new)})"
-        for flag in (flag_name((old,)), "--no-" + flag_name((old,))[2:]):
-            parser.add_argument(flag, nargs="?", action=_Renamed, message=message, help=argparse.SUPPRESS)
+        note = f" (environment: {env_name(new)})" if env else ""
+        pairs = [(flag_name((old,)), flag_name(new))]
+        if fields[new].annotation is bool:
+            pairs.append(("--no-" + flag_name((old,))[2:], "--no-" + flag_name(new)[2:]))
+        for flag, replacement in pairs:
+            parser.add_argument(flag, nargs="?", action=_Renamed, help=argparse.SUPPRESS,
+                                message=f"{flag} was renamed {replacement}{note}")
 
 
 def _help(info: FieldInfo, about: list[str]) -> str:
