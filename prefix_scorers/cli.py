@@ -2,6 +2,7 @@
 
     prefix-scorers prompts                   # (re)write the committed prompt set
     prefix-scorers rollouts --samples 2      # sample from the base model   -> RUN/rollouts.jsonl
+    prefix-scorers rollouts --roll-in-scorer DIR --roll-in-weights positive=1   # an on-policy round
     prefix-scorers label                     # score with every head's reward -> RUN/labels.jsonl
     prefix-scorers train --objective fudge   # train all heads              -> RUN/train/scorer
     prefix-scorers export --out DIR          # bfloat16 checkpoint, checked to load
@@ -66,9 +67,15 @@ def cmd_prompts(args) -> None:
 def cmd_rollouts(args) -> None:
     from prefix_scorers.rollouts import RolloutConfig, generate_rollouts
 
+    roll_in = None
+    if args.roll_in_scorer:  # an on-policy round: roll in with the steered policy (roll_in.py)
+        from prefix_scorers.roll_in import RollIn, parse_weights
+
+        roll_in = RollIn(args.roll_in_scorer, parse_weights(args.roll_in_weights), args.roll_in_strength,
+                         args.roll_in_top_k)
     cfg = RolloutConfig(samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
                         temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
-                        device=args.device, engine=args.engine)
+                        device=args.device, engine=args.engine, roll_in=roll_in)
     prompts = Path(args.prompts) if args.prompts else Path(__file__).parent / "data" / "prompts_train.jsonl"
     print(generate_rollouts(_base_dir(args), prompts, _run_dir(args) / "rollouts.jsonl", cfg, limit=args.limit))
 
@@ -196,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=int, default=32)
         sp.add_argument("--limit", type=int, help="use only the first N prompts")
         sp.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+        sp.add_argument("--roll-in-scorer", help="on-policy round: roll in with token-mode steering by this "
+                        "scorer up to a random switch point per rollout, then the base model (values stay the "
+                        "base policy's: training masks the roll-in positions)")
+        sp.add_argument("--roll-in-weights", nargs="+", metavar="HEAD=W", help="roll-in head weights "
+                        "(default: positive=1)")
+        sp.add_argument("--roll-in-strength", type=float, default=2.0, help="roll-in steering strength")
+        sp.add_argument("--roll-in-top-k", type=int, default=20, help="roll-in steers the base model's top k "
+                        "tokens (0: the whole vocabulary)")
 
     def train_args(sp, batch=True):
         sp.add_argument("--objective", choices=["fudge", "cdq"], default="fudge")

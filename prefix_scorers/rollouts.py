@@ -5,6 +5,10 @@ One JSON object a line (`rollouts.jsonl`):
     {"id": "p0042-1", "prompt_id": "p0042", "prompt_ids": [...], "response_ids": [...],
      "text": "...", "finished": true, "topk_ids": [[...], ...], "topk_logprobs": [[...], ...]}
 
+On-policy rounds (`roll_in`, roll_in.py) add `"roll_in": t`: the first t response tokens were
+sampled from the steered policy, the rest from the base model; training values only the prefixes
+that the base model continued.
+
 `response_ids` ends at (and includes) the first end-of-sequence token, or after
 `max_new_tokens`. `topk_ids[t]` / `topk_logprobs[t]` are the `store_top_k` most likely tokens at
 response position t under the distribution the token was sampled from (base logits / temperature):
@@ -29,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prefix_scorers.prompts import read_jsonl
+from prefix_scorers.roll_in import RollIn, RollInSteering, load_roll_in_scorer, switch_point
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,12 @@ class RolloutConfig:
     seed: int = 0
     device: str = "cpu"
     engine: str = "hf"  # "hf" | "vllm"
+    roll_in: RollIn | None = None  # on-policy round: roll in with a steered policy (roll_in.py)
+
+    def __post_init__(self):
+        if self.roll_in is not None and (self.engine != "hf" or self.top_p != 1.0):
+            raise ValueError(f"roll-in rollouts need engine 'hf' and top_p 1 (the steering applies the "
+                             f"temperature itself), got engine {self.engine!r} and top_p {self.top_p}")
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -78,15 +89,23 @@ def truncate_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]
 
 @torch.inference_mode()
 def sample_batch_hf(model, tokenizer, prompt_ids: list[list[int]], cfg: RolloutConfig, seed: int,
-                    eos_ids: set[int]) -> list[dict]:
-    """Left-padded batched sampling with transformers; returns one partial row per prompt."""
+                    eos_ids: set[int], steering: tuple | None = None, switch: list[int] | None = None) -> list[dict]:
+    """Left-padded batched sampling with transformers; returns one partial row per prompt. With
+    `steering` (the roll-in scorer and its weights) and `switch` (per row), rows roll in with the
+    steered policy up to their switch point (roll_in.py)."""
     width = max(map(len, prompt_ids))
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=cfg.device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=cfg.device)
+    sampling = {"temperature": cfg.temperature}
+    if steering is not None:  # the processor steers and applies the temperature: generate's warpers do nothing
+        scorer, weights = steering
+        sampling = {"temperature": 1.0, "logits_processor": [RollInSteering(
+            scorer, weights, cfg.roll_in, cfg.temperature, attention.bool(),
+            torch.tensor(switch, device=cfg.device))]}
     torch.manual_seed(seed)
     out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                         temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                         top_p=cfg.top_p, top_k=0, **sampling,
                          max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
                          eos_token_id=sorted(eos_ids), output_logits=True, return_dict_in_generate=True)
     new = out.sequences[:, width:]  # (B, T)
@@ -167,6 +186,9 @@ def generate_rollouts(model_dir: Path, prompts_path: Path, out_path: Path, cfg: 
         print(f"vLLM seeded with {seed}")
         llm = load_vllm(model_dir, seed, cfg.device)
     eos = eos_token_ids(tokenizer, model)
+    steering = None
+    if cfg.roll_in is not None:
+        steering = load_roll_in_scorer(cfg.roll_in, tokenizer, model, cfg.device)
     bar = tqdm(total=len(jobs), desc="rollouts", unit="rollout")
     step = VLLM_CHUNK if cfg.engine == "vllm" else cfg.batch_size  # vLLM batches by itself
     with open(out_path, "a") as f:
@@ -175,12 +197,14 @@ def generate_rollouts(model_dir: Path, prompts_path: Path, out_path: Path, cfg: 
             ids = [chat_prompt_ids(tokenizer, p["prompt"]) for _, p in batch]
             first = batch[0][0]  # seeded by its place in the full job list: a resumed run agrees
             seed = cfg.seed * 1_000_003 + int(first.split("-")[-1]) * 10_007 + position[first]
+            switch = [switch_point(cfg.seed, rid, cfg.max_new_tokens) for rid, _ in batch] if steering else None
             rows = (sample_vllm(llm, ids, cfg, eos) if cfg.engine == "vllm"
-                    else sample_batch_hf(model, tokenizer, ids, cfg, seed, eos))
-            for (rid, p), pids, row in zip(batch, ids, rows):
+                    else sample_batch_hf(model, tokenizer, ids, cfg, seed, eos, steering, switch))
+            for i, ((rid, p), pids, row) in enumerate(zip(batch, ids, rows)):
                 text = tokenizer.decode(row["response_ids"], skip_special_tokens=True)
+                extra = {"roll_in": switch[i]} if switch else {}
                 f.write(json.dumps({"id": rid, "prompt_id": p["id"], "prompt": p["prompt"], "prompt_ids": pids,
-                                    "text": text, **row}) + "\n")
+                                    "text": text, **row, **extra}) + "\n")
             f.flush()
             bar.update(len(batch))
     bar.close()

@@ -126,6 +126,7 @@ class Example:
     topk_logprobs: list[list[float]]
     boot: tuple[float, ...] = (1.0,)  # bootstrap weight per ensemble member (one: every member 1)
     targets: list[list[float]] | None = None  # (L, H) per response position; None: the final rewards
+    roll_in: int = 0  # on-policy round: response tokens sampled from the steered policy (roll_in.py)
 
 
 def load_examples(rollouts_path: Path, labels_path: Path, heads: list[HeadSpec]) -> list[Example]:
@@ -140,7 +141,7 @@ def load_examples(rollouts_path: Path, labels_path: Path, heads: list[HeadSpec])
                              f"with those rewards")
         out.append(Example(r["id"], r["prompt_id"], r["prompt_ids"] + r["response_ids"], len(r["prompt_ids"]),
                            [labels[r["id"]][h.reward] for h in heads], r.get("topk_ids", []),
-                           r.get("topk_logprobs", [])))
+                           r.get("topk_logprobs", []), roll_in=r.get("roll_in", 0)))
     if not out:
         raise ValueError(f"no labelled rollouts in {rollouts_path} / {labels_path}")
     return out
@@ -157,7 +158,8 @@ def split_by_prompt(examples: list[Example], eval_fraction: float, seed: int) ->
 class Batch:
     input_ids: torch.Tensor  # (B, T) right-padded
     valid: torch.Tensor  # (B, T) bool
-    taken: torch.Tensor  # (B, T-1) bool: position j predicts a response token (j+1 >= prompt_len)
+    taken: torch.Tensor  # (B, T-1) bool: position j predicts a response token (j+1 >= prompt_len) whose
+    # prefix the base model continued (an on-policy rollout's roll-in positions are False)
     last: torch.Tensor  # (B, T-1) bool: position j predicts the last response token
     gen_pos: torch.Tensor  # (B, T-1) long: generated-token index of token j+1 (0 = first)
     rewards: torch.Tensor  # (B, H)
@@ -181,7 +183,8 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) 
         n, s = len(e.input_ids), e.prompt_len
         ids[b, :n] = torch.tensor(e.input_ids)
         valid[b, :n] = True
-        taken[b, s - 1:n - 1] = True
+        # values of base-policy prefixes only: response positions >= min(roll_in, L) - 1 (roll_in.py)
+        taken[b, s - 1 + max(0, min(e.roll_in, n - s) - 1):n - 1] = True
         last[b, n - 2] = True
         gen_pos[b, s - 1:n - 1] = torch.arange(n - s)
         if with_next and n - s > 1:
