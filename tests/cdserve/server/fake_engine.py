@@ -123,8 +123,18 @@ class FakeEngine:
 
 
 class FullQueueEngine(FakeEngine):
-    """Every request is refused, as an engine whose waiting queue is full refuses one."""
+    """Requests after the first `admit` are refused, as an engine whose waiting queue is full
+    refuses them."""
 
-    async def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    def __init__(self, admit: int = 0, script: Script | None = None):
+        super().__init__(script)
+        self.admit = admit
+
+    def _outputs(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        if len(self.requests) <= self.admit:
+            return super()._outputs(request)
+        return self._refuse()
+
+    async def _refuse(self) -> AsyncIterator[RequestOutput]:
         raise QueueFullError("1 requests are waiting (max_waiting=1); retry later")
         yield  # an async generator: the error comes at the first output, as from the real engines

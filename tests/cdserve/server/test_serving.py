@@ -217,3 +217,14 @@ async def test_a_full_queue_is_a_503_with_retry_after(stream):
     assert r.json()["error"]["code"] == "queue_full"
     assert r.json()["error"]["type"] == "service_unavailable_error"
     assert requests_counted(app, "/v1/completions", 503) == 1 and in_flight(app) == 0
+
+
+async def test_a_request_refused_after_some_of_its_prompts_started_aborts_those():
+    """Two prompts: the engine takes the first and refuses the second. The first one's stream
+    (suspended after its first output, not being read) is closed: aborted, not left running."""
+    engine = FullQueueEngine(admit=1, script=Script(hold_at=1))
+    app = app_for(engine)
+    async with running(app), client(app) as http:
+        r = await http.post("/v1/completions", json={**COMPLETION, "prompt": ["Hi", "Yo"]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+    assert len(engine.requests) == 2 and engine.aborted == [engine.requests[0].request_id]
