@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def generate(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "cdserve.cli", "generate", "--backend", "hf", *args],
-                          capture_output=True, text=True, timeout=600, env=env)
+                          check=False, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_generate_steers_smollm2_with_a_scorer_from_the_command_line(smollm2_scorer_dir):
@@ -42,8 +42,16 @@ def test_generate_prints_text_and_values(smollm2_scorer_dir):
     assert "--- choice 0" in out.stdout and "values: positive=" in out.stdout and "combined=" in out.stdout
 
 
-def test_generate_rejects_bad_control_naming_the_parameter(smollm2_scorer_dir):
+def test_generate_rejects_control_naming_an_unknown_head(smollm2_scorer_dir):
+    """generate's request takes the engine's default control (--control): a head the scorer lacks
+    stops it at start, naming the head and the scorer's heads."""
     out = generate("--prompt", "hi", "--scorer", str(smollm2_scorer_dir),
                    "--control", '{"mode": "token", "weights": {"happy": 1}}')
     assert out.returncode == 2
-    assert "control.weights.happy" in out.stderr
+    assert "unknown heads ['happy']" in out.stderr and "'positive'" in out.stderr
+
+
+def test_generate_rejects_a_bad_engine_flag_naming_it():
+    out = generate("--prompt", "hi", "--vllm-gpu-memory-utilization", "2")
+    assert out.returncode == 2
+    assert "invalid setting --vllm-gpu-memory-utilization: Input should be less than or equal to 1" in out.stderr

@@ -73,6 +73,7 @@ def test_flags_win_over_environment(monkeypatch):
     (["--control-strength", "500"], "strength=500.0 exceeds max_strength"),
     (["--control-mode", "fast"], "--control-mode / CDSERVE_CONTROL__MODE"),
     (["--shutdown-grace-seconds", "-1"], "--shutdown-grace-seconds / CDSERVE_SHUTDOWN_GRACE_SECONDS"),
+    (["--vllm-kv-cache-space-gib", "0"], "--vllm-kv-cache-space-gib / CDSERVE_VLLM__KV_CACHE_SPACE_GIB"),
 ])
 def test_bad_settings_are_named(argv, named):
     with pytest.raises(ValidationError) as e:
@@ -93,6 +94,14 @@ def test_bad_configuration_stops_start_up():
                           text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert "--max-model-len / CDSERVE_MAX_MODEL_LEN" in proc.stderr and "got '4'" in proc.stderr
+
+
+def test_an_old_variable_name_stops_start_up_naming_the_new_one():
+    proc = subprocess.run([sys.executable, "-m", "cdserve.server", "--port", "8001"],
+                          env={**os.environ, "CDSERVE_KV_CACHE_SPACE_GIB": "1"}, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert "CDSERVE_KV_CACHE_SPACE_GIB was renamed CDSERVE_VLLM__KV_CACHE_SPACE_GIB" in proc.stderr
 
 
 def test_engine_that_fails_to_load_stops_the_server(tmp_path, tiny_model_dir):
