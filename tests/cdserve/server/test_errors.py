@@ -153,19 +153,6 @@ def test_invalid_json_and_wrong_body(server, http):
     assert "application/json" in err["message"]
 
 
-def test_oversized_body(server, http):
-    big = completion(server, prompt="word " * 20000)  # > the test server's 64 KiB limit
-    assert_error(http.post("/v1/completions", json=big), 413, None)
-
-    def chunks():  # no Content-Length: counted as it streams in
-        yield b'{"model": "x", "prompt": "'
-        for _ in range(100):
-            yield b"a" * 1000
-        yield b'"}'
-    assert_error(http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}),
-                 413, None)
-
-
 def test_prompt_longer_than_context_is_refused_before_any_work(server, http):
     before = server.metric("cdserve_prompt_tokens_total")
     err = assert_error(http.post("/v1/completions", json=completion(server, prompt=[42] * 1024)), 400,
