@@ -108,8 +108,9 @@ def family(run: dict) -> str:
     return mode
 
 
-def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str]) -> dict:
-    """A server run; best_of_n's measured KL from the plain samples of the same prompts and seeds."""
+def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], block_kl: dict | None = None) -> dict:
+    """A server run; best_of_n's measured KL from the plain samples of the same prompts and seeds,
+    block mode's from extra base samples per block (block_kl.py: results/quality_block_kl.json)."""
     from benchmarks.quality.runs import label  # the run's name in every table
     from prefix_scorers.rewards import score_texts
 
@@ -123,7 +124,14 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str]) ->
     elif mode == "token":
         measured, how = run["kl"], "exact per-step sum (server)"
     elif mode == "block":
-        measured, how = None, "bound only: the server returns no per-block candidate scores"
+        m = (block_kl or {}).get(label(run))
+        if m and m["answers"] == len(answers):
+            measured, extra["kl_measured_sem"] = m["kl_measured"], m["kl_measured_sem"]
+            extra["kl_bound_blocks"] = m["kl_bound"]
+            how = (f"per-block best-of-{n} over {m['samples_per_block']} base samples of each block from its "
+                   "prefix, summed over blocks (block_kl.py)")
+        else:
+            measured, how = None, "bound only: no per-block base samples (python -m benchmarks.quality.block_kl)"
     elif samples is None or (run["weights"] if run.get("rewards") else run["weights"] != samples["weights"]) \
             or (run.get("rewards") and list(run["rewards"]) != [head_rewards[HEAD]]):
         measured, how = None, "bound only: no base samples for this ranking score"
@@ -244,7 +252,8 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
     if best:
         add("14", "at equal measured KL, token or block mode reaches true-reward best-of-N's reward",
             best[1] >= 0, "; ".join(f"{r['label']}: {d:+.3f}" for r, d in at_kl) +
-            " (reward minus the true-reward best-of-N curve at the same KL; block at its bound)")
+            " (reward minus the true-reward best-of-N curve at the same KL; block: measured per block where "
+            "block_kl.py has run, else its bound)")
     at_gen = [(r, r["reward"][HEAD] - _curve_at(curve_gen, r["gen_per_answer"])) for r in steered]
     if at_gen:
         add("14", "at equal base tokens per answer token, every steered mode beats true-reward best-of-N",
@@ -343,6 +352,8 @@ def table(rows: list[dict]) -> str:
         cells = [f"{r['reward'][h]:.3f}" for h in HEADS]
         cells[0] += f" ± {r['reward_sem'][HEAD]:.3f}"
         kl_m = _fmt(r["kl_measured"], 2) if r["kl_measured"] is not None else "(bound)"
+        if r.get("kl_measured_sem") is not None:
+            kl_m += f" ± {r['kl_measured_sem']:.2f}"
         if r.get("kl_upper"):
             kl_m = f"{kl_m} (<= {r['kl_upper']:.2f})"
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_fmt(r.get('afinn'), 2)} | "
@@ -403,7 +414,9 @@ def build(results: Path, ppl_cache: Path | None) -> dict:
         prompts.add(tuple(p["prompt"] for p in samples["per_prompt"]))
     if len(prompts) != 1:
         raise ValueError(f"{results}: runs over different prompt sets ({len(prompts)}); rerun with --fresh")
-    rows = [server_row(r, samples, head_rewards) for r in runs
+    block_path = Path(results).with_name("quality_block_kl.json")
+    block_kl = json.loads(block_path.read_text()) if block_path.exists() else {}
+    rows = [server_row(r, samples, head_rewards, block_kl) for r in runs
             if not r.get("samples_per_prompt") and not r.get("sweep")]
     if samples:
         rows += client_rows(samples, [n for n in NS if n <= samples["samples_per_prompt"]])
