@@ -242,30 +242,43 @@ def run_segment(run: dict) -> Segment:
     return Segment(run.get("segment", "fixed"), run["block_size"], run.get("entropy_threshold", 3.0))
 
 
-def measure_run(sampler: BlockSampler, run: dict, samples: int, budget: int, limit: int | None = None) -> dict:
+def measure_run(sampler: BlockSampler, run: dict, samples: int, budget: int, limit: int | None = None,
+                seed: int = 0, done: list[dict] | None = None, save: Callable[[dict], None] | None = None) -> dict:
+    """Every answer of a block run (the first `limit`); answer i's samples are seeded by (seed, i),
+    so `done` (answers measured before, in order) is kept and the rest continue it; `save` gets
+    the result after each answer (a long run can be cut short and resumed)."""
     from prefix_scorers.rollouts import chat_prompt_ids
 
     seg, k = run_segment(run), run["num_candidates"]
-    per, mismatched, t0 = [], 0, time.perf_counter()
-    for a in run["samples"][:limit]:
+    per, t0 = list(done or []), time.perf_counter()
+    for i, a in enumerate(run["samples"][:limit]):
+        if i < len(per):
+            continue
+        sampler.gen.manual_seed(seed * 1_000_003 + i)
         prompt = chat_prompt_ids(sampler.tok, a["prompt"])
         answer = sampler.tok(a["text"], add_special_tokens=False)["input_ids"]
         finish = a.get("finish_reason") or ("length" if len(answer) >= budget else "stop")
         if finish == "stop":
             answer = answer + [sampler.eos_pad()]
-        if a.get("completion_tokens") is not None and len(answer) - (finish == "stop") != a["completion_tokens"]:
-            mismatched += 1
-        per.append(measure_answer(sampler, prompt, answer, budget, seg, k, samples, run["weights"],
-                                  run.get("rewards") or {}))
+        m = measure_answer(sampler, prompt, answer, budget, seg, k, samples, run["weights"], run.get("rewards") or {})
+        per.append({"prompt": a["prompt"], **m, "retokenised_length_matches": a.get("completion_tokens") is None or
+                    len(answer) - (finish == "stop") == a["completion_tokens"]})
+        if save is not None:
+            save(summary(run, per, samples, time.perf_counter() - t0))
+    return summary(run, per, samples, time.perf_counter() - t0)
+
+
+def summary(run: dict, per: list[dict], samples: int, seconds: float) -> dict:
+    k = run["num_candidates"]
     kls = [p["kl"] for p in per]
     bound = statistics.fmean(len(p["blocks"]) * best_of_n_kl_bound(k) for p in per)
     mean, sem = mean_sem(kls)
     q = [x for p in per for x in p["accepted_quantile"]]
     return {"kl_measured": mean, "kl_measured_sem": sem, "kl_bound": bound, "kl_reported": run["kl"],
             "blocks_per_answer": statistics.fmean(len(p["blocks"]) for p in per),
-            "accepted_quantile_mean": statistics.fmean(q), "retokenised_length_mismatch": mismatched,
-            "samples_per_block": samples, "answers": len(per), "seconds": round(time.perf_counter() - t0, 1),
-            "per_answer": [{k2: v for k2, v in p.items() if k2 != "pools"} for p in per]}
+            "accepted_quantile_mean": statistics.fmean(q),
+            "retokenised_length_mismatch": sum(not p["retokenised_length_matches"] for p in per),
+            "samples_per_block": samples, "answers": len(per), "seconds": round(seconds, 1), "per_answer": per}
 
 
 def run_key(run: dict) -> str:
@@ -303,17 +316,23 @@ def main() -> None:
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
     scorer = load_scorer(args.scorer, tok, model.get_input_embeddings().weight.detach())
     out_path = Path(args.out)
-    done = json.loads(out_path.read_text()) if out_path.exists() else {}
+
+    def stored() -> dict:
+        return json.loads(out_path.read_text()) if out_path.exists() else {}
+
     for run in runs:
         key = run_key(run)
-        if key in done and done[key]["samples_per_block"] == args.samples and done[key]["answers"] == (
-                args.limit or len(run["samples"])):
-            continue
+        old = stored().get(key)
+        same = old and (old["samples_per_block"], old["scorer"], old.get("seed")) == (args.samples, args.scorer, args.seed)
+        done = old["per_answer"] if same else []
+
+        def save(res: dict, key=key) -> None:
+            everything = stored()  # another process may have written other runs
+            everything[key] = {"scorer": args.scorer, "seed": args.seed, **res}
+            out_path.write_text(json.dumps(everything, indent=1) + "\n")
+
         sampler = BlockSampler(model, tok, scorer, eos_token_ids(model_dir, tok), meta["temperature"], 1.0, args.seed)
-        res = measure_run(sampler, run, args.samples, meta["max_tokens"], args.limit)
-        done = json.loads(out_path.read_text()) if out_path.exists() else {}  # another process may have added runs
-        done[key] = {"scorer": args.scorer, **res}
-        out_path.write_text(json.dumps(done, indent=1) + "\n")
+        res = measure_run(sampler, run, args.samples, meta["max_tokens"], args.limit, args.seed, done, save)
         print(f"{key}: KL measured {res['kl_measured']:.3f} ± {res['kl_measured_sem']:.3f} "
               f"(bound {res['kl_bound']:.3f}, reported {res['kl_reported']:.3f}); accepted block's quantile "
               f"among its samples {res['accepted_quantile_mean']:.2f}; {res['seconds']:.0f} s", flush=True)

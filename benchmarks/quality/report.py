@@ -125,11 +125,11 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
         measured, how = run["kl"], "exact per-step sum (server)"
     elif mode == "block":
         m = (block_kl or {}).get(label(run))
-        if m and m["answers"] == len(answers):
+        if m and [p["prompt"] for p in m["per_answer"]] == [a["prompt"] for a in answers[:m["answers"]]]:
             measured, extra["kl_measured_sem"] = m["kl_measured"], m["kl_measured_sem"]
-            extra["kl_bound_blocks"] = m["kl_bound"]
+            extra["kl_bound_blocks"], extra["kl_measured_answers"] = m["kl_bound"], m["answers"]
             how = (f"per-block best-of-{n} over {m['samples_per_block']} base samples of each block from its "
-                   "prefix, summed over blocks (block_kl.py)")
+                   f"prefix, summed over blocks (block_kl.py), mean over the first {m['answers']} answers")
         else:
             measured, how = None, "bound only: no per-block base samples (python -m benchmarks.quality.block_kl)"
     elif samples is None or (run["weights"] if run.get("rewards") else run["weights"] != samples["weights"]) \
@@ -353,7 +353,8 @@ def table(rows: list[dict]) -> str:
         cells[0] += f" ± {r['reward_sem'][HEAD]:.3f}"
         kl_m = _fmt(r["kl_measured"], 2) if r["kl_measured"] is not None else "(bound)"
         if r.get("kl_measured_sem") is not None:
-            kl_m += f" ± {r['kl_measured_sem']:.2f}"
+            kl_m += f" ± {r['kl_measured_sem']:.2f}" + (f" ({r['kl_measured_answers']} answers)"
+                                                       if r["kl_measured_answers"] < len(r["answers"]) else "")
         if r.get("kl_upper"):
             kl_m = f"{kl_m} (<= {r['kl_upper']:.2f})"
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_fmt(r.get('afinn'), 2)} | "

@@ -124,10 +124,10 @@ def test_block_rows_take_the_measured_block_kl_when_it_was_run():
     answers = [{"prompt": f"p{i}", "text": f"a happy answer {i}"} for i in range(3)]
     run = {"mode": "block", "weights": {"positive": 1.0}, "block_size": 8, "num_candidates": 4, "samples": answers,
            "kl": 3.6, "tokens_per_accepted": 4.0, "seconds": 1.0}
-    measured = {"block K=4 M=8": {"kl_measured": 2.5, "kl_measured_sem": 0.1, "kl_bound": 3.8, "answers": 3,
-                                  "samples_per_block": 16}}
-    r = server_row(run, None, HEAD_REWARDS, measured)
+    measured = {"block K=4 M=8": {"kl_measured": 2.5, "kl_measured_sem": 0.1, "kl_bound": 3.8, "answers": 2,
+                                  "samples_per_block": 16, "per_answer": [{"prompt": "p0"}, {"prompt": "p1"}]}}
+    r = server_row(run, None, HEAD_REWARDS, measured)  # measured on the first 2 of the 3 answers
     assert (r["kl_reported"], r["kl_measured"], r["kl_measured_sem"]) == (3.6, 2.5, 0.1)
     assert server_row(run, None, HEAD_REWARDS, {})["kl_measured"] is None  # not run: the bound only
-    stale = {"block K=4 M=8": {**measured["block K=4 M=8"], "answers": 2}}  # measured on other answers
-    assert server_row(run, None, HEAD_REWARDS, stale)["kl_measured"] is None
+    stale = {"block K=4 M=8": {**measured["block K=4 M=8"], "per_answer": [{"prompt": "p1"}, {"prompt": "p0"}]}}
+    assert server_row(run, None, HEAD_REWARDS, stale)["kl_measured"] is None  # measured on other answers
