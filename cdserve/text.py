@@ -11,16 +11,18 @@ def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int:
 
 def safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:
     """Length of the prefix of `text` that can be streamed now: hold back an unfinished UTF-8
-    character (decoded as U+FFFD) and any suffix that could be the start of a stop string."""
+    character (decoded as U+FFFD) and the longest suffix that could be the start of a stop string
+    (only that: "ab" with stops "b1" and "a2" holds "b" alone)."""
     end = len(text)
     while end and text[end - 1] == "\ufffd":
         end -= 1
+    hold = 0
     for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
+        for k in range(min(len(s) - 1, end), hold, -1):
             if text[:end].endswith(s[:k]):
-                end -= k
+                hold = k
                 break
-    return end
+    return end - hold
 
 
 def eos_token_ids(model_dir, tokenizer) -> set[int]:
