@@ -35,8 +35,16 @@ from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
 from cdserve.backends.vllm.stats import timed_apply
 from cdserve.control.segments import entropy_ends
-from cdserve.control.steering import sampled_kl
+from cdserve.control.steering import (
+    combine_heads,
+    risk_adjusted,
+    sampled_kl,
+    steer_top_k_values,
+    top_k_candidates,
+    top_k_kl,
+)
 from prefix_scorers.config import ScorerConfig
+from prefix_scorers.model import PrefixScorer
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -76,6 +84,16 @@ class ScorerLogitsProcessor(LogitsProcessor):
         if scorer.config.architecture.vocab_size != vocab:
             raise ValueError(f"scorer {scorer_dir} has vocabulary {scorer.config.architecture.vocab_size}, "
                              f"the model {model_dir} has {vocab}")
+        self._setup(scorer, device)
+
+    @classmethod
+    def from_scorer(cls, scorer: PrefixScorer, device: torch.device) -> ScorerLogitsProcessor:
+        """A processor around a loaded scorer, without vLLM's config (tests, benchmarks)."""
+        processor = cls.__new__(cls)
+        processor._setup(scorer, device)
+        return processor
+
+    def _setup(self, scorer: PrefixScorer, device: torch.device) -> None:
         self.scorer = scorer
         self.device = device
         self.rows = ScorerRows(scorer, device)
@@ -107,7 +125,11 @@ class ScorerLogitsProcessor(LogitsProcessor):
         return logits if ends is None else self._force_ends(logits, *ends)
 
     def _steer_and_measure(self, logits: torch.Tensor) -> torch.Tensor:
-        picked = self.rows.controlled(logits.shape[0])  # token mode: steer, then measure
+        controlled = self.rows.controlled(logits.shape[0])  # token mode: steer, then measure
+        top_k = [(i, r) for i, r in controlled if r.control.top_k > 0]
+        if top_k:
+            self._steer_top_k(logits, top_k)
+        picked = [(i, r) for i, r in controlled if r.control.top_k == 0]  # the whole vocabulary
         measured = picked + self.rows.measured(logits.shape[0])  # others with top_p < 1: measure
         if not measured:
             return logits
@@ -120,14 +142,49 @@ class ScorerLogitsProcessor(LogitsProcessor):
         temperature = torch.tensor([r.control.temperature for _, r in measured], device=logits.device)
         top_p = torch.tensor([r.control.top_p for _, r in measured], device=logits.device)
         kl = sampled_kl(sampled, base, temperature, top_p)  # (N,) KL(sampled || base), the control.kl contract
-        for j, (_, row) in enumerate(measured):
+        self._keep_kl(measured, kl)
+        if not picked:
+            return logits
+        return logits.index_copy_(0, index[: len(picked)], sampled[: len(picked)])
+
+    @torch.inference_mode()
+    def _steer_top_k(self, logits: torch.Tensor, picked: list[tuple[int, Row]]) -> None:
+        """Token mode over the top k (k > 0), in place. A steered row is -inf but for its k
+        candidates, so the row is filled and k entries written, and the KL comes from the
+        candidates (steering.top_k_kl): about four passes over the vocabulary per row, where the
+        whole-vocabulary path (steer_rows, sampled_kl) makes some twenty (copies, the full steered
+        rows, two log-softmaxes); at 64 rows those passes cost more than the scorer itself."""
+        dev = logits.device
+        rows = [r for _, r in picked]
+        index = torch.tensor([i for i, _ in picked], device=dev)
+        base = logits.index_select(0, index)  # (N, V)
+        ks = [r.control.top_k for r in rows]
+        cands = top_k_candidates(base, torch.tensor(ks, device=dev), max(ks))  # (N, k)
+        slots = torch.tensor([r.slot for r in rows], device=dev)
+        q = self.rows.queries.index_select(0, slots)  # (N, H*E, d_e)
+        weights = torch.tensor([r.control.weights for r in rows], device=dev, dtype=q.dtype)
+        positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
+        risk = torch.tensor([r.control.risk for r in rows], device=dev)
+        mean, std = self.scorer.norm_stats(positions)  # (N, H)
+        raw = self.scorer.values_at(q, cands.clamp(min=0))  # (N, H*E, k)
+        combined = combine_heads(risk_adjusted(raw, self.scorer.ensemble_size, risk), mean, std, weights)
+        strength = torch.tensor([r.control.strength for r in rows], device=dev, dtype=base.dtype)
+        ids, steered = steer_top_k_values(base, cands, combined.to(base.dtype), strength)  # (N, k) each
+        temperature = [r.control.temperature for r in rows]
+        top_p = [r.control.top_p for r in rows]
+        kl = top_k_kl(steered, cands, base, torch.tensor(temperature, device=dev), torch.tensor(top_p, device=dev),
+                      truncate=min(top_p) < 1, any_greedy=min(temperature) <= 0)
+        self._keep_kl(picked, kl)
+        logits.index_fill_(0, index, float("-inf"))
+        logits.index_put_((index[:, None].expand_as(ids), ids), steered)
+
+    @staticmethod
+    def _keep_kl(rows: list[tuple[int, Row]], kl: torch.Tensor) -> None:
+        for j, (_, row) in enumerate(rows):
             # One entry per generated token; a step whose sample vLLM discards (a partial prefill
             # chunk) is overwritten by the next one.
             del row.kl[len(row.output):]
             row.kl.append(kl[j])
-        if not picked:
-            return logits
-        return logits.index_copy_(0, index[: len(picked)], sampled[: len(picked)])
 
     def _segment_ends(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Block candidates with entropy segments (segments.py): (batch index, sentinel, ends) of

@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from cdserve.control.steering import best_of_n_kl_bound, sampled_kl
+from cdserve.control.steering import (
+    best_of_n_kl_bound,
+    sampled_kl,
+    steer_top_k,
+    steer_top_k_values,
+    top_k_candidates,
+    top_k_kl,
+)
 
 ONE = torch.ones(1)
 
@@ -64,3 +71,30 @@ def test_best_of_n_bound():
     assert best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)
     assert best_of_n_kl_bound(16) == pytest.approx(math.log(16) - 15 / 16)
     assert all(best_of_n_kl_bound(n) < best_of_n_kl_bound(n + 1) for n in range(1, 20))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_top_k_kl_equals_the_whole_vocabulary_kl(top_p):
+    """The vLLM processor's KL from the k candidates alone (one pass over the vocabulary) is
+    sampled_kl of the (N, V) steered rows: sampled rows, greedy rows whose steered argmax stays or
+    moves, a tie between two candidates, unused ranks (top_k below k_max), top-p truncation."""
+    g = torch.Generator().manual_seed(0)
+    N, V = 6, 50
+    base = torch.randn(N, V, generator=g) * 3
+    top_k = torch.tensor([5, 3, 5, 1, 4, 5])
+    cands = top_k_candidates(base, top_k, 5)
+    combined = torch.randn(N, 5, generator=g)
+    combined[2] = 0.0
+    base[2, cands[2, 1]] = base[2, cands[2, 0]]  # row 2: a tie between its two best candidates
+    cands = top_k_candidates(base, top_k, 5)
+    strength = torch.tensor([2.0, 0.5, 0.0, 1.0, 4.0, 2.0])
+    temperature = torch.tensor([0.7, 1.0, 0.0, 0.0, 0.0, 1.3])
+    top_p_t = torch.full((N,), top_p)
+    full = sampled_kl(steer_top_k(base, cands, combined, strength), base, temperature, top_p_t)
+    _, steered = steer_top_k_values(base, cands, combined, strength)
+    fast = top_k_kl(steered, cands, base, temperature, top_p_t)
+    assert torch.isinf(full[2:5]).tolist() == torch.isinf(fast[2:5]).tolist()
+    assert torch.isinf(full).any() and not torch.isinf(full).all()  # both greedy cases occur
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    hinted = top_k_kl(steered, cands, base, temperature, top_p_t, truncate=top_p < 1, any_greedy=True)
+    torch.testing.assert_close(hinted, full, rtol=1e-5, atol=1e-6)
