@@ -161,3 +161,16 @@ def test_a_choice_decodes_each_token_a_bounded_number_of_times(control):
             ctl.select(torch.zeros(ctl.K, 2), torch.tensor([0.0, 1.0]))
     assert len(ctl.accepted) == 300 and ctl.text == CountingDecode()(ctl.accepted)
     assert decode.ids <= 4 * ctl.tokens_generated
+
+
+def test_candidates_fork_from_one_state_without_changing_it():
+    """Block candidates continue one accepted state: pushing onto it makes new states and leaves it
+    (and each other) alone, even in the middle of a character. Ids are UTF-8 bytes: "é" is C3 A9."""
+    decode = lambda ids: bytes(ids).decode(errors="replace")
+    accepted = Detokenizer(decode).push(ord("a")).push(0xC3)  # "a" and half of "é"
+    assert (accepted.final, accepted.text) == ("a", "a" + REPLACEMENT)
+    one, other = accepted.push(0xA9), accepted.push(ord("b"))
+    assert (one.final, one.text) == ("aé", "aé")
+    assert other.text == "a" + REPLACEMENT + "b" == decode([ord("a"), 0xC3, ord("b")])
+    assert (accepted.final, accepted.text) == ("a", "a" + REPLACEMENT)  # unchanged
+    assert one.push(ord("!")).text == "aé!" and other.push(ord("!")).text == "a" + REPLACEMENT + "b!"
