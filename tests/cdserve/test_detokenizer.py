@@ -165,12 +165,14 @@ def test_a_choice_decodes_each_token_a_bounded_number_of_times(control):
 
 def test_candidates_fork_from_one_state_without_changing_it():
     """Block candidates continue one accepted state: pushing onto it makes new states and leaves it
-    (and each other) alone, even in the middle of a character. Ids are UTF-8 bytes: "é" is C3 A9."""
+    (and each other) alone, even in the middle of a character. Ids are UTF-8 bytes: "€" is E2 82 AC."""
     decode = lambda ids: bytes(ids).decode(errors="replace")
-    accepted = Detokenizer(decode).push(ord("a")).push(0xC3)  # "a" and half of "é"
+    accepted = Detokenizer(decode).push(ord("a")).push(0xE2)  # "a" and a third of "€"
     assert (accepted.final, accepted.text) == ("a", "a" + REPLACEMENT)
-    one, other = accepted.push(0xA9), accepted.push(ord("b"))
-    assert (one.final, one.text) == ("aé", "aé")
-    assert other.text == "a" + REPLACEMENT + "b" == decode([ord("a"), 0xC3, ord("b")])
+    half = accepted.push(0x82)  # still unfinished
+    assert (half.final, half.text) == ("a", decode([ord("a"), 0xE2, 0x82]))
+    assert half.push(0xAC).text == "a€"
+    assert accepted.push(0x82).push(0xAC).text == "a€"  # a second candidate on the same path
+    other = accepted.push(ord("b"))
+    assert other.text == decode([ord("a"), 0xE2, ord("b")]) and other.push(ord("!")).text == other.text + "!"
     assert (accepted.final, accepted.text) == ("a", "a" + REPLACEMENT)  # unchanged
-    assert one.push(ord("!")).text == "aé!" and other.push(ord("!")).text == "a" + REPLACEMENT + "b!"
