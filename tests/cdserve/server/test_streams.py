@@ -169,7 +169,7 @@ async def test_outputs_flow_until_the_deadline_then_the_source_is_closed():
             got.append(x.choices[0].text)
 
     reader = asyncio.create_task(read())
-    drain.begin(0.2)  # draining: outputs still flow within the grace period
+    drain.begin(0.5)  # draining: outputs still flow within the grace period
     source.queue.put_nowait(out("a"))
     await until(lambda: got == ["a"], "an output during the grace period")
     with pytest.raises(ShuttingDownError):
