@@ -22,6 +22,10 @@ from prefix_scorers.model import PrefixScorer
 # Results of rows that left the batch, kept until the server fetches them (bounded: a request
 # the server aborted is never fetched).
 MAX_FINISHED = 1024
+# A new row reuses the scorer keys/values of a live row's prompt prefix in whole blocks of this
+# many tokens (vLLM's prefix caching does the same for the base model, so without it a shared
+# context would be recomputed by the scorer alone).
+PREFIX_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,9 @@ class ScorerRows:
         self.queries: torch.Tensor | None = None  # (len(slots), H*E, d_e), at each row's last token
         self.finished: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self._dropped = False
+        self.prefixes: dict[int, Row] = {}  # hash of a prompt's first j blocks -> a row that read them
+        self.prefill_tokens = 0  # tokens the scorer read in prefills (counters: tests, profiling)
+        self.reused_tokens = 0  # prompt tokens whose keys/values were copied from a live row instead
 
     def __len__(self) -> int:
         return len(self.by_index)
@@ -249,6 +256,59 @@ class ScorerRows:
             r.consumed += n
 
     def _prefill(self, rows: list[Row]) -> None:
+        """Read new rows: those whose prompt starts with a live row's (whole blocks) copy that
+        prefix's keys/values and read only the rest; the others are prefilled together, one row
+        per distinct first block first, so that rows sharing a context arriving together read it
+        once."""
+        pending = rows
+        while pending:
+            found = [(r, self._donor(r)) for r in pending]
+            reuse = [(r, d) for r, d in found if d is not None]
+            if reuse:
+                self._prefill_from_prefix(reuse)
+            alone = [r for r, d in found if d is None]
+            leaders, pending, seen = [], [], set()
+            for r in alone:
+                first = _block_hashes(r.prompt)[:1]
+                (pending if first and first[0] in seen else leaders).append(r)
+                seen.update(first)
+            if leaders:
+                self._prefill_batch(leaders)
+
+    def _donor(self, row: Row) -> tuple[Row, int] | None:
+        """A live row in the cache whose prompt starts with the most whole blocks of row's prompt,
+        and how many tokens they share (fewer than row's sequence: its last token is read anew)."""
+        limit = row.length - 1
+        for j, h in reversed(list(enumerate(_block_hashes(row.prompt), 1))):
+            n = j * PREFIX_BLOCK
+            d = self.prefixes.get(h)
+            if n > limit or d is None:
+                continue
+            if 0 <= d.slot < len(self.slots) and self.slots[d.slot] is d and d.prompt[:n] == row.prompt[:n]:
+                return d, n
+        return None
+
+    def _prefill_from_prefix(self, found: list[tuple[Row, tuple[Row, int]]]) -> None:
+        """Each row: the donor's prefix keys/values (its first n real columns: a prompt is read in
+        one piece, so they are contiguous) then a forward over the rest of the sequence."""
+        new = KVCache.empty(self.num_layers)
+        queries = []
+        for row, (donor, n) in found:
+            first = int(self.cache.mask[donor.slot].int().argmax())  # the donor's first real column
+            cols = slice(first, first + n)
+            cache = KVCache([k[donor.slot:donor.slot + 1, :, cols].clone() for k in self.cache.keys],
+                            [v[donor.slot:donor.slot + 1, :, cols].clone() for v in self.cache.values],
+                            torch.ones(1, n, dtype=torch.bool, device=self.device))
+            seq = row.prompt + list(row.output)
+            ids = torch.tensor([seq[n:]], device=self.device)
+            positions = torch.arange(n, len(seq), device=self.device)[None]
+            queries.append(self.scorer(ids, positions=positions, cache=cache).queries[:, -1])
+            new = new.extend(cache)
+            self.prefill_tokens += len(seq) - n
+            self.reused_tokens += n
+        self._add(new, torch.cat(queries), [r for r, _ in found])
+
+    def _prefill_batch(self, rows: list[Row]) -> None:
         """Left-padded batched prefill of whole sequences (prompt + output so far)."""
         seqs = [r.prompt + list(r.output) for r in rows]
         T = max(len(s) for s in seqs)
@@ -261,11 +321,21 @@ class ScorerRows:
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         cache = KVCache.empty(self.num_layers)
         q = self.scorer(ids, positions=positions, valid=valid, cache=cache).queries[:, -1]
+        self.prefill_tokens += sum(len(s) for s in seqs)
+        self._add(cache, q, rows)
+
+    def _add(self, cache: KVCache, queries: torch.Tensor, rows: list[Row]) -> None:
+        """Rows that have read their whole sequence join the cache (and can lend their prefix)."""
         self.cache = self.cache.extend(cache)
-        self.queries = q if self.queries is None else torch.cat([self.queries, q])
-        for i, (r, s) in enumerate(zip(rows, seqs)):
-            r.slot, r.consumed = len(self.slots) + i, len(s)
+        self.queries = queries if self.queries is None else torch.cat([self.queries, queries])
+        for i, r in enumerate(rows):
+            r.slot, r.consumed = len(self.slots) + i, r.length
+            for h in _block_hashes(r.prompt):
+                self.prefixes[h] = r
         self.slots = self.slots + rows
+        if len(self.prefixes) > 64 * max(len(self.slots), 16):  # drop what rows that left registered
+            live = [r for r in self.slots if r.slot >= 0]
+            self.prefixes = {h: r for r in live for h in _block_hashes(r.prompt)}
 
     def controlled(self, num_rows: int) -> list[tuple[int, Row]]:
         """(batch index, row) of the rows to steer this step, in batch order."""
@@ -280,3 +350,12 @@ class ScorerRows:
         """(batch index, row) of the block candidates with entropy segments."""
         return sorted((i, r) for i, r in self.by_index.items()
                       if i < num_rows and r.control.entropy_threshold is not None)
+
+
+def _block_hashes(tokens: Sequence[int]) -> list[int]:
+    """Chained hashes of tokens' whole PREFIX_BLOCK-token blocks: entry j-1 names the first j."""
+    out, h = [], 0
+    for j in range(len(tokens) // PREFIX_BLOCK):
+        h = hash((h, tuple(tokens[j * PREFIX_BLOCK:(j + 1) * PREFIX_BLOCK])))
+        out.append(h)
+    return out

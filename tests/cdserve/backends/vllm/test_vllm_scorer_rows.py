@@ -132,3 +132,34 @@ def test_measure_only_rows_keep_kl_without_scorer_state(scorer):
     assert rows.kl_of(result_key("g", [5, 6]), 2) == 1.0
     rows.forget([result_key("g", [7])])
     assert not rows.finished
+
+
+def test_rows_sharing_a_context_read_it_once(scorer):
+    """A shared context (whole PREFIX_BLOCK blocks) is read by the scorer once: rows arriving
+    together and rows arriving later copy it from a live row, and every row's queries still match a
+    full recompute, through later steps and after the first reader has left."""
+    from cdserve.backends.vllm.scorer_rows import PREFIX_BLOCK
+
+    g = torch.Generator().manual_seed(3)
+    context = [int(t) for t in torch.randint(V, (2 * PREFIX_BLOCK + 5,), generator=g)]
+    rows = ScorerRows(scorer, torch.device("cpu"))
+    prompts = {i: context + [i + 1] * (i + 2) for i in range(3)}  # 2 whole blocks shared
+    prompts[3] = [7, 8, 9]  # nothing shared
+    outs = {i: [] for i in prompts}
+    for i in prompts:
+        rows.add(i, ctrl(f"k{i}"), prompts[i], outs[i])
+    rows.sync()
+    assert rows.reused_tokens == 2 * 2 * PREFIX_BLOCK  # rows 1 and 2 copied both blocks from row 0
+    assert rows.prefill_tokens == sum(len(p) for p in prompts.values()) - rows.reused_tokens
+    check(rows, scorer, prompts)
+    for step in range(3):
+        for o in outs.values():
+            o.append(int(torch.randint(V, (1,), generator=g)))
+        if step == 1:  # the first reader leaves; a newcomer copies from one of the others
+            rows.remove(0)
+            del prompts[0], outs[0]
+            prompts[4], outs[4] = context[:PREFIX_BLOCK + 3], [1, 2]
+            rows.add(4, ctrl("k4"), prompts[4], outs[4])
+        rows.sync()
+        check(rows, scorer, {i: prompts[i] + outs[i] for i in outs})
+    assert rows.reused_tokens == 5 * PREFIX_BLOCK
