@@ -73,9 +73,14 @@ class Call:
         assert predicate(self), f"the app finished without {what}; got {self.messages}"
 
     async def finish(self) -> None:
-        """Wait for the app to finish the call."""
-        async with asyncio.timeout(TIMEOUT_S):
-            await self.task
+        """Wait for the app to finish the call. (Not `await` under a timeout: cancelling the call
+        would look like a client that went away, and the app would answer it.)"""
+        await asyncio.wait({self.task}, timeout=TIMEOUT_S)
+        if not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            raise AssertionError(f"the app did not finish the call in {TIMEOUT_S}s; got {self.messages}")
+        self.task.result()
 
     @property
     def status(self) -> int | None:

@@ -55,6 +55,14 @@ async def until(predicate, what: str) -> None:
             await asyncio.sleep(0.001)
 
 
+async def result(task: asyncio.Task):
+    """The task's result, once it finished by itself. (Not wait_for: its timeout cancels the task,
+    and work that answers a cancellation, as cancel_on_disconnect does, would look finished.)"""
+    await asyncio.wait({task}, timeout=TIMEOUT_S)
+    assert task.done(), f"not finished after {TIMEOUT_S}s"
+    return task.result()
+
+
 def texts(items) -> list[tuple[int, str]]:
     return [(i, o.choices[0].text) for i, o in items]
 
@@ -71,7 +79,7 @@ async def test_merge_sends_the_firsts_then_each_output_as_it_comes():
         seen = len(got)
         stream.queue.put_nowait(item)
         await until(lambda seen=seen: len(got) > seen, "the merged output")
-    await asyncio.wait_for(consumer, TIMEOUT_S)
+    await result(consumer)
     assert texts(got) == [(0, "a0"), (1, "b0"), (1, "b1"), (0, "a1"), (1, "b2"), (0, "a2")]
 
 
@@ -156,7 +164,7 @@ async def test_after_the_deadline_waiting_work_is_cancelled():
     drain.begin(0.05)
     assert drain.started
     with pytest.raises(ShuttingDownError, match="grace period \\(0.05s\\) is over"):
-        await asyncio.wait_for(task, TIMEOUT_S)
+        await result(task)
     assert cancelled.is_set()
 
 
@@ -173,7 +181,7 @@ async def test_outputs_flow_until_the_deadline_then_the_source_is_closed():
     source.queue.put_nowait(out("a"))
     await until(lambda: got == ["a"], "an output during the grace period")
     with pytest.raises(ShuttingDownError):
-        await asyncio.wait_for(reader, TIMEOUT_S)
+        await result(reader)
     assert source.closed
 
 
@@ -206,5 +214,5 @@ async def test_a_client_that_goes_away_cancels_the_work():
     await asyncio.sleep(0)
     request.gone.set()
     with pytest.raises(ClientDisconnected):
-        await asyncio.wait_for(task, TIMEOUT_S)
+        await result(task)
     assert cancelled.is_set()
