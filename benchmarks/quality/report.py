@@ -31,10 +31,11 @@ from benchmarks.quality.kl import (
     winner_rank,
     winners_kl,
 )
+from prefix_scorers.checkpoint import DEFAULT_HEADS
 
 HERE = Path(__file__).resolve().parent.parent
 RESULTS = HERE / "results"
-HEADS = ("positive", "civil", "concise", "readable")
+HEADS = tuple(h.name for h in DEFAULT_HEADS)  # the default scorer's heads
 HEAD = "positive"
 NS = (2, 4, 8, 16)
 
@@ -57,9 +58,9 @@ def sample_tokens(control: dict | None, finish: str | None) -> tuple[int, int]:
     return gen, gen - (finish == "stop")
 
 
-def client_rows(samples: dict, ns=NS) -> list[dict]:
+def client_rows(samples: dict, ns=NS, heads=HEADS) -> list[dict]:
     """True-reward and scorer-ranked best-of-N from the plain samples, first N of each prompt's 16
-    (the rows best_of_n N's candidates use)."""
+    (the rows best_of_n N's candidates use); the rewards of `heads` are reported."""
     per = samples["per_prompt"]
     rows = []
     for rank_by in ("reward", "scorer"):
@@ -84,10 +85,28 @@ def client_rows(samples: dict, ns=NS) -> list[dict]:
             rows.append(row(
                 label, "true-reward best-of-N" if rank_by == "reward" else "scorer best-of-N (client)",
                 [{"prompt": p["prompt"], "text": p["texts"][j]} for p, j in zip(per, win)],
-                {h: [p["rewards"][h][j] for p, j in zip(per, win)] for h in HEADS},
+                {h: [p["rewards"][h][j] for p, j in zip(per, win)] for h in heads},
                 best_of_n_kl_bound(n), kl, "plug-in best-of-N over 16 base samples", gen / max(1, acc),
                 samples["seconds"] * n / len(per[0]["texts"]), n=n, rank_by=rank_by, **mc))
     return rows
+
+
+def with_head_rewards(samples: dict, head_rewards: dict[str, str]) -> dict:
+    """The samples run with every head's per-sample rewards: a run stored under other heads (before
+    `specific` replaced `civil` in the default scorer) gets the missing ones scored from its texts."""
+    per = samples["per_prompt"]
+    missing = {h: r for h, r in head_rewards.items() if any(h not in p["rewards"] for p in per)}
+    if not missing:
+        return samples
+    from prefix_scorers.rewards import score_texts
+
+    scored = score_texts([t for p in per for t in p["texts"]], list(missing.values()))
+    out, i = [], 0
+    for p in per:
+        n = len(p["texts"])
+        out.append({**p, "rewards": {**p["rewards"], **{h: scored[r][i:i + n] for h, r in missing.items()}}})
+        i += n
+    return {**samples, "per_prompt": out}
 
 
 def _find(texts: list[str], text: str, n: int) -> int | None:
@@ -345,9 +364,9 @@ def _spearman(x: list[float], y: list[float]) -> float:
 
 # -- output --------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    head = ("| run | positive | civil | concise | readable | AFINN | non-words | rep-3 | distinct-2 | ppl | "
+    head = ("| run | " + " | ".join(HEADS) + " | AFINN | non-words | rep-3 | distinct-2 | ppl | "
             "KL reported | KL measured | base tok / answer tok | s |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * (len(HEADS) + 10)]
     for r in rows:
         cells = [f"{r['reward'][h]:.3f}" for h in HEADS]
         cells[0] += f" ± {r['reward_sem'][HEAD]:.3f}"
@@ -404,12 +423,12 @@ def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: boo
 
 
 def build(results: Path, ppl_cache: Path | None) -> dict:
-    from prefix_scorers.checkpoint import DEFAULT_HEADS
-
     data = json.loads(results.read_text())
     runs = data["runs"]
     head_rewards = {h.name: h.reward for h in DEFAULT_HEADS}
     samples = next((r for r in runs if r.get("samples_per_prompt")), None)
+    if samples:
+        samples = with_head_rewards(samples, head_rewards)
     prompts = {tuple(a["prompt"] for a in r["samples"]) for r in runs if r.get("samples")}
     if samples:
         prompts.add(tuple(p["prompt"] for p in samples["per_prompt"]))

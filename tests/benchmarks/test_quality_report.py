@@ -8,7 +8,8 @@ import math
 import pytest
 
 from benchmarks.quality import judges
-from benchmarks.quality.report import client_rows, server_row, targets
+from benchmarks.quality.report import client_rows, server_row, targets, with_head_rewards
+from prefix_scorers.rewards import get_reward
 
 HEAD_REWARDS = {"positive": "vader_compound", "civil": "civility", "concise": "concise", "readable": "readable"}
 
@@ -131,3 +132,21 @@ def test_block_rows_take_the_measured_block_kl_when_it_was_run():
     assert server_row(run, None, HEAD_REWARDS, {})["kl_measured"] is None  # not run: the bound only
     stale = {"block K=4 M=8": {**measured["block K=4 M=8"], "per_answer": [{"prompt": "p1"}, {"prompt": "p0"}]}}
     assert server_row(run, None, HEAD_REWARDS, stale)["kl_measured"] is None  # measured on other answers
+
+
+def test_a_samples_run_stored_without_a_head_gets_its_rewards_scored_from_the_texts():
+    # runs stored under the old default heads (`civil`) have no `specific` rewards per sample
+    s = samples_run([[0.1, 0.9], [0.3, 0.2]])
+    texts = [["It is good and nice.", "Bake at 180 degrees for 25 minutes with cardamom."],
+             ["Chlorophyll absorbs photons in chloroplasts.", "You can do it, it is a good thing."]]
+    for p, t in zip(s["per_prompt"], texts):
+        p["texts"] = t
+        p["rewards"].pop("specific", None)
+    heads = {"positive": "vader_compound", "specific": "specificity"}
+    filled = with_head_rewards(s, heads)
+    spec = get_reward("specificity")
+    assert [p["rewards"]["specific"] for p in filled["per_prompt"]] == [spec(t) for t in texts]
+    assert [p["rewards"]["positive"] for p in filled["per_prompt"]] == [[0.1, 0.9], [0.3, 0.2]]  # kept as stored
+    assert with_head_rewards(filled, heads) is filled  # nothing missing: nothing rescored
+    tr2 = next(r for r in client_rows(filled, [2], heads=tuple(heads)) if r["rank_by"] == "reward")
+    assert tr2["reward"]["specific"] == pytest.approx((spec(texts[0])[1] + spec(texts[1])[0]) / 2)
