@@ -1,46 +1,62 @@
 """API key on and off: /v1/* needs `Authorization: Bearer <key>` when one is configured; the
-probes and /metrics stay open."""
+probes and /metrics stay open. In-process around the scripted engine (tests/cdserve/server/
+fake_engine.py): the key is checked before any route or engine work, so no model is needed."""
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
+from asgi_call import client, running
+from fake_engine import FakeEngine
 
+from cdserve.server.app import build_app
+from cdserve.server.settings import ServerSettings
+
+pytestmark = pytest.mark.anyio
 KEY = "test-key-123"
+BODY = {"model": "fake-model", "prompt": "Hi", "max_tokens": 2}
 
 
-@pytest.fixture(scope="module")
-def keyed(launch):
-    return launch("--max-model-len", "1024", "--max-tokens-limit", "100", api_key=KEY)
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
 
 
-def test_api_key_required(keyed):
-    body = {"model": keyed.model, "prompt": "Hi", "max_tokens": 2}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        r = httpx.post(f"{keyed.url}/v1/completions", json=body, headers=headers, timeout=60)
-        assert r.status_code == 401, headers
-        err = r.json()["error"]
-        assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
-        assert r.headers["www-authenticate"] == "Bearer"
-    for path in ("/v1/models", "/v1/scorers"):
-        assert httpx.get(f"{keyed.url}{path}").status_code == 401
-    for path in ("/health", "/ready", "/metrics"):
-        assert httpx.get(f"{keyed.url}{path}").status_code == 200
+async def test_api_key_required():
+    engine = FakeEngine()
+    app = build_app(ServerSettings(api_key=KEY), engine)
+    async with running(app), client(app) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = await http.post("/v1/completions", json=BODY, headers=headers)
+            assert r.status_code == 401, headers
+            err = r.json()["error"]
+            assert err["type"] == "authentication_error" and err["code"] == "invalid_api_key"
+            assert r.headers["www-authenticate"] == "Bearer"
+        for path in ("/v1/models", "/v1/scorers", "/v1/rewards"):
+            assert (await http.get(path)).status_code == 401, path
+        for path in ("/health", "/ready", "/metrics"):
+            assert (await http.get(path)).status_code == 200, path
+        assert (await http.post("/v1/completions", json=BODY,
+                                headers={"Authorization": f"Bearer {KEY}"})).status_code == 200
+    assert len(engine.requests) == 1  # only the request with the key reached the engine
 
 
-def test_api_key_through_the_client(keyed):
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="wrong", max_retries=0).models.list()
-    client = keyed.client()
-    assert client.models.list().data[0].id == keyed.model
-    r = client.chat.completions.create(model=keyed.model, messages=[{"role": "user", "content": "Hi"}],
-                                       max_tokens=3)
-    assert r.usage.completion_tokens <= 3
+async def test_api_key_through_the_client():
+    app = build_app(ServerSettings(api_key=KEY), FakeEngine())
+    async with running(app), client(app) as http:
+        with pytest.raises(openai.AuthenticationError):
+            await openai.AsyncOpenAI(base_url=f"{http.base_url}/v1", api_key="wrong", max_retries=0,
+                                     http_client=http).models.list()
+        keyed = openai.AsyncOpenAI(base_url=f"{http.base_url}/v1", api_key=KEY, max_retries=0, http_client=http)
+        assert (await keyed.models.list()).data[0].id == "fake-model"
+        r = await keyed.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=3)
+        assert r.choices[0].message.content == "Hello world"
 
 
-def test_no_api_key_configured_means_open(server):
-    r = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 1},
-                   headers={"Authorization": "Bearer anything"}, timeout=60)
-    assert r.status_code == 200
-    assert httpx.get(f"{server.url}/v1/models").status_code == 200
+async def test_no_api_key_configured_means_open():
+    app = build_app(ServerSettings(), FakeEngine())
+    async with running(app), client(app) as http:
+        r = await http.post("/v1/completions", json=BODY, headers={"Authorization": "Bearer anything"})
+        assert r.status_code == 200
+        assert (await http.get("/v1/models")).status_code == 200
