@@ -3,7 +3,8 @@
 - A request occupies n x K rows (K: block/best_of_n candidates, else 1); `max_batch_rows` is the
   most rows decoded together. A request that could never fit is a 400 naming `n` (or
   `control.num_candidates` when n is 1), whatever the engine.
-- Requests run in arrival order once their rows fit beside those running; the others wait.
+- Requests run in arrival order once their rows fit beside those running; the others wait
+  (`admissible`: the hf scheduler admits by it; vLLM schedules itself, and both report by it).
   `max_waiting` caps the *requests* waiting: one more is a 503 (QueueFullError).
 - `load()` reports requests running and waiting under that policy (the metrics' queue depth).
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from cdserve.engine_protocol import QueueFullError
 from cdserve.errors import InvalidRequestError
@@ -23,6 +25,20 @@ def check_prompt(prompt: list[int], max_model_len: int) -> None:
     if len(prompt) >= max_model_len:
         raise InvalidRequestError("prompt", f"the prompt has {len(prompt)} tokens; this model's context "
                                   f"is {max_model_len}", code="context_length_exceeded")
+
+
+def admissible(rows: Iterable[int], used: int, max_batch_rows: int) -> int:
+    """How many requests, in arrival order with these row counts, run beside `used` rows already
+    running: the longest prefix that fits (a request that does not fit holds back those after it,
+    so a big request is not starved by small ones). The policy both engines follow: the hf
+    scheduler admits by it, and `Admission.load` counts by it for both."""
+    count = 0
+    for r in rows:
+        if used + r > max_batch_rows:
+            break
+        used += r
+        count += 1
+    return count
 
 
 class Admission:
@@ -53,10 +69,5 @@ class Admission:
 
     def load(self) -> EngineLoad:
         """Requests running (the longest arrival-order prefix whose rows fit) and waiting."""
-        used = running = 0
-        for rows in self.in_flight.values():
-            if used + rows > self.max_batch_rows:
-                break
-            used += rows
-            running += 1
+        running = admissible(self.in_flight.values(), 0, self.max_batch_rows)
         return EngineLoad(waiting=len(self.in_flight) - running, running=running)

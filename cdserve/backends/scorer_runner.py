@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cdserve.backends.hf.kv_manager import KVRows, ScorerKV
 from cdserve.control.steering import (
     combine_heads,
     ensemble_stats,
@@ -22,11 +23,12 @@ class ScorerRunner:
         self.scorer = scorer
         self.device = device
         self.num_layers = len(scorer.layers)
-        self.cache = KVCache.empty(self.num_layers)
+        self.kv = KVRows(self.num_layers)  # the controlled rows' cache, in the engine's controlled-row order
+        self.cache = ScorerKV(self.kv)
 
     @property
     def batch_size(self) -> int:
-        return self.cache.batch_size
+        return self.kv.batch_size
 
     @torch.inference_mode()
     def prefill(self, prompt: list[int]) -> KVCache:
@@ -39,27 +41,31 @@ class ScorerRunner:
                             cache.mask[:, :0])
         return cache
 
+    # -- row operations (kv_manager.KVRows, as the base model's) -------------------------------------
     def add_rows(self, cache: KVCache, copies: int) -> None:
-        rows = torch.zeros(copies, dtype=torch.long, device=self.device)
-        self.cache = self.cache.extend(cache.select(rows) if copies > 1 else cache)
+        self.kv.add(cache.keys, cache.values, cache.mask, copies)
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        self.cache = self.cache.select(rows) if rows.numel() else KVCache.empty(self.num_layers)
+    def fork(self, dst: list[int], src: list[int]) -> None:
+        self.kv.fork(dst, src)
+
+    def remove(self, rows: list[int]) -> list[int]:
+        return self.kv.remove(rows)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Read one token per controlled row. tokens, valid (Bc,) -> queries (Bc, H*E, d_e) for
         valuing every possible next token (E: the scorer's ensemble size)."""
-        positions = self.cache.mask.sum(1, keepdim=True) if self.cache.length else torch.zeros(
-            len(tokens), 1, dtype=torch.long, device=self.device)
-        return self.scorer(tokens[:, None], positions=positions, valid=valid[:, None],
-                           cache=self.cache).queries[:, -1]
+        positions = self.kv.mask.sum(1, keepdim=True)  # (Bc, 1)
+        queries = self.scorer(tokens[:, None], positions=positions, valid=valid[:, None],
+                              cache=self.cache).queries[:, -1]
+        self.kv.commit()
+        return queries
 
     @torch.inference_mode()
     def unread_last(self, rows: torch.Tensor) -> None:
         """Forget the token the last step read for rows (Bc,) bool (as ModelRunner.unread_last)."""
-        if rows.numel():
-            self.cache.mask[:, -1] &= ~rows
+        if rows.numel() and self.kv.length:
+            self.kv.mask[:, -1] &= ~rows
 
     # -- values ---------------------------------------------------------------------------------
     def values_at(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

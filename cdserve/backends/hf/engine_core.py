@@ -1,24 +1,24 @@
-"""The hf engine's step loop: admit, decode, score, steer, sample, postprocess.
+"""The hf engine's step loop: schedule, decode, score, steer, sample, postprocess.
 
-Each step decodes one token for every row of the batch. New requests join at the next step
-(their prompt is prefilled once, then forked into n x K rows); finished and aborted requests
-leave at once. Token mode runs one scorer step for all controlled rows together. What a token
+Each step decodes one token for every row of the batch. New requests join at the next step when
+the scheduler (scheduler.py) lets them (their prompt is prefilled once, then copied into n x K
+rows); finished and aborted requests leave at once. Rows (sequence.py) record fork and leave
+events; `_apply_row_events` hands them to both KV caches (kv_manager.py). Token mode runs one scorer step for all controlled rows together. What a token
 means for its choice (stops, blocks, selection, values, deltas) is the ChoiceController's
 business, shared with the vLLM engine.
 """
 
 from __future__ import annotations
 
-import queue
 import time
-from collections import deque
 from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
 from cdserve.backends.hf.model_runner import ModelRunner
 from cdserve.backends.hf.sampler import sample
-from cdserve.backends.hf.sequence import Choice, RequestState, Row
+from cdserve.backends.hf.scheduler import Scheduler
+from cdserve.backends.hf.sequence import Choice, RequestState, Row, RowState
 from cdserve.backends.scorer_runner import ScorerRunner, steer_rows
 from cdserve.config import EngineConfig
 from cdserve.control.choice import ChoiceController
@@ -36,31 +36,38 @@ class EngineCore:
         self.rewards = rewards
         self.heads, self.eos, self.max_model_len = heads, eos_token_ids, max_model_len
         self.device = runner.device
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # (request | request_id to abort)
-        self.waiting: deque[RequestState] = deque()
+        self.scheduler = Scheduler(config.max_batch_rows)
         self.rows: list[Row] = []  # batch order: row i is row i of the base model's cache
+        self.scored: list[Row] = []  # controlled rows in the scorer cache's row order
+        self._ctrl: list[int] = []  # batch index of each scored row (see _reindex)
         self.master = torch.Generator().manual_seed(config.seed)
 
     # -- requests in and out (thread-safe entry points; admission checks are the engine's) ---------
     def submit(self, state: RequestState) -> None:
-        self.inbox.put(state)
+        self.scheduler.submit(state)
 
     def abort(self, request_id: str) -> None:
-        self.inbox.put(request_id)
+        self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting or not self.inbox.empty())
+        return bool(self.rows) or self.scheduler.has_work()
 
     # -- the step ---------------------------------------------------------------------------------
     def step(self) -> StepStats | None:
-        """One token for every row. Host syncs left (on a GPU each waits for the device): the one
-        transfer of the sampled ids (with segment ends and KL terms) after sampling, because stops,
-        EOS, blocks and detokenising are host work; the per-step inputs built from host lists
-        (tokens, temperatures, row indices: blocking host-to-device copies); and, only when rows
-        leave or fork or a block is selected, the cache's dead-column check and the taken values."""
+        """One token for every row: schedule, decode, score, steer, sample, postprocess.
+
+        Host syncs left (on a GPU each waits for the device):
+        - after sampling, the one transfer of the sampled ids with the segment ends and KL terms:
+          stops, EOS, blocks and detokenising are host work;
+        - the per-step inputs built from host lists (tokens, valid flags, temperatures, top-p, row
+          indices): host-to-device copies, not overlapped with the device's work;
+        - when a choice selects a block or finishes: its taken values and combined values (.cpu()),
+          which the selection and the response read on the host;
+        - when rows join, fork or leave: the prompt ids and the fork / move index lists.
+        No KV-cache operation reads the device: a step writes one column in place and dead columns
+        are trimmed from host bookkeeping (kv_manager.py)."""
         start = time.perf_counter()
-        self._drain_inbox()
-        prefill_tokens = self._admit()
+        prefill_tokens = self._schedule()
         if self._all_await_rewards():
             return None
         tokens, valid = self._decode_inputs()
@@ -83,38 +90,33 @@ class EngineCore:
                          scorer_seconds=scorer_seconds, prefill_tokens=prefill_tokens,
                          candidates_generated=candidates)
 
-    # -- admission ----------------------------------------------------------------------------------
-    def _drain_inbox(self) -> None:
-        aborted = set()
-        while not self.inbox.empty():
-            item = self.inbox.get()
-            if isinstance(item, str):
-                aborted.add(item)
-            else:
-                self.waiting.append(item)
+    # -- admission (scheduler.py decides who joins) ----------------------------------------------------
+    def _schedule(self) -> int:
+        """Aborts leave, then the waiting requests that fit join; returns the prompt tokens prefilled."""
+        aborted = self.scheduler.drain()
         if aborted:
-            for state in [s for s in self.waiting if s.gen.request_id in aborted]:
-                self.waiting.remove(state)
-                state.sink(state.output([]))  # never admitted: finished with no choices
             running = {id(r.choice.request): r.choice.request for r in self.rows
                        if r.choice.request.gen.request_id in aborted}
             for state in running.values():
                 for choice in state.choices:
                     choice.ctl.abort()
                 self._emit(state.choices)
-            self._remove_rows(lambda r: r.choice.request.gen.request_id in aborted)
-
-    def _admit(self) -> int:
+                for choice in state.choices:
+                    for r in choice.rows:
+                        r.leave()
+            self._apply_row_events()
         tokens = 0
-        while self.waiting and len(self.rows) + self.waiting[0].num_rows <= self.config.max_batch_rows:
-            state = self.waiting.popleft()
+        for state in self.scheduler.schedule(len(self.rows)):
             prompt = state.gen.prompt_token_ids
-            cache, mask = self.runner.prefill(prompt)  # once, shared by all n x K rows
-            self.runner.add_rows(cache, mask, state.num_rows)
+            self.runner.add_rows(self.runner.prefill(prompt), state.num_rows)  # prefilled once for n x K rows
+            rows = self._new_rows(state)
             if state.gen.control.mode != "none":
                 self.scorer.add_rows(self.scorer.prefill(prompt), state.num_rows)
-            self.rows.extend(self._new_rows(state))
+                self.scored.extend(rows)
+            self.rows.extend(rows)
             tokens += len(prompt)
+        if tokens:
+            self._reindex()
         return tokens
 
     def _new_rows(self, state: RequestState) -> list[Row]:
@@ -146,7 +148,11 @@ class EngineCore:
 
     def _controlled(self) -> list[int]:
         """Batch indices of controlled rows, in the scorer cache's row order."""
-        return [i for i, r in enumerate(self.rows) if r.controlled]
+        return self._ctrl
+
+    def _reindex(self) -> None:
+        position = {id(r): i for i, r in enumerate(self.rows)}
+        self._ctrl = [position[id(r)] for r in self.scored]
 
     def _sampling_tensors(self, idx: list[int] | None = None):
         rows = self.rows if idx is None else [self.rows[i] for i in idx]
@@ -235,22 +241,25 @@ class EngineCore:
             ctl = row.ctl
             if ended[i]:  # its block ends before this token (segment entropy): the token is dropped
                 ctl.end_block(row.k)
-                row.waiting = True
+                row.done()
                 continue
             candidates += not ctl.streaming
             if i in taken:
                 row.last_values = taken[i]
             row.last_token = sampled[i]
-            done = ctl.push(row.k, sampled[i], kl[i])
-            row.waiting = done and not ctl.streaming
+            if ctl.push(row.k, sampled[i], kl[i]) and not ctl.streaming:
+                row.done()
         self._advance_all(touched.values())
         return candidates
 
     def _advance_all(self, choices) -> None:
         for choice in choices:
             self._advance(choice)
-        forks = self._emit(choices)
-        self._remove_rows(lambda r: r.ctl.finished or r.ctl.candidates[r.k].pruned, forks)
+        self._emit(choices)
+        for row in self.rows:
+            if row.ctl.finished or row.ctl.candidates[row.k].pruned:
+                row.leave()
+        self._apply_row_events()
 
     def _all_await_rewards(self) -> bool:
         """True when there is nothing to decode: no rows, or every row waits for its request's
@@ -309,11 +318,16 @@ class EngineCore:
             return
         if w < 0:  # pruned best-of-N: the survivors go on from their own caches, the others leave
             for r in choice.rows:
-                r.waiting = ctl.candidates[r.k].done
+                if r.state is RowState.FINISHED:  # pruned earlier: already out of the batch
+                    continue
+                if r.waiting and not ctl.candidates[r.k].done:
+                    r.resume()
+                elif not r.waiting and ctl.candidates[r.k].done:
+                    r.done()
             return
         winner = choice.rows[w]
-        for r in choice.rows:  # every candidate continues from the winner (rows forked below)
-            r.fork_from, r.last_token, r.waiting = winner, winner.last_token, False
+        for r in choice.rows:  # every candidate continues from the winner (caches forked in _apply_row_events)
+            r.fork(winner)
 
     def _reward_scores(self, choice: Choice) -> dict[str, list[float]] | None:
         """The request's rewards of the waiting candidates: started off this thread on the first
@@ -339,40 +353,48 @@ class EngineCore:
         for choice in state.choices:
             choice.ctl.fail()
 
-    def _emit(self, choices) -> dict[int, int]:
-        """Send each request the new output of its choices; returns forks {row id: source row id}."""
+    def _emit(self, choices) -> None:
+        """Send each request the new output of its choices."""
         by_request: dict[int, tuple[RequestState, list]] = {}
-        forks = {}
         for choice in choices:
-            for r in choice.rows:
-                if r.fork_from is not None and r.fork_from is not r:
-                    forks[id(r)] = id(r.fork_from)
-                r.fork_from = None
             delta = choice.ctl.take_delta(self.heads)
             if delta is not None:
                 by_request.setdefault(id(choice.request), (choice.request, []))[1].append(delta)
         for state, deltas in by_request.values():
             state.sink(state.output(deltas))
-        return forks
 
-    def _remove_rows(self, leaves, forks: dict[int, int] | None = None) -> None:
-        """Drop rows for which `leaves(row)` holds and apply forks (row takes its source's cache)."""
-        forks = forks or {}
-        if not forks and not any(leaves(r) for r in self.rows):
-            return
-        position = {id(r): i for i, r in enumerate(self.rows)}
-        ctrl_pos = {id(self.rows[b]): s for s, b in enumerate(self._controlled())}
-        keep = [r for r in self.rows if not leaves(r)]
-        self.runner.select_rows(torch.tensor([position[forks.get(id(r), id(r))] for r in keep],
-                                             dtype=torch.long, device=self.device))
-        self.scorer.select_rows(torch.tensor([ctrl_pos[forks.get(id(r), id(r))] for r in keep if r.controlled],
-                                             dtype=torch.long, device=self.device))
-        self.rows = keep
+    def _apply_row_events(self) -> None:
+        """Hand the rows' fork and leave events (sequence.py) to both KV caches: forked rows copy
+        their source's cache into their own slot, then the leaving rows' slots are filled by the
+        last rows (the batch order changes the same way in `rows` and `scored`)."""
+        forks = [(r, r.fork_src) for r in self.rows if r.fork_src is not None]
+        if forks:
+            position = {id(r): i for i, r in enumerate(self.rows)}
+            self.runner.fork([position[id(d)] for d, _ in forks], [position[id(s)] for _, s in forks])
+            scored = [(d, s) for d, s in forks if d.controlled]
+            if scored:
+                slot = {id(r): i for i, r in enumerate(self.scored)}
+                self.scorer.fork([slot[id(d)] for d, _ in scored], [slot[id(s)] for _, s in scored])
+            for d, _ in forks:
+                d.fork_src = None
+        leaving = [i for i, r in enumerate(self.rows) if r.state is RowState.FINISHED]
+        if leaving:
+            order = self.runner.remove(leaving)
+            self.rows = [self.rows[j] for j in order]
+            gone = [i for i, r in enumerate(self.scored) if r.state is RowState.FINISHED]
+            if gone:
+                order = self.scorer.remove(gone)
+                self.scored = [self.scored[j] for j in order]
+        if forks or leaving:
+            self._reindex()
 
     def fail_all(self, error: BaseException) -> None:
         """A step raised: every request in flight gets the error; the batch starts empty."""
         states = {id(r.choice.request): r.choice.request for r in self.rows}
-        for state in list(states.values()) + list(self.waiting):
+        for state in list(states.values()) + self.scheduler.clear():
             state.sink(error)
-        self.waiting.clear()
-        self._remove_rows(lambda r: True)
+        for r in self.rows:
+            r.leave()
+        self.rows, self.scored, self._ctrl = [], [], []
+        self.runner.kv.clear()  # the step may have failed half-way through a row operation
+        self.scorer.kv.clear()
