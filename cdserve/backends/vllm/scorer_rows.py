@@ -2,7 +2,9 @@
 
 vLLM tells logits processors how its batch changed (`BatchUpdate`: removed, added, moved) and
 hands each added request a live reference to its output token list. `ScorerRows` mirrors that
-bookkeeping for the controlled requests only: each has a row in one left-padded scorer KV cache,
+bookkeeping for the controlled requests only: each has a row in one left-padded scorer KV cache
+(kv_manager.KVRows, the hf engine's: preallocated, a step writes one column, a row that leaves
+is filled by moving one row, none of them copies the whole cache),
 and at every step all rows read their new tokens in one batched scorer call (`sync`), leaving the
 queries that value every possible next token. Pure torch: tested without vLLM.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cdserve.backends.hf.kv_manager import KVRows, ScorerKV
 from prefix_scorers.kv_cache import KVCache
 from prefix_scorers.model import PrefixScorer
 
@@ -129,7 +132,8 @@ class ScorerRows:
         self.num_layers = len(scorer.layers)
         self.by_index: dict[int, Row] = {}  # vLLM batch index -> row
         self.slots: list[Row] = []  # cache row order
-        self.cache = KVCache.empty(self.num_layers)
+        self.kv = KVRows(self.num_layers)
+        self.cache = ScorerKV(self.kv)  # what the scorer's forward reads and appends to
         self.queries: torch.Tensor | None = None  # (len(slots), H*E, d_e), at each row's last token
         self.finished: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self._dropped = False
@@ -182,7 +186,8 @@ class ScorerRows:
         """After a batch update: with no controlled request left, free the cache now rather than
         at the next controlled step."""
         if not self.by_index and self.slots:
-            self.slots, self.cache, self.queries, self._dropped = [], KVCache.empty(self.num_layers), None, False
+            self.slots, self.queries, self._dropped = [], None, False
+            self.kv.clear()
 
     def forget(self, keys: Sequence[str]) -> None:
         """The server aborted these choices: drop their results now or when they leave."""
@@ -229,16 +234,13 @@ class ScorerRows:
 
     def _compact(self) -> None:
         live = {id(r) for r in self.by_index.values()}
-        keep = [r for r in self.slots if r.slot >= 0 and id(r) in live]
-        idx = torch.tensor([r.slot for r in keep], dtype=torch.long, device=self.device)
-        if keep:
-            self.cache = self.cache.select(idx)
-            self.queries = self.queries.index_select(0, idx)
-        else:
-            self.cache, self.queries = KVCache.empty(self.num_layers), None
-        for i, r in enumerate(keep):
+        gone = [i for i, r in enumerate(self.slots) if r.slot < 0 or id(r) not in live]
+        order = self.kv.remove(gone)  # the last rows move into the holes
+        self.slots = [self.slots[j] for j in order]
+        self.queries = self.queries.index_select(0, torch.tensor(order, dtype=torch.long, device=self.device)) \
+            if order else None
+        for i, r in enumerate(self.slots):
             r.slot = i
-        self.slots = keep
         self._dropped = False
 
     def _step_cached(self) -> None:
@@ -248,9 +250,10 @@ class ScorerRows:
         tokens = torch.tensor([r.token(r.consumed) if n else 0 for r, n in zip(self.slots, new)],
                               device=self.device)
         valid = torch.tensor(new, device=self.device)
-        positions = self.cache.mask.sum(1, keepdim=True)  # (R, 1): next position of each row
+        positions = self.kv.mask.sum(1, keepdim=True)  # (R, 1): next position of each row
         q = self.scorer(tokens[:, None], positions=positions, valid=valid[:, None],
                         cache=self.cache).queries[:, -1]  # (R, H, d_e)
+        self.kv.commit()
         self.queries = torch.where(valid[:, None, None], q, self.queries)
         for r, n in zip(self.slots, new):
             r.consumed += n
@@ -294,10 +297,10 @@ class ScorerRows:
         new = KVCache.empty(self.num_layers)
         queries = []
         for row, (donor, n) in found:
-            first = int(self.cache.mask[donor.slot].int().argmax())  # the donor's first real column
-            cols = slice(first, first + n)
-            cache = KVCache([k[donor.slot:donor.slot + 1, :, cols].clone() for k in self.cache.keys],
-                            [v[donor.slot:donor.slot + 1, :, cols].clone() for v in self.cache.values],
+            first = self.kv.first[donor.slot] - self.kv.start  # the donor's first real column
+            cols, b = slice(first, first + n), slice(donor.slot, donor.slot + 1)
+            cache = KVCache([self.kv.keys(i)[b, :, cols].clone() for i in range(self.num_layers)],
+                            [self.kv.values(i)[b, :, cols].clone() for i in range(self.num_layers)],
                             torch.ones(1, n, dtype=torch.bool, device=self.device))
             seq = row.prompt + list(row.output)
             ids = torch.tensor([seq[n:]], device=self.device)
@@ -326,7 +329,10 @@ class ScorerRows:
 
     def _add(self, cache: KVCache, queries: torch.Tensor, rows: list[Row]) -> None:
         """Rows that have read their whole sequence join the cache (and can lend their prefix)."""
-        self.cache = self.cache.extend(cache)
+        for i, r in enumerate(rows):  # each row's sequence: the last r.length columns (left padding)
+            cols = slice(cache.length - r.length, cache.length)
+            self.kv.add([k[i:i + 1, :, cols] for k in cache.keys], [v[i:i + 1, :, cols] for v in cache.values],
+                        cache.mask[i:i + 1, cols], 1)
         self.queries = queries if self.queries is None else torch.cat([self.queries, queries])
         for i, r in enumerate(rows):
             r.slot, r.consumed = len(self.slots) + i, r.length

@@ -37,7 +37,7 @@ class ScorerWorkerExtension:
             return {}
         proc.rows.forget(forget)
         rows = proc.rows
-        return {"live": len(rows), "slots": len(rows.slots), "cache_rows": rows.cache.batch_size,
+        return {"live": len(rows), "slots": len(rows.slots), "cache_rows": rows.kv.batch_size,
                 "finished": len(rows.finished)}
 
     def cdserve_scorer_steps(self) -> list[float]:

@@ -63,7 +63,7 @@ def test_incremental_queries_match_full_recompute_through_adds_moves_and_removes
             outs[0], outs[2] = outs[2], outs[0]
         rows.sync()
         check(rows, scorer, {i: prompts[i] + outs[i] for i in outs})
-    assert len(rows.slots) == 3 and rows.cache.batch_size == 3
+    assert len(rows.slots) == 3 and rows.kv.batch_size == 3
 
 
 def test_rows_without_token_mode_cost_nothing_and_removal_frees_everything(scorer):
@@ -75,7 +75,7 @@ def test_rows_without_token_mode_cost_nothing_and_removal_frees_everything(score
     rows.by_index[1].kl.append(torch.tensor(0.5))
     rows.remove(1)
     rows.end_update()
-    assert len(rows) == 0 and rows.cache.batch_size == 0 and rows.slots == []
+    assert len(rows) == 0 and rows.kv.batch_size == 0 and rows.slots == []
     assert rows.kl_of("a", 1) == pytest.approx(0.5)  # kept until the server fetched it
     assert len(rows.finished) == 0
 
@@ -146,8 +146,8 @@ def test_rows_sharing_a_context_read_it_once(scorer):
     prompts = {i: context + [i + 1] * (i + 2) for i in range(3)}  # 2 whole blocks shared
     prompts[3] = [7, 8, 9]  # nothing shared
     outs = {i: [] for i in prompts}
-    for i in prompts:
-        rows.add(i, ctrl(f"k{i}"), prompts[i], outs[i])
+    for i, prompt in prompts.items():
+        rows.add(i, ctrl(f"k{i}"), prompt, outs[i])
     rows.sync()
     assert rows.reused_tokens == 2 * 2 * PREFIX_BLOCK  # rows 1 and 2 copied both blocks from row 0
     assert rows.prefill_tokens == sum(len(p) for p in prompts.values()) - rows.reused_tokens
@@ -163,3 +163,30 @@ def test_rows_sharing_a_context_read_it_once(scorer):
         rows.sync()
         check(rows, scorer, {i: prompts[i] + outs[i] for i in outs})
     assert rows.reused_tokens == 5 * PREFIX_BLOCK
+
+
+def test_steps_joins_and_leaves_write_in_place(scorer):
+    """The scorer cache is the hf engine's KVRows: once it has room, decode steps, a row leaving
+    and a row joining write into the same buffers (no whole-cache copy per step, which cost more
+    than the scorer's forward at 64 rows with a 512-token context), and queries stay exact."""
+    g = torch.Generator().manual_seed(5)
+    rows = ScorerRows(scorer, torch.device("cpu"))
+    prompts = {i: [int(t) for t in torch.randint(V, (4 + i,), generator=g)] for i in range(4)}
+    outs = {i: [] for i in prompts}
+    for i, prompt in prompts.items():
+        rows.add(i, ctrl(f"k{i}"), prompt, outs[i])
+    rows.sync()
+    rows.kv._reserve(8, 0, 16)  # room for what follows
+    buffer, reallocations = rows.kv.k[0].data_ptr(), rows.kv.reallocations
+    for step in range(6):
+        for o in outs.values():
+            o.append(int(torch.randint(V, (1,), generator=g)))
+        if step == 2:
+            rows.remove(1)
+            del prompts[1], outs[1]
+        if step == 3:
+            prompts[1], outs[1] = [3, 1, 4], [1]
+            rows.add(1, ctrl("new"), prompts[1], outs[1])
+        rows.sync()
+        check(rows, scorer, {i: prompts[i] + outs[i] for i in outs})
+    assert rows.kv.k[0].data_ptr() == buffer and rows.kv.reallocations == reallocations
