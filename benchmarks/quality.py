@@ -61,7 +61,7 @@ FINDINGS = "### Findings"
 
 
 # Settings per steered head. The first head gets the widest sweep, `concise` token mode and
-# best-of-4; `civil` (near its ceiling on these prompts, base ~0.96) and `readable` token mode only. Bounded: this machine is slow and every
+# best-of-4; `specific` and `readable` token mode only. Bounded: this machine is slow and every
 # setting is a full generation pass over the prompts (block/best_of_n with K candidates cost K).
 FULL = {"token": [0.5, 1.0, 2.0, 4.0], "token_all": [0.5, 1.0, 2.0, 4.0], "block": [2, 4], "best_of_n": [8, 2, 4]}
 REDUCED = {"token": [1.0, 4.0], "token_all": [], "block": [], "best_of_n": [4]}
@@ -395,7 +395,7 @@ def main() -> None:
     ap.add_argument("--backend", default="hf")
     ap.add_argument("--scorer", default="default")
     ap.add_argument("--prompts", type=int, default=16, help="held-out prompts per run")
-    ap.add_argument("--heads", default="positive,civil,concise,readable", help="heads to steer, one at a time")
+    ap.add_argument("--heads", default="positive,specific,concise,readable", help="heads to steer, one at a time")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=1000)

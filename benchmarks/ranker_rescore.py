@@ -82,7 +82,8 @@ def main() -> None:
     embedding = load_model(folder).get_input_embeddings().weight.detach()
     scorer = load_scorer(args.scorer, tokenizer, embedding)
     new, agree = rescored(samples, scorer, tokenizer, args.head)
-    rows = {r["label"]: r for r in client_rows(new, [n for n in NS if n <= samples["samples_per_prompt"]])}
+    ns = [n for n in NS if n <= samples["samples_per_prompt"]]
+    rows = {r["label"]: r for r in client_rows(new, ns, heads=(args.head,))}
     result = {"scorer": args.scorer, "head": args.head, "prompts": len(samples["per_prompt"]),
               "plain": round(base, 4), "same_best_of_16_pick_as_stored": round(agree, 4), "n": {}}
     print(f"{args.scorer}: {len(samples['per_prompt'])} prompts, plain decoding {args.head} {base:.3f}; "

@@ -86,8 +86,9 @@ def load_scorer(directory: str | Path, tokenizer=None, base_embedding: torch.Ten
 DEFAULT_HEADS = [  # formulas: prefix_scorers/rewards/builtin.py
     HeadSpec(name="positive", description="Positive sentiment: VADER compound score in [-1, 1].",
              reward="vader_compound", reward_range=(-1.0, 1.0)),
-    HeadSpec(name="civil", description="Not offensive: 1 - P(offensive) from alt-profanity-check.",
-             reward="civility", reward_range=(0.0, 1.0)),
+    HeadSpec(name="specific", description="Specific wording: share of words (3+ letters, or numbers) that are "
+             "numbers or rare real English words (wordfreq Zipf frequency in (0, 4)).",
+             reward="specificity", reward_range=(0.0, 1.0)),
     HeadSpec(name="concise", description="Shorter answers score higher: max(0, 1 - words / 50).",
              reward="concise", reward_range=(0.0, 1.0)),
     HeadSpec(name="readable", description="Flesch reading ease, clipped to [0, 100], divided by 100.",

@@ -3,9 +3,10 @@
 | reward           | head      | range    | formula                                                        |
 |------------------|-----------|----------|----------------------------------------------------------------|
 | `vader_compound` | positive  | [-1, 1]  | VADER compound sentiment score of the text                     |
-| `civility`       | civil     | [0, 1]   | 1 - P(offensive) from alt-profanity-check's linear SVM          |
+| `specificity`    | specific  | [0, 1]   | share of words that are numbers or rare real words (below)      |
 | `concise`        | concise   | [0, 1]   | max(0, 1 - words / 50), words = whitespace-separated tokens     |
 | `readable`       | readable  | [0, 1]   | clip(Flesch reading ease, 0, 100) / 100                         |
+| `civility`       | -         | [0, 1]   | 1 - P(offensive) from alt-profanity-check's linear SVM          |
 
 Flesch reading ease = 206.835 - 1.015 * words/sentences - 84.6 * syllables/words, with words and
 sentences counted by textstat (`lexicon_count`, `sentence_count`) and syllables by the en_US

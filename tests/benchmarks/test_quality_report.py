@@ -11,7 +11,7 @@ from benchmarks.quality import judges
 from benchmarks.quality.report import client_rows, server_row, targets, with_head_rewards
 from prefix_scorers.rewards import get_reward
 
-HEAD_REWARDS = {"positive": "vader_compound", "civil": "civility", "concise": "concise", "readable": "readable"}
+HEAD_REWARDS = {"positive": "vader_compound", "specific": "specificity", "concise": "concise", "readable": "readable"}
 
 
 def samples_run(per_prompt_rewards: list[list[float]], tokens: int = 10) -> dict:

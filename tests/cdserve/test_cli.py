@@ -27,7 +27,7 @@ def test_generate_steers_smollm2_with_a_scorer_from_the_command_line(smollm2_sco
     assert steered.returncode == 0, steered.stderr[-2000:]
     p, s = json.loads(plain.stdout)["choices"][0], json.loads(steered.stdout)["choices"][0]
     assert p["text"].strip() and s["text"].strip()
-    assert set(s["control"]["values"]) == {"positive", "civil", "concise", "readable"}
+    assert set(s["control"]["values"]) == {"positive", "specific", "concise", "readable"}
     assert p["control"]["mode"] == "none" and s["control"]["mode"] == "token"
     assert p["text"] != s["text"]
     # greedy: steering changed a greedy token, so the KL to the base's point mass is infinite (null)

@@ -101,7 +101,7 @@ def test_checkpoint_round_trip(smol, tmp_path):
     scorer.norm_std = torch.tensor([[2.0, 3.0]] * 4)
     save_scorer(scorer, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    assert [h["name"] for h in cfg["heads"]] == ["positive", "civil", "concise", "readable"]
+    assert [h["name"] for h in cfg["heads"]] == ["positive", "specific", "concise", "readable"]
     assert cfg["embedding"]["source"] == "base" and cfg["embedding"]["fingerprint"].startswith("sha256:")
     assert cfg["tokenizer"]["fingerprint"].startswith("sha256:")
     assert cfg["normalization"]["std"][0] == [2.0, 3.0]

@@ -8,7 +8,7 @@ from cdserve.control.request import ControlConfig, resolve_control
 from cdserve.errors import InvalidRequestError
 from cdserve.sampling import SamplingParams
 
-HEADS = ["positive", "civil", "concise", "readable"]
+HEADS = ["positive", "specific", "concise", "readable"]
 CFG = ControlConfig(max_block_size=16, max_num_candidates=8, max_top_k=100)
 
 

@@ -19,7 +19,7 @@ def test_completion(server, client, tiny_model_dir):
     assert r.usage.completion_tokens == 7
     assert r.usage.total_tokens == r.usage.prompt_tokens + 7
     control = choice.model_extra["control"]  # cdserve's extension on every choice
-    assert control["mode"] == "none" and set(control["values"]) == {"positive", "civil", "concise", "readable"}
+    assert control["mode"] == "none" and set(control["values"]) == {"positive", "specific", "concise", "readable"}
 
 
 def test_chat_completion(server, client):
@@ -120,7 +120,7 @@ def test_models_and_scorers(server, client):
     assert model.id == server.model and model.model_extra["max_model_len"] == 1024
     scorers = httpx.get(f"{server.url}/v1/scorers", timeout=10).json()["data"]
     [scorer] = scorers
-    assert [h["name"] for h in scorer["heads"]] == ["positive", "civil", "concise", "readable"]
+    assert [h["name"] for h in scorer["heads"]] == ["positive", "specific", "concise", "readable"]
     assert all(h["description"] for h in scorer["heads"])
     assert scorer["defaults"]["mode"] == "none" and scorer["defaults"]["weights"] == {"positive": 1.0}
     assert scorer["ranges"]["num_candidates"] == {"min": 1, "max": 8}

@@ -8,7 +8,7 @@ PROMPT = "Hello there"
 MODES = [
     {"mode": "none"},
     {"mode": "token", "weights": {"positive": 1.0}, "strength": 5.0, "top_k": 10},
-    {"mode": "block", "weights": {"civil": 1.0}, "block_size": 4, "num_candidates": 3},
+    {"mode": "block", "weights": {"specific": 1.0}, "block_size": 4, "num_candidates": 3},
     {"mode": "best_of_n", "weights": {"concise": 1.0}, "num_candidates": 3},
     {"mode": "block", "block_size": 3, "num_candidates": 2, "selection": "sample", "strength": 2.0},
 ]
@@ -21,7 +21,7 @@ def test_each_mode(server, client, control):
     [choice] = r.choices
     got = choice.model_extra["control"]
     assert got["mode"] == control["mode"]
-    assert set(got["values"]) == {"positive", "civil", "concise", "readable"}
+    assert set(got["values"]) == {"positive", "specific", "concise", "readable"}
     assert r.usage.completion_tokens <= 12
     if control["mode"] in ("block", "best_of_n"):
         assert got["selections"] >= 1

@@ -54,7 +54,7 @@ PROMPT = "Hello there"
 MODES = {
     "none": {"mode": "none"},
     "token": {"mode": "token", "weights": {"positive": 1.0}, "strength": 3.0, "top_k": 10},
-    "block": {"mode": "block", "weights": {"civil": 1.0}, "block_size": 2, "num_candidates": 2},
+    "block": {"mode": "block", "weights": {"specific": 1.0}, "block_size": 2, "num_candidates": 2},
     "block-sample": {"mode": "block", "block_size": 2, "num_candidates": 2, "selection": "sample",
                      "strength": 2.0},
     "best_of_n": {"mode": "best_of_n", "weights": {"concise": 1.0}, "num_candidates": 2},

@@ -266,7 +266,7 @@ def test_out_of_range_weight_shows_the_servers_400_message(open_page, server, tm
     p = open_page(server)
     p.wait_for_sliders()
     page = p.page
-    page.fill("#wn-civil", "1e6")
+    page.fill("#wn-specific", "1e6")
     p.run_and_wait()
     p.shot(tmp_path / "error.png")
     # What the server says about this very request, asked directly.
@@ -275,14 +275,14 @@ def test_out_of_range_weight_shows_the_servers_400_message(open_page, server, tm
         r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 400
     error = r.json()["error"]
-    assert error["param"] == "control.weights.civil"
+    assert error["param"] == "control.weights.specific"
     for panel in ("plain", "steered"):
         shown = page.locator(f"#{panel} [data-role=error]")
         assert shown.is_visible()
         assert error["message"] in shown.inner_text()
         assert "refused the request (400)" in shown.inner_text()
         assert page.inner_text(f"#{panel} [data-role=text]") == ""
-    assert page.get_attribute("#wn-civil", "aria-invalid") == "true"
+    assert page.get_attribute("#wn-specific", "aria-invalid") == "true"
 
 
 @pytest.mark.parametrize("status, body, headers, words", [

@@ -85,7 +85,7 @@ def single(engine, req: GenerationRequest) -> dict:
 def test_strength_zero_top_k_zero_equals_plain_decoding(engine, sampling):
     plain = request(engine, PROMPTS[0], {"mode": "none"}, max_tokens=24, **sampling)
     steered = request(engine, PROMPTS[0], {"mode": "token", "strength": 0.0, "top_k": 0,
-                                           "weights": {"positive": 3.0, "civil": -2.0}}, max_tokens=24, **sampling)
+                                           "weights": {"positive": 3.0, "specific": -2.0}}, max_tokens=24, **sampling)
     a, b = single(engine, plain), single(engine, steered)
     assert len(a["ids"]) > 0
     assert a["ids"] == b["ids"] and a["text"] == b["text"]
@@ -323,7 +323,7 @@ def test_pruned_best_of_n_leaves_the_batch_as_it_prunes_and_streams_the_survivor
 def test_batch_invariance_across_modes(engine):
     controls = [{"mode": "none"},
                 {"mode": "token", "weights": {"positive": 1.0}, "strength": 5.0},
-                {"mode": "token", "weights": {"concise": 2.0, "civil": -1.0}, "strength": 3.0, "top_k": 0},
+                {"mode": "token", "weights": {"concise": 2.0, "specific": -1.0}, "strength": 3.0, "top_k": 0},
                 {"mode": "block", "block_size": 3, "num_candidates": 2},
                 {"mode": "best_of_n", "num_candidates": 3, "weights": {"readable": 1.0}}]
 

@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 READY_TIMEOUT_S = 300
-HEADS = {"positive", "civil", "concise", "readable"}
+HEADS = {"positive", "specific", "concise", "readable"}
 
 
 def _free_port() -> int:
@@ -93,7 +93,7 @@ def test_bad_control_is_400(client, model, control, param):
 @pytest.mark.parametrize("control", [
     {"mode": "none"},
     {"mode": "token", "weights": {"positive": 1.0}, "strength": 5.0, "top_k": 10},
-    {"mode": "block", "weights": {"civil": 1.0}, "block_size": 4, "num_candidates": 3},
+    {"mode": "block", "weights": {"specific": 1.0}, "block_size": 4, "num_candidates": 3},
     {"mode": "best_of_n", "weights": {"concise": 1.0}, "num_candidates": 3},
 ], ids=lambda c: c["mode"])
 def test_each_mode_streams_like_plain(client, model, control):
