@@ -73,6 +73,7 @@ class KVRows:
         self.mask_buf[:self.size, self.end:self.end + T] = valid
         return self.mask_buf[:self.size, self.start:self.end + T]
 
+    @torch.inference_mode()
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys/values (B, kv_heads, T, head_dim) into the staged columns;
         returns the layer's keys/values over the window and the staged columns (views)."""
