@@ -236,7 +236,10 @@ def test_block_parity_at_an_eos_mid_block_and_a_stop_string_across_blocks(loop, 
         return tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                   tokenize=False), add_special_tokens=False)
 
-    short = chat("Is water wet? Answer in one sentence.")
+    # Its greedy answer has no near-tie (top-2 logit gap >= 0.11 at every token): vLLM samples
+    # "near greedy" at its floor of temperature 0.01, where a gap of 0.02 (the earlier prompt, "Is
+    # water wet?") lets candidates differ and the scorer pick any of them.
+    short = chat("Do fish swim? Answer in one sentence.")
     plain = run_all(loop, hf_engine, [request(hf_engine, short, None, max_tokens=40, temperature=0.0)])[0][0]
     assert plain["finish"] == "stop" and len(plain["ids"]) % 4 != 3  # EOS falls inside a block
     long = chat("Describe your last holiday in two sentences.")
