@@ -120,10 +120,18 @@ def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, 
         steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
     if part:
         t = torch.tensor(part, device=dev)
-        ks = [top_k[j] for j in part]
-        cands = top_k_candidates(base[t], torch.tensor(ks, device=dev), max(ks))  # (n, k)
-        raw = scorer.values_at(queries[t], cands.clamp(min=0))  # (n, H*E, k)
-        adjusted = risk_adjusted(raw, E, torch.tensor([risk[j] for j in part], device=dev))  # (n, H, k)
-        combined = combine_heads(adjusted, mean[t], std[t], weights[t])
+        cands, combined = top_k_values(scorer, base[t], queries[t], weights[t], [top_k[j] for j in part],
+                                       mean[t], std[t], torch.tensor([risk[j] for j in part], device=dev))
         steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
     return steered
+
+
+def top_k_values(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
+                 top_k: list[int], mean: torch.Tensor, std: torch.Tensor,
+                 risk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top_k (> 0) base candidates (N, k), -1 for unused ranks, and their combined
+    values (N, k) (Q_h = mean + risk * spread, normalised, weighted): token mode's scorer work
+    over the top k, shared by steer_rows and the vLLM worker's in-place steering."""
+    cands = top_k_candidates(base, torch.tensor(top_k, device=base.device), max(top_k))  # (N, k)
+    raw = scorer.values_at(queries, cands.clamp(min=0))  # (N, H*E, k)
+    return cands, combine_heads(risk_adjusted(raw, scorer.ensemble_size, risk), mean, std, weights)

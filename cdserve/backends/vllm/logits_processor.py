@@ -30,19 +30,12 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from cdserve.backends.scorer_runner import steer_rows
+from cdserve.backends.scorer_runner import steer_rows, top_k_values
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
 from cdserve.backends.vllm.stats import timed_apply
 from cdserve.control.segments import entropy_ends
-from cdserve.control.steering import (
-    combine_heads,
-    risk_adjusted,
-    sampled_kl,
-    steer_top_k_values,
-    top_k_candidates,
-    top_k_kl,
-)
+from cdserve.control.steering import sampled_kl, steer_top_k_values, top_k_kl
 from prefix_scorers.config import ScorerConfig
 from prefix_scorers.model import PrefixScorer
 
@@ -158,16 +151,14 @@ class ScorerLogitsProcessor(LogitsProcessor):
         rows = [r for _, r in picked]
         index = torch.tensor([i for i, _ in picked], device=dev)
         base = logits.index_select(0, index)  # (N, V)
-        ks = [r.control.top_k for r in rows]
-        cands = top_k_candidates(base, torch.tensor(ks, device=dev), max(ks))  # (N, k)
         slots = torch.tensor([r.slot for r in rows], device=dev)
         q = self.rows.queries.index_select(0, slots)  # (N, H*E, d_e)
         weights = torch.tensor([r.control.weights for r in rows], device=dev, dtype=q.dtype)
         positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
         risk = torch.tensor([r.control.risk for r in rows], device=dev)
         mean, std = self.scorer.norm_stats(positions)  # (N, H)
-        raw = self.scorer.values_at(q, cands.clamp(min=0))  # (N, H*E, k)
-        combined = combine_heads(risk_adjusted(raw, self.scorer.ensemble_size, risk), mean, std, weights)
+        cands, combined = top_k_values(self.scorer, base, q, weights, [r.control.top_k for r in rows],
+                                       mean, std, risk)  # (N, k) each
         strength = torch.tensor([r.control.strength for r in rows], device=dev, dtype=base.dtype)
         ids, steered = steer_top_k_values(base, cands, combined.to(base.dtype), strength)  # (N, k) each
         temperature = [r.control.temperature for r in rows]
