@@ -23,9 +23,11 @@ the samples, an independent judge, fluency, perplexity, reported and measured KL
     python benchmarks/quality.py                        # starts `cdserve serve` itself (hf backend)
     python benchmarks/quality.py --url http://host:8000 # or uses a running server
     python benchmarks/quality.py --quick                # 8 prompts, fewer settings (smoke run)
+    python benchmarks/quality.py --only 'none;token s=1 top_k=20'   # these runs, in this order
 
 Results go to benchmarks/results/quality.json (each run is cached there: a rerun only does what
-is missing), the plots to benchmarks/quality_reward_vs_kl.png and
+is missing; a run that depends on the scorer is reused only if it ran with the same scorer
+weights, `scorer_id`, and is redone otherwise), the plots to benchmarks/quality_reward_vs_kl.png and
 benchmarks/quality_weights_sweep.png, and a markdown table to benchmarks/results/quality_table.md;
 the report to benchmarks/results/quality_report.{md,json}, benchmarks/quality_reward_vs_measured_kl.png
 and benchmarks/quality_reward_vs_compute.png (`python -m benchmarks.quality.report` rebuilds them).
@@ -49,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality.runs import label
+from benchmarks.quality.runs import label, named, reusable, scorer_id
 from benchmarks.quality.server import start_server as start_cdserve
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 from prefix_scorers.prompts import load_prompts
@@ -206,6 +208,16 @@ def samples_result(run: dict, prompts: list[dict], per_prompt: list[list[dict]],
             "samples": [], "per_prompt": per}
 
 
+def scorer_identity(spec: str) -> str:
+    """The `--scorer` setting's `scorer_id` ('default' is the shipped checkpoint; 'untrained' is
+    built by the server, and named as such)."""
+    if spec == "untrained":
+        return spec
+    from cdserve.scorer_store import SHIPPED_DEFAULT
+
+    return scorer_id(SHIPPED_DEFAULT if spec == "default" else spec)
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
     flags = ["--backend", args.backend, "--scorer", args.scorer, "--max-batch-rows", str(args.max_batch_rows)]
     threads = int(os.environ.get("OMP_NUM_THREADS", args.threads))
@@ -333,11 +345,14 @@ async def main_async(args) -> None:
     heads = args.heads.split(",")
     issue = issue_plan(heads[0], HEADS[heads[0]], args.quick) if args.issue_runs else []
     runs = plan(args.quick, heads) + (sweep_plan(args.sweep_strength) if "concise" in HEADS else []) + issue
-    todo = [r for r in runs if run_key(r) not in cache or cache[run_key(r)]["n"] != len(prompts)]
-    # the base run, the issue runs (in their order), the first head, then the sweep, then the other
-    # heads: an interrupted run has the comparisons that matter most
-    todo.sort(key=lambda r: (r["mode"] != "none" or "issue" in r, 0 if "issue" in r else
-                             bool(r.get("sweep")) and 2 or (3 if steered_head(r) != heads[0] else 1)))
+    scorer = scorer_identity(args.scorer)
+    ok = lambda r: reusable(cache.get(run_key(r)), r, len(prompts), scorer)
+    todo = [r for r in (named(runs, args.only) if args.only else runs) if not ok(r)]
+    if not args.only:
+        # the base run, the issue runs (in their order), the first head, then the sweep, then the
+        # other heads: an interrupted run has the comparisons that matter most
+        todo.sort(key=lambda r: (r["mode"] != "none" or "issue" in r, 0 if "issue" in r else
+                                 bool(r.get("sweep")) and 2 or (3 if steered_head(r) != heads[0] else 1)))
     proc = None
     if todo and not args.url:
         proc, args.url = start_server(args)
@@ -355,13 +370,14 @@ async def main_async(args) -> None:
                     print(f"[{i + 1}/{len(todo)}] {label(run)}: refused, skipped: {e}", flush=True)
                     continue
                 res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                res["scorer_id"] = scorer
                 cache[run_key(run)] = res
                 print(f"[{i + 1}/{len(todo)}] {label(res):22s} {json.dumps(run['weights'])} "
                       + " ".join(f"{h}={res['reward'][h]:.3f}" for h in HEADS)
                       + f" kl={res['kl']:.2f} gen/acc={res['tokens_per_accepted']:.2f} {res['seconds']:.0f}s",
                       flush=True)
                 meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "backend": args.backend,
-                        "scorer": args.scorer, "n": len(prompts), "max_tokens": args.max_tokens,
+                        "scorer": args.scorer, "scorer_id": scorer, "n": len(prompts), "max_tokens": args.max_tokens,
                         "temperature": args.temperature, "seed": args.seed,
                         "machine": f"{os.cpu_count()} CPU cores, shared"}
                 kept = [r for r in cache.values() if r["n"] == len(prompts)]  # drop runs of another size
@@ -370,7 +386,8 @@ async def main_async(args) -> None:
         if proc is not None:
             stop_server(proc)
     data = json.loads(out.read_text())
-    results = [cache[run_key(r)] for r in runs if run_key(r) in cache and "issue" not in r]
+    # only this scorer's runs (and those no scorer affects): runs of two scorers are never mixed
+    results = [cache[run_key(r)] for r in runs if ok(r) and "issue" not in r]
     plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
     plot_sweep(results, HERE / "quality_weights_sweep.png")
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -412,6 +429,8 @@ def main() -> None:
     ap.add_argument("--no-issue-runs", dest="issue_runs", action="store_false",
                     help="skip the plain samples, reward-in-the-loop and pruned runs (issues 14/15)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    ap.add_argument("--only", default="", help="run only these runs, in this order: their names as in the "
+                    "report's table, ';'-separated (e.g. 'none;token s=1 top_k=20 [specific=1]')")
     args = ap.parse_args()
     if args.quick:
         args.prompts = min(args.prompts, 8)

@@ -9,6 +9,12 @@ position, weights {head: 1}), and builds the same rows with the report's own `cl
 
     python -m benchmarks.ranker_rescore --scorer prefix_scorers/default        # today's ranking
     python -m benchmarks.ranker_rescore --scorer RUN/train/scorer --head positive
+    python -m benchmarks.ranker_rescore --scorer DIR --update-cache   # the samples now carry DIR's values
+
+`--update-cache` writes the recomputed values into the cache's samples run, marked with the
+scorer's `scorer_id` and `combined_recomputed_offline`: the quality report's scorer-ranked rows
+and best_of_n's measured KL then use this scorer's values (benchmarks/quality.py reuses the
+samples, whose texts do not depend on the scorer, for a benchmark of this scorer).
 
 The answers' token ids are not cached: they are the answer text re-tokenised (plus EOS when the
 answer stopped), which can differ from the sampled ids; with the server's scorer the output says
@@ -25,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.quality.report import NS, client_rows
+from benchmarks.quality.runs import scorer_id
 from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
 from prefix_scorers.checkpoint import load_scorer
 from prefix_scorers.rollouts import chat_prompt_ids
@@ -68,9 +75,12 @@ def main() -> None:
     ap.add_argument("--results", default=str(HERE / "results" / "quality.json"), help="the quality benchmark's runs")
     ap.add_argument("--head", default="positive", help="the head that ranks (weight 1); the report's HEAD")
     ap.add_argument("--out", help="write the rows' numbers here (JSON)")
+    ap.add_argument("--update-cache", action="store_true",
+                    help="store the recomputed values in --results' samples run (marked with the scorer's id)")
     args = ap.parse_args()
 
-    runs = json.loads(Path(args.results).read_text())["runs"]
+    data = json.loads(Path(args.results).read_text())
+    runs = data["runs"]
     samples = next(r for r in runs if r.get("samples_per_prompt"))
     none = next(r for r in runs if r["mode"] == "none" and not r.get("samples_per_prompt") and "max_tokens" not in r)
     from prefix_scorers.rewards import score_texts
@@ -98,6 +108,11 @@ def main() -> None:
         print(f"best-of-{n}: true-reward {t:.3f}, scorer-ranked {s:.3f}: {share:.0%} of the true-reward gain")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.update_cache:
+        new.update(scorer_id=scorer_id(args.scorer), combined_recomputed_offline=True)
+        data["runs"] = [new if r is samples else r for r in runs]
+        Path(args.results).write_text(json.dumps(data, indent=1) + "\n")
+        print(f"{args.results}: samples run now carries scorer_id {new['scorer_id']}'s values")
 
 
 if __name__ == "__main__":

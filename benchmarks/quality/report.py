@@ -8,6 +8,10 @@ run): best-of-N ranked by the true reward itself, and scorer-ranked best-of-N re
 scorer values the server returned with each sample. Then the issues' targets, met or not, and
 two plots: reward vs measured KL and reward vs base tokens per answer token.
 
+Runs of one scorer only: when the cache names its scorer (`meta.scorer_id`), a run that depends on
+the scorer (benchmarks/quality/runs.py, `uses_scorer`) but ran with another is left out (listed
+under the targets), and the samples' scorer values rank nothing unless they are that scorer's.
+
     python -m benchmarks.quality.report            # after python benchmarks/quality.py
 """
 
@@ -58,12 +62,12 @@ def sample_tokens(control: dict | None, finish: str | None) -> tuple[int, int]:
     return gen, gen - (finish == "stop")
 
 
-def client_rows(samples: dict, ns=NS, heads=HEADS) -> list[dict]:
+def client_rows(samples: dict, ns=NS, heads=HEADS, rankings=("reward", "scorer")) -> list[dict]:
     """True-reward and scorer-ranked best-of-N from the plain samples, first N of each prompt's 16
     (the rows best_of_n N's candidates use); the rewards of `heads` are reported."""
     per = samples["per_prompt"]
     rows = []
-    for rank_by in ("reward", "scorer"):
+    for rank_by in rankings:
         for n in ns:
             win, pools_r, pools_s, gen, acc = [], [], [], 0, 0
             for p in per:
@@ -127,10 +131,13 @@ def family(run: dict) -> str:
     return mode
 
 
-def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], block_kl: dict | None = None) -> dict:
-    """A server run; best_of_n's measured KL from the plain samples of the same prompts and seeds,
-    block mode's from extra base samples per block (block_kl.py: results/quality_block_kl.json)."""
-    from benchmarks.quality.runs import label  # the run's name in every table
+def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], block_kl: dict | None = None,
+               scorer_values_ok: bool = True) -> dict:
+    """A server run; best_of_n's measured KL from the plain samples of the same prompts and seeds
+    (by the scorer: only if the samples' values are this run's scorer's, `scorer_values_ok`),
+    block mode's from extra base samples per block (block_kl.py: results/quality_block_kl.json),
+    used only for the run it measured (same answers' prompts, same reported KL)."""
+    from benchmarks.quality.runs import label, name  # the run's name in every table
     from prefix_scorers.rewards import score_texts
 
     answers = [{"prompt": a["prompt"], "text": a["text"]} for a in run["samples"]]
@@ -144,7 +151,8 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
         measured, how = run["kl"], "exact per-step sum (server)"
     elif mode == "block":
         m = (block_kl or {}).get(label(run))
-        if m and [p["prompt"] for p in m["per_answer"]] == [a["prompt"] for a in answers[:m["answers"]]]:
+        if (m and [p["prompt"] for p in m["per_answer"]] == [a["prompt"] for a in answers[:m["answers"]]]
+                and math.isclose(m["kl_reported"], run["kl"], rel_tol=1e-9)):
             measured, extra["kl_measured_sem"] = m["kl_measured"], m["kl_measured_sem"]
             extra["kl_bound_blocks"], extra["kl_measured_answers"] = m["kl_bound"], m["answers"]
             how = (f"per-block best-of-{n} over {m['samples_per_block']} base samples of each block from its "
@@ -154,6 +162,8 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
     elif samples is None or (run["weights"] if run.get("rewards") else run["weights"] != samples["weights"]) \
             or (run.get("rewards") and list(run["rewards"]) != [head_rewards[HEAD]]):
         measured, how = None, "bound only: no base samples for this ranking score"
+    elif not run.get("rewards") and not scorer_values_ok:
+        measured, how = None, "bound only: the samples' scorer values are another scorer's"
     elif len(samples["per_prompt"][0]["texts"]) < n:
         measured, how = None, f"bound only: fewer base samples than N={n}"
     else:
@@ -184,10 +194,7 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
             hits = [(pl[k], pl[n:]) for pl, k in zip(pools, found) if k is not None]
             if hits and len(pools[0]) - n >= 4:
                 extra["kl_monte_carlo"] = winners_kl([w for w, _ in hits], [pl for _, pl in hits], n)
-    name = label(run)
-    if run["mode"] != "none" and run["weights"] and run["weights"] != {HEAD: 1.0}:
-        name += " [" + ", ".join(f"{h}={w:g}" for h, w in run["weights"].items()) + "]"
-    return row(name, fam, answers, rewards, run["kl"], measured, how, run["tokens_per_accepted"],
+    return row(name(run), fam, answers, rewards, run["kl"], measured, how, run["tokens_per_accepted"],
                run["seconds"], run=run_settings(run), **extra)
 
 
@@ -423,10 +430,16 @@ def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: boo
 
 
 def build(results: Path, ppl_cache: Path | None) -> dict:
+    from benchmarks.quality.runs import name, uses_scorer
+
     data = json.loads(results.read_text())
-    runs = data["runs"]
+    scorer = data["meta"].get("scorer_id")  # None: a cache from before runs named their scorer
+    ours = lambda r: scorer is None or r.get("scorer_id") == scorer
+    samples = next((r for r in data["runs"] if r.get("samples_per_prompt")), None)
+    runs = [r for r in data["runs"] if not uses_scorer(r) or ours(r) or r is samples]
+    left_out = [f"{name(r)} (scorer {r.get('scorer_id', 'unknown')})" for r in data["runs"] if r not in runs]
     head_rewards = {h.name: h.reward for h in DEFAULT_HEADS}
-    samples = next((r for r in runs if r.get("samples_per_prompt")), None)
+    scorer_values_ok = samples is not None and ours(samples)  # else the samples rank by the reward only
     if samples:
         samples = with_head_rewards(samples, head_rewards)
     prompts = {tuple(a["prompt"] for a in r["samples"]) for r in runs if r.get("samples")}
@@ -436,10 +449,11 @@ def build(results: Path, ppl_cache: Path | None) -> dict:
         raise ValueError(f"{results}: runs over different prompt sets ({len(prompts)}); rerun with --fresh")
     block_path = Path(results).with_name("quality_block_kl.json")
     block_kl = json.loads(block_path.read_text()) if block_path.exists() else {}
-    rows = [server_row(r, samples, head_rewards, block_kl) for r in runs
+    rows = [server_row(r, samples, head_rewards, block_kl, scorer_values_ok) for r in runs
             if not r.get("samples_per_prompt") and not r.get("sweep")]
     if samples:
-        rows += client_rows(samples, [n for n in NS if n <= samples["samples_per_prompt"]])
+        rows += client_rows(samples, [n for n in NS if n <= samples["samples_per_prompt"]],
+                            rankings=("reward", "scorer") if scorer_values_ok else ("reward",))
     checks = {}
     if samples:
         none = next(r for r in runs if r["mode"] == "none" and "max_tokens" not in r and not r.get("samples_per_prompt"))
@@ -452,7 +466,8 @@ def build(results: Path, ppl_cache: Path | None) -> dict:
                                   or r.get("run", {}).get("rewards") or list(r.get("run", {}).get("weights", {})) == [HEAD])
     ppl = judges.Perplexity(ppl_cache) if ppl_cache else None
     add_judges(rows, ppl)
-    return {"meta": data["meta"], "checks": checks, "rows": rows, "targets": targets(rows, runs)}
+    return {"meta": data["meta"], "checks": checks, "rows": rows, "targets": targets(rows, runs),
+            "left_out_other_scorer": left_out}
 
 
 def write_report(results: Path, perplexity: bool = True) -> dict:
@@ -470,8 +485,12 @@ def write_report(results: Path, perplexity: bool = True) -> dict:
          "base-model tokens sampled per answer token", True)
     md = ["| target | met | numbers |", "|---|---|---|"]
     md += [f"| ({t['issue']}) {t['target']} | {'yes' if t['met'] else 'no'} | {t['detail']} |" for t in rep["targets"]]
-    (RESULTS / "quality_report.md").write_text(table(rep["rows"]) + "\n" + "\n".join(md) + "\n\n" +
-                                               json.dumps(rep["checks"]) + "\n")
+    scorer = f"Scorer `{meta['scorer']}` (scorer_id {meta['scorer_id']}). " if meta.get("scorer_id") else ""
+    gone = ("Left out, run with another scorer: " + "; ".join(rep["left_out_other_scorer"]) + ".\n"
+            if rep["left_out_other_scorer"] else "")
+    (RESULTS / "quality_report.md").write_text(scorer + "\n\n" * bool(scorer) + table(rep["rows"]) + "\n" +
+                                               "\n".join(md) + "\n\n" + json.dumps(rep["checks"]) + "\n" +
+                                               ("\n" + gone if gone else ""))
     return rep
 
 

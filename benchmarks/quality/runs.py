@@ -1,6 +1,12 @@
-"""Names of the quality benchmark's runs (one per control setting), shared by the runner and the report."""
+"""Names of the quality benchmark's runs (one per control setting) and the scorer each depends on,
+shared by the runner and the report."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+HEAD = "positive"  # the head the benchmark steers first (the report's HEAD)
 
 
 def label(r: dict) -> str:
@@ -17,3 +23,47 @@ def label(r: dict) -> str:
         size = f"M={r['block_size']}" if seg == "fixed" else f"{seg} segments (max {r['block_size']})"
         return f"block K={r['num_candidates']} {size}" + suffix
     return f"best_of_n N={r['num_candidates']}" + suffix
+
+
+def name(r: dict) -> str:
+    """The label plus the weights in brackets when they are not the first head's alone: the
+    run's name in the report's table and in `quality.py --only`."""
+    if r["mode"] != "none" and r["weights"] and r["weights"] != {HEAD: 1.0}:
+        return label(r) + " [" + ", ".join(f"{h}={w:g}" for h, w in r["weights"].items()) + "]"
+    return label(r)
+
+
+def uses_scorer(r: dict) -> bool:
+    """Whether a run's outcome depends on the scorer: it steers or ranks by the scorer's weights,
+    or (the plain samples) it stores the scorer's value of every sample. Plain decoding and runs
+    with only a reward in the loop do not."""
+    return bool(r.get("weights")) and (r["mode"] != "none" or bool(r.get("samples_per_prompt")))
+
+
+def reusable(cached: dict | None, run: dict, n: int, scorer: str) -> bool:
+    """A cached result stands for `run`: same number of prompts and, if the run depends on the
+    scorer, the same scorer (a result stored without `scorer_id` ran with an unknown one)."""
+    return cached is not None and cached["n"] == n and (not uses_scorer(run) or cached.get("scorer_id") == scorer)
+
+
+def named(runs: list[dict], names: str) -> list[dict]:
+    """The runs named in `names` (';'-separated `name`s), in that order."""
+    by_name = {name(r): r for r in runs}
+    wanted = [n.strip() for n in names.split(";") if n.strip()]
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise ValueError(f"no run named {unknown}; the runs are: " + "; ".join(by_name))
+    return [by_name[n] for n in wanted]
+
+
+def scorer_id(path: str | Path) -> str:
+    """A scorer checkpoint's identity: the first 12 hex digits of its weights' sha256 (the same
+    weights under another path have the same id)."""
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: pass a scorer folder (config.json + model.safetensors)")
+    h = hashlib.sha256()
+    with weights.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]

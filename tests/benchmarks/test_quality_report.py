@@ -3,12 +3,13 @@ hand-made samples (no model, no server)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from benchmarks.quality import judges
-from benchmarks.quality.report import client_rows, server_row, targets, with_head_rewards
+from benchmarks.quality.report import build, client_rows, server_row, targets, with_head_rewards
 from prefix_scorers.rewards import get_reward
 
 HEAD_REWARDS = {"positive": "vader_compound", "specific": "specificity", "concise": "concise", "readable": "readable"}
@@ -125,13 +126,17 @@ def test_block_rows_take_the_measured_block_kl_when_it_was_run():
     answers = [{"prompt": f"p{i}", "text": f"a happy answer {i}"} for i in range(3)]
     run = {"mode": "block", "weights": {"positive": 1.0}, "block_size": 8, "num_candidates": 4, "samples": answers,
            "kl": 3.6, "tokens_per_accepted": 4.0, "seconds": 1.0}
-    measured = {"block K=4 M=8": {"kl_measured": 2.5, "kl_measured_sem": 0.1, "kl_bound": 3.8, "answers": 2,
+    measured = {"block K=4 M=8": {"kl_measured": 2.5, "kl_measured_sem": 0.1, "kl_bound": 3.8, "kl_reported": 3.6,
+                                  "answers": 2,
                                   "samples_per_block": 16, "per_answer": [{"prompt": "p0"}, {"prompt": "p1"}]}}
     r = server_row(run, None, HEAD_REWARDS, measured)  # measured on the first 2 of the 3 answers
     assert (r["kl_reported"], r["kl_measured"], r["kl_measured_sem"]) == (3.6, 2.5, 0.1)
     assert server_row(run, None, HEAD_REWARDS, {})["kl_measured"] is None  # not run: the bound only
     stale = {"block K=4 M=8": {**measured["block K=4 M=8"], "per_answer": [{"prompt": "p1"}, {"prompt": "p0"}]}}
     assert server_row(run, None, HEAD_REWARDS, stale)["kl_measured"] is None  # measured on other answers
+    # the same prompts, but another run of that setting (another scorer's): its reported KL differs
+    rerun = {**run, "kl": 4.1}
+    assert server_row(rerun, None, HEAD_REWARDS, measured)["kl_measured"] is None
 
 
 def test_a_samples_run_stored_without_a_head_gets_its_rewards_scored_from_the_texts():
@@ -150,3 +155,35 @@ def test_a_samples_run_stored_without_a_head_gets_its_rewards_scored_from_the_te
     assert with_head_rewards(filled, heads) is filled  # nothing missing: nothing rescored
     tr2 = next(r for r in client_rows(filled, [2], heads=tuple(heads)) if r["rank_by"] == "reward")
     assert tr2["reward"]["specific"] == pytest.approx((spec(texts[0])[1] + spec(texts[1])[0]) / 2)
+
+
+def test_a_report_keeps_the_runs_of_the_caches_scorer_and_lists_the_others(tmp_path):
+    """A cache holding runs of two scorers: the scorer-dependent runs of the other one are left out
+    (named), plain and reward-ranked runs stay, and samples carrying the other scorer's values
+    rank by the reward only."""
+    s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])
+    s.update(mode="none", n=2, scorer_id="old")
+    words = ["good", "bad", "great", "awful"]  # texts the judge (AFINN) tells apart
+    for i, p in enumerate(s["per_prompt"]):
+        p["texts"] = [f"A {words[(i + j) % 4]} answer {i}.{j}." for j in range(4)]
+    answers = lambda j: [{"prompt": p["prompt"], "text": p["texts"][j]} for p in s["per_prompt"]]
+    common = {"n": 2, "seconds": 1.0, "tokens_per_accepted": 1.0, "completion_tokens": 10.0}
+    runs = [s,
+            {"mode": "none", "weights": {"positive": 1.0}, "kl": 0.0, "samples": answers(0), **common},
+            {"mode": "token", "weights": {"positive": 1.0}, "strength": 1.0, "top_k": 20, "kl": 2.0,
+             "samples": answers(1), "scorer_id": "new", **common},
+            {"mode": "token", "weights": {"positive": 1.0}, "strength": 4.0, "top_k": 20, "kl": 9.0,
+             "samples": answers(2), "scorer_id": "old", **common},
+            {"mode": "best_of_n", "weights": {}, "rewards": {"vader_compound": 1.0}, "num_candidates": 4,
+             "kl": 0.64, "samples": answers(1), **common}]
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"meta": {"scorer": "S", "scorer_id": "new"}, "runs": runs}))
+    rep = build(path, None)
+    labels = {r["label"] for r in rep["rows"]}
+    assert {"none", "token s=1 top_k=20", "best_of_n N=4 reward-ranked", "true-reward best-of-4 (client)"} <= labels
+    assert "token s=4 top_k=20" not in labels
+    assert not any(lab.startswith("scorer-ranked") for lab in labels)
+    assert rep["left_out_other_scorer"] == ["token s=4 top_k=20 (scorer old)"]
+    s["scorer_id"] = "new"  # the samples' values are the cache's scorer's: they rank too
+    path.write_text(json.dumps({"meta": {"scorer": "S", "scorer_id": "new"}, "runs": runs}))
+    assert "scorer-ranked best-of-4 (client, recomputed)" in {r["label"] for r in build(path, None)["rows"]}

@@ -1,0 +1,50 @@
+"""The quality benchmark's run cache: which runs depend on the scorer, when a cached run is
+reused, runs picked by name, and a scorer's identity (no model, no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.quality.runs import name, named, reusable, scorer_id, uses_scorer
+
+TOKEN = {"mode": "token", "weights": {"positive": 1.0}, "strength": 1.0, "top_k": 20}
+PLAIN = {"mode": "none", "weights": {"positive": 1.0}}
+SAMPLES = {**PLAIN, "samples_per_prompt": 16}
+REWARD = {"mode": "best_of_n", "weights": {}, "rewards": {"vader_compound": 1.0}, "num_candidates": 4}
+
+
+def test_runs_steered_or_ranked_by_the_scorer_depend_on_it():
+    assert uses_scorer(TOKEN)
+    assert uses_scorer(SAMPLES)  # they store the scorer's value of every sample
+    assert not uses_scorer(PLAIN)
+    assert not uses_scorer(REWARD)
+
+
+def test_a_scorer_dependent_run_is_reused_only_with_the_same_scorer():
+    done = lambda run, **kw: {**run, "n": 48, **kw}
+    assert reusable(done(TOKEN, scorer_id="aaa"), TOKEN, 48, "aaa")
+    assert not reusable(done(TOKEN, scorer_id="bbb"), TOKEN, 48, "aaa")
+    assert not reusable(done(TOKEN), TOKEN, 48, "aaa")  # stored before runs named their scorer
+    assert not reusable(done(TOKEN, scorer_id="aaa"), TOKEN, 16, "aaa")  # other prompts
+    assert not reusable(None, TOKEN, 48, "aaa")
+    assert reusable(done(PLAIN), PLAIN, 48, "aaa")  # plain decoding is the same under any scorer
+    assert reusable(done(REWARD, scorer_id="bbb"), REWARD, 48, "aaa")
+
+
+def test_runs_are_picked_by_their_report_names_in_the_order_given():
+    other = {**TOKEN, "weights": {"specific": 1.0}, "strength": 4.0}
+    runs = [PLAIN, TOKEN, other, REWARD]
+    assert name(other) == "token s=4 top_k=20 [specific=1]"
+    assert named(runs, "token s=4 top_k=20 [specific=1]; none") == [other, PLAIN]
+    with pytest.raises(ValueError, match="no run named.*token s=3"):
+        named(runs, "token s=3 top_k=20")
+
+
+def test_a_scorer_is_identified_by_its_weights(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder, weights in ((a, b"one"), (b, b"one"), (c, b"two")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(weights)
+    assert scorer_id(a) == scorer_id(b) != scorer_id(c)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        scorer_id(tmp_path)
