@@ -123,7 +123,7 @@ def cmd_train(args) -> None:
                       base_model=args.base_model, heads=_heads(args), ensemble=args.ensemble,
                       ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
                       loss=args.loss, dense_source=args.dense_source, dense_lambda=args.dense_lambda,
-                      eval_every=args.eval_every)
+                      eval_every=args.eval_every, init_from=args.init_from)
     held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
     held_ids = {p["id"] for p in read_jsonl(Path(args.eval_prompts))} if getattr(args, "eval_prompts", None) else None
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", Path(args.train_dir) if args.train_dir else
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--lr", type=float, default=1e-4)
         sp.add_argument("--head-lr", type=float, default=1e-3)
         sp.add_argument("--num-layers", type=int, default=2, help="base layers copied into the scorer")
+        sp.add_argument("--init-from", help="continue training a trained scorer checkpoint (e.g. RUN/train/scorer): "
+                        "its weights replace the copied layers and fresh heads; architecture and heads must "
+                        "match (same --num-layers, --head); the optimiser and its warmup start afresh")
         sp.add_argument("--ensemble", type=int, default=1, help="value projections per head, each trained on "
                         "its own bootstrap resample of the rollouts; >1 makes the scorer report a spread")
         sp.add_argument("--ensemble-prior", type=float, default=1.0, help="scale of the members' random "

@@ -37,6 +37,10 @@ value at the taken token, by generated-token position) are computed over the tra
 and written to the checkpoint with provenance. Train/eval loss curves go to `loss.png`.
 
 Resumable: `train_state.pt` is written after each epoch and a rerun continues from it.
+Continued training (`init_from`, the CLI's `--init-from DIR`): the scorer starts from a trained
+checkpoint's weights instead of fresh heads (prefix_scorers/warm_start.py checks that it is the same
+model: architecture, heads by name and reward, ensemble, fingerprints); the optimiser, warmup and
+cosine decay start afresh.
 Scale-out: run the same command under `torchrun --nproc_per_node N` or `accelerate launch`
 (both set WORLD_SIZE/RANK): each process takes every N-th batch, gradients are averaged with DDP,
 and rank 0 writes the outputs (see prefix_scorers/README.md).
@@ -63,6 +67,7 @@ from prefix_scorers.labels import load_labels
 from prefix_scorers.model import PrefixScorer
 from prefix_scorers.prompts import read_jsonl
 from prefix_scorers.targets import LOSSES, TARGETS, prefix_targets, value_loss
+from prefix_scorers.warm_start import init_from_checkpoint
 
 OBJECTIVES = ("fudge", "cdq")
 R2_POSITIONS = (8, 24)  # also reported: R^2 of the value after this many generated tokens vs the final reward
@@ -93,6 +98,7 @@ class TrainConfig:
     ensemble_prior: float = 1.0  # members' random initial projections, x the single-projection init
     device: str = "cpu"
     base_model: str = "smollm2"
+    init_from: str | None = None  # continue from this trained checkpoint's weights (warm_start.py)
     heads: list[dict] = field(default_factory=lambda: [h.model_dump() for h in DEFAULT_HEADS])
 
     def __post_init__(self):
@@ -395,6 +401,7 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     scorer = init_from_base(base, tokenizer, heads, num_layers=cfg.num_layers, seed=cfg.seed,
                             base_name=Path(base_dir).name, ensemble=ensemble)
     del base
+    init = init_from_checkpoint(scorer, cfg.init_from) if cfg.init_from else None
 
     examples = load_examples(rollouts_path, labels_path, heads)
     if eval_rollouts is not None:
@@ -423,9 +430,10 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     width = torch.tensor([h.reward_range[1] - h.reward_range[0] for h in heads])
     inv_var = 1.0 / torch.maximum(r_std, 0.1 * width) ** 2
     ranges = torch.tensor([list(h.reward_range) for h in heads], dtype=torch.float32)
-    with torch.no_grad():  # start at the mean reward, with small head projections
-        scorer.head_bias.copy_(r_mean.repeat_interleave(cfg.ensemble))
-        scorer.head_proj.mul_(0.1 * (cfg.ensemble_prior if cfg.ensemble > 1 else 1.0))
+    if init is None:
+        with torch.no_grad():  # start at the mean reward, with small head projections
+            scorer.head_bias.copy_(r_mean.repeat_interleave(cfg.ensemble))
+            scorer.head_proj.mul_(0.1 * (cfg.ensemble_prior if cfg.ensemble > 1 else 1.0))
     scorer.train().requires_grad_(True)
     scorer.to(cfg.device)
     inv_var_dev = inv_var.to(cfg.device)
@@ -445,7 +453,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     start_epoch, state_path = 0, out_dir / "train_state.pt"
     if state_path.is_file():  # resume
         state = torch.load(state_path, map_location=cfg.device, weights_only=False)
-        if state["config"] == asdict(cfg) | {"device": state["config"]["device"]}:
+        saved = asdict(TrainConfig()) | state["config"]  # options added since: their defaults
+        if saved == asdict(cfg) | {"device": saved["device"]}:
             scorer.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start_epoch, history = state["epoch"], state["history"]
@@ -514,7 +523,7 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
               f"{len(eval_ex)} eval rollouts; rewards {[h.reward for h in heads]}"),
         reward_mean=[round(x, 5) for x in r_mean.tolist()], reward_std=[round(x, 5) for x in r_std.tolist()],
         train_config={k: v for k, v in asdict(cfg).items() if k != "heads"},
-        **({"dense_targets": dense} if dense else {}))
+        **({"dense_targets": dense} if dense else {}), **({"init_from": init} if init else {}))
     (out_dir / "history.json").write_text(json.dumps(history) + "\n")
     plot_losses(history, out_dir / "loss.png", f"{cfg.objective}: {len(train_ex)} train rollouts")
     save_scorer(scorer.cpu(), out_dir / "scorer")
