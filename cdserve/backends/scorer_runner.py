@@ -6,14 +6,7 @@ from __future__ import annotations
 import torch
 
 from cdserve.backends.hf.kv_manager import KVRows, ScorerKV
-from cdserve.control.steering import (
-    combine_heads,
-    ensemble_stats,
-    risk_adjusted,
-    steer_full,
-    steer_top_k,
-    top_k_candidates,
-)
+from cdserve.control.steering import combine_heads, ensemble_stats, risk_adjusted
 from prefix_scorers.kv_cache import KVCache
 from prefix_scorers.model import PrefixScorer
 
@@ -94,44 +87,3 @@ class ScorerRunner:
         q = self.scorer(ids).queries[:, -1]  # (1, H, d_e)
         return self.values_at(q, torch.tensor([[output[-1]]], device=self.device))[0, :, 0]
 
-
-def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
-               strength: torch.Tensor, top_k: list[int], positions: torch.Tensor,
-               risk: list[float] | None = None) -> torch.Tensor:
-    """Token mode for N rows (both engines): logits + strength * sum_h w_h Qnorm_h over each
-    row's top_k (0: the whole vocabulary), Q_h = mean + risk * spread of the head's ensemble.
-    base (N, V); queries (N, H*E, d_e); weights (N, H); strength (N,); top_k and risk (None: 0)
-    on the host (no device sync to split the rows); positions (N,)."""
-    dev = base.device
-    E = scorer.ensemble_size
-    risk = risk or [0.0] * len(top_k)
-    mean, std = scorer.norm_stats(positions)  # (N, H)
-    steered = base.clone()
-    full = [j for j, k in enumerate(top_k) if k == 0]
-    part = [j for j, k in enumerate(top_k) if k > 0]
-    if full:
-        f = torch.tensor(full, device=dev)
-        if E > 1 and any(risk[j] for j in full):  # the spread is not linear in the queries: value
-            raw = scorer.values(queries[f])  # every member on the whole vocabulary (n, H*E, V)
-            adjusted = risk_adjusted(raw, E, torch.tensor([risk[j] for j in full], device=dev))
-            combined = combine_heads(adjusted, mean[f], std[f], weights[f])
-        else:  # the ensemble mean: members mixed before the vocabulary, one (d_e, V) product
-            combined = scorer.combined_values(queries[f], mean[f], std[f], weights[f])
-        steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
-    if part:
-        t = torch.tensor(part, device=dev)
-        cands, combined = top_k_values(scorer, base[t], queries[t], weights[t], [top_k[j] for j in part],
-                                       mean[t], std[t], torch.tensor([risk[j] for j in part], device=dev))
-        steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
-    return steered
-
-
-def top_k_values(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
-                 top_k: list[int], mean: torch.Tensor, std: torch.Tensor,
-                 risk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's top_k (> 0) base candidates (N, k), -1 for unused ranks, and their combined
-    values (N, k) (Q_h = mean + risk * spread, normalised, weighted): token mode's scorer work
-    over the top k, shared by steer_rows and the vLLM worker's in-place steering."""
-    cands = top_k_candidates(base, torch.tensor(top_k, device=base.device), max(top_k))  # (N, k)
-    raw = scorer.values_at(queries, cands.clamp(min=0))  # (N, H*E, k)
-    return cands, combine_heads(risk_adjusted(raw, scorer.ensemble_size, risk), mean, std, weights)

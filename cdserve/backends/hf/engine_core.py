@@ -19,7 +19,8 @@ from cdserve.backends.hf.model_runner import ModelRunner
 from cdserve.backends.hf.sampler import sample
 from cdserve.backends.hf.scheduler import Scheduler
 from cdserve.backends.hf.sequence import Choice, RequestState, Row, RowState
-from cdserve.backends.scorer_runner import ScorerRunner, steer_rows
+from cdserve.backends.scorer_runner import ScorerRunner
+from cdserve.backends.token_steering import TokenRows, steer_in_place
 from cdserve.config import EngineConfig
 from cdserve.control.choice import ChoiceController
 from cdserve.control.segments import entropy_ends
@@ -75,11 +76,10 @@ class EngineCore:
         logits = self.runner.decode(tokens, valid)  # (B, V) base model
         scorer_start = time.perf_counter()
         queries = self._scorer_step(tokens, valid)  # (Bc, H, d_e) scorer, controlled rows only
-        steered = self._steer(logits, queries)  # token mode: logits + strength * sum_h w_h Q_h
-        scorer_seconds = time.perf_counter() - scorer_start
-        kl = self._kl(steered, logits)  # (B,) KL(sampled || base), 0 for rows that cannot have any
         ends = self._segment_ends(logits)  # segment entropy: candidates that end before this token
-        tokens = self._sample(steered)  # (B,)
+        kl = self._steer_and_measure(logits, queries)  # token rows steered in place; (B,) KL(sampled || base)
+        scorer_seconds = time.perf_counter() - scorer_start
+        tokens = self._sample(logits)  # (B,)
         scorer_start = time.perf_counter()
         taken = self._taken_values(tokens, queries)  # the scorer's values of the sampled tokens, on the device
         scorer_seconds = scorer_seconds + time.perf_counter() - scorer_start if queries is not None else 0.0
@@ -168,25 +168,32 @@ class EngineCore:
         sel = torch.tensor(idx, device=self.device)
         return self.scorer.step(tokens[sel], valid[sel])
 
-    def _steer(self, logits: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
-        """Reweight the token-mode rows' logits (the others keep the base model's)."""
-        if queries is None:
-            return logits
-        pick = [(b, s) for s, b in enumerate(self._controlled())
-                if self.rows[b].ctl.control.mode == "token" and not self.rows[b].waiting]
-        if not pick:
-            return logits
-        b_idx = torch.tensor([b for b, _ in pick], device=self.device)
-        s_idx = torch.tensor([s for _, s in pick], device=self.device)
-        ctrls = [self.rows[b].ctl.control for b, _ in pick]
-        base = logits[b_idx]
-        q = queries[s_idx]
-        weights = torch.tensor([c.weights for c in ctrls], device=self.device, dtype=q.dtype)
-        strength = torch.tensor([c.strength for c in ctrls], device=self.device, dtype=base.dtype)
-        positions = torch.tensor([self.rows[b].gen_position for b, _ in pick], device=self.device)
-        steered = steer_rows(self.scorer.scorer, base, q, weights, strength, [c.top_k for c in ctrls], positions,
-                             [c.risk for c in ctrls])
-        return logits.index_copy(0, b_idx, steered)
+    def _steer_and_measure(self, logits: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
+        """Token-mode rows steered in place (token_steering.py, as the vLLM worker) and the per-token
+        KL(sampled || base) (B,) of those and of rows that truncate by top_p (elsewhere 0): the
+        control.kl contract (steering.sampled_kl). Pruned best-of-N reports log N alone, on both
+        engines."""
+        kl = torch.zeros(len(self.rows), device=self.device)
+        pick = [] if queries is None else [(b, s) for s, b in enumerate(self._controlled())
+                                           if self.rows[b].ctl.control.mode == "token" and not self.rows[b].waiting]
+        if pick:
+            rows = [self.rows[b] for b, _ in pick]
+            ctrls = [r.ctl.control for r in rows]
+            token_rows = TokenRows(
+                index=[b for b, _ in pick], queries=queries[torch.tensor([s for _, s in pick], device=self.device)],
+                weights=[c.weights for c in ctrls], strength=[c.strength for c in ctrls],
+                top_k=[c.top_k for c in ctrls], risk=[c.risk for c in ctrls],
+                positions=[r.gen_position for r in rows], temperature=[r.ctl.sampling.temperature for r in rows],
+                top_p=[r.ctl.sampling.top_p for r in rows])
+            kl[token_rows.index] = steer_in_place(self.scorer.scorer, logits, token_rows)
+        idx = [i for i, r in enumerate(self.rows) if not r.waiting and r.ctl.control.mode != "token"
+               and r.ctl.sampling.top_p < 1.0 and not r.ctl.pruning]
+        if idx:
+            sel = torch.tensor(idx, device=self.device)
+            temperature, top_p, _ = self._sampling_tensors(idx)
+            base = logits[sel]
+            kl[idx] = sampled_kl(base, base, temperature, top_p, truncate=True).float()  # top-p truncation's KL
+        return kl
 
     def _sample(self, steered: torch.Tensor) -> torch.Tensor:
         sps = [r.ctl.sampling for r in self.rows]  # the host knows what the device would be asked
@@ -196,20 +203,6 @@ class EngineCore:
         generators = [None if r.waiting else g for r, g in zip(self.rows, generators)]
         return sample(steered, temperature, top_p, generators, all_greedy=all(s.temperature == 0 for s in sps),
                       truncate=any(s.top_p < 1.0 for s in sps))
-
-    def _kl(self, steered: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Per-token KL(sampled || base) of token-mode rows and of rows that truncate by top_p
-        (elsewhere it is 0): the control.kl contract (steering.sampled_kl). Pruned best-of-N
-        reports log N alone, on both engines."""
-        idx = [i for i, r in enumerate(self.rows) if not r.waiting
-               and (r.ctl.control.mode == "token" or (r.ctl.sampling.top_p < 1.0 and not r.ctl.pruning))]
-        kl = torch.zeros(len(self.rows), device=self.device)
-        if not idx:
-            return kl
-        sel = torch.tensor(idx, device=self.device)
-        temperature, top_p, _ = self._sampling_tensors(idx)
-        truncate = any(self.rows[i].ctl.sampling.top_p < 1.0 for i in idx)
-        return kl.index_copy(0, sel, sampled_kl(steered[sel], logits[sel], temperature, top_p, truncate).float())
 
     def _segment_ends(self, logits: torch.Tensor) -> torch.Tensor:
         """(B,) bool on the device: rows whose candidate ends its block before the token sampled

@@ -4,7 +4,8 @@ For each request whose `SamplingParams.extra_args["cdserve"]` asks for token mod
 
     logits'(z) = logits(z) + strength * sum_h w_h (Q_h(x, y, z) - mean_h[pos]) / std_h[pos]
 
-(Q_h: the head's ensemble mean + risk * spread for an ensemble scorer, scorer_runner.steer_rows)
+(Q_h: the head's ensemble mean + risk * spread for an ensemble scorer; token_steering.py, the
+code the hf engine runs too)
 
 over the base model's top_k tokens (-inf elsewhere; top_k 0: every token), pos being the index of
 the token being generated. All controlled requests of a step share one scorer call; requests
@@ -30,12 +31,12 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from cdserve.backends.scorer_runner import steer_rows, top_k_values
+from cdserve.backends.token_steering import TokenRows, steer_in_place
 from cdserve.backends.vllm.scorer_loading import load_scorer_for_model
 from cdserve.backends.vllm.scorer_rows import Row, ScorerRows, parse_control
 from cdserve.backends.vllm.stats import timed_apply
 from cdserve.control.segments import entropy_ends
-from cdserve.control.steering import sampled_kl, steer_top_k_values, top_k_kl
+from cdserve.control.steering import sampled_kl
 from prefix_scorers.config import ScorerConfig
 from prefix_scorers.model import PrefixScorer
 
@@ -118,56 +119,26 @@ class ScorerLogitsProcessor(LogitsProcessor):
         return logits if ends is None else self._force_ends(logits, *ends)
 
     def _steer_and_measure(self, logits: torch.Tensor) -> torch.Tensor:
-        controlled = self.rows.controlled(logits.shape[0])  # token mode: steer, then measure
-        top_k = [(i, r) for i, r in controlled if r.control.top_k > 0]
-        if top_k:
-            self._steer_top_k(logits, top_k)
-        picked = [(i, r) for i, r in controlled if r.control.top_k == 0]  # the whole vocabulary
-        measured = picked + self.rows.measured(logits.shape[0])  # others with top_p < 1: measure
-        if not measured:
-            return logits
-        index = torch.tensor([i for i, _ in measured], device=logits.device)
-        base = logits.index_select(0, index)  # (N, V)
-        sampled = base
-        if picked:
-            sampled = base.clone()
-            sampled[: len(picked)] = self._steer(base[: len(picked)], [r for _, r in picked])
-        temperature = torch.tensor([r.control.temperature for _, r in measured], device=logits.device)
-        top_p = torch.tensor([r.control.top_p for _, r in measured], device=logits.device)
-        kl = sampled_kl(sampled, base, temperature, top_p)  # (N,) KL(sampled || base), the control.kl contract
-        self._keep_kl(measured, kl)
-        if not picked:
-            return logits
-        return logits.index_copy_(0, index[: len(picked)], sampled[: len(picked)])
+        controlled = self.rows.controlled(logits.shape[0])  # token mode: steer in place, with each row's KL
+        if controlled:
+            self._keep_kl(controlled, steer_in_place(self.scorer, logits, self._token_rows(controlled)))
+        measured = self.rows.measured(logits.shape[0])  # unsteered rows with top_p < 1: measure
+        if measured:
+            index = torch.tensor([i for i, _ in measured], device=logits.device)
+            base = logits.index_select(0, index)  # (N, V)
+            temperature = torch.tensor([r.control.temperature for _, r in measured], device=logits.device)
+            top_p = torch.tensor([r.control.top_p for _, r in measured], device=logits.device)
+            self._keep_kl(measured, sampled_kl(base, base, temperature, top_p))  # top-p truncation's KL
+        return logits
 
-    @torch.inference_mode()
-    def _steer_top_k(self, logits: torch.Tensor, picked: list[tuple[int, Row]]) -> None:
-        """Token mode over the top k (k > 0), in place. A steered row is -inf but for its k
-        candidates, so the row is filled and k entries written, and the KL comes from the
-        candidates (steering.top_k_kl): about four passes over the vocabulary per row, where the
-        whole-vocabulary path (steer_rows, sampled_kl) makes some twenty (copies, the full steered
-        rows, two log-softmaxes); at 64 rows those passes cost more than the scorer itself."""
-        dev = logits.device
+    def _token_rows(self, picked: list[tuple[int, Row]]) -> TokenRows:
         rows = [r for _, r in picked]
-        index = torch.tensor([i for i, _ in picked], device=dev)
-        base = logits.index_select(0, index)  # (N, V)
-        slots = torch.tensor([r.slot for r in rows], device=dev)
-        q = self.rows.queries.index_select(0, slots)  # (N, H*E, d_e)
-        weights = torch.tensor([r.control.weights for r in rows], device=dev, dtype=q.dtype)
-        positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
-        risk = torch.tensor([r.control.risk for r in rows], device=dev)
-        mean, std = self.scorer.norm_stats(positions)  # (N, H)
-        cands, combined = top_k_values(self.scorer, base, q, weights, [r.control.top_k for r in rows],
-                                       mean, std, risk)  # (N, k) each
-        strength = torch.tensor([r.control.strength for r in rows], device=dev, dtype=base.dtype)
-        ids, steered = steer_top_k_values(base, cands, combined.to(base.dtype), strength)  # (N, k) each
-        temperature = [r.control.temperature for r in rows]
-        top_p = [r.control.top_p for r in rows]
-        kl = top_k_kl(steered, cands, base, torch.tensor(temperature, device=dev), torch.tensor(top_p, device=dev),
-                      truncate=min(top_p) < 1, any_greedy=min(temperature) <= 0)
-        self._keep_kl(picked, kl)
-        logits.index_fill_(0, index, float("-inf"))
-        logits.index_put_((index[:, None].expand_as(ids), ids), steered)
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        return TokenRows(index=[i for i, _ in picked], queries=self.rows.queries.index_select(0, slots),
+                         weights=[r.control.weights for r in rows], strength=[r.control.strength for r in rows],
+                         top_k=[r.control.top_k for r in rows], risk=[r.control.risk for r in rows],
+                         positions=[len(r.output) for r in rows],  # index of the new token
+                         temperature=[r.control.temperature for r in rows], top_p=[r.control.top_p for r in rows])
 
     @staticmethod
     def _keep_kl(rows: list[tuple[int, Row]], kl: torch.Tensor) -> None:
@@ -199,14 +170,3 @@ class ScorerLogitsProcessor(LogitsProcessor):
         rows.scatter_(1, sentinel[:, None], float("-inf"))
         forced = torch.full_like(rows, float("-inf")).scatter_(1, sentinel[:, None], 0.0)
         return logits.index_copy_(0, index, torch.where(ends[:, None], forced, rows))
-
-    @torch.inference_mode()
-    def _steer(self, base: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        dev = base.device
-        slots = torch.tensor([r.slot for r in rows], device=dev)
-        q = self.rows.queries.index_select(0, slots)  # (N, H*E, d_e)
-        weights = torch.tensor([r.control.weights for r in rows], device=dev, dtype=q.dtype)
-        strength = torch.tensor([r.control.strength for r in rows], device=dev, dtype=base.dtype)
-        positions = torch.tensor([len(r.output) for r in rows], device=dev)  # index of the new token
-        return steer_rows(self.scorer, base, q, weights, strength, [r.control.top_k for r in rows], positions,
-                          [r.control.risk for r in rows])

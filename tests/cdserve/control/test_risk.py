@@ -1,6 +1,6 @@
 """control.risk against hand-computed examples: each head valued at its ensemble's mean + risk *
 spread, in token steering (top-k and whole vocabulary) and in block/best_of_n selection, through
-the functions both engines call (scorer_runner.steer_rows, ScorerRunner.combine, select)."""
+the functions both engines call (token_steering.steer_rows, ScorerRunner.combine, select)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from cdserve.backends.scorer_runner import ScorerRunner, steer_rows
+from cdserve.backends.scorer_runner import ScorerRunner
+from cdserve.backends.token_steering import steer_rows
 from cdserve.control.choice import ChoiceController
 from cdserve.control.request import ControlConfig, resolve_control
 from cdserve.control.steering import ensemble_stats, risk_adjusted

@@ -1,6 +1,6 @@
 """ScorerLogitsProcessor.apply on a batch of mixed rows, without vLLM's engine: the top-k rows'
 in-place steering and candidate-only KL (the 64-stream fast path) give what the reference
-whole-vocabulary code gives (scorer_runner.steer_rows, steering.sampled_kl) from queries
+whole-vocabulary code gives (token_steering.steer_rows, steering.sampled_kl) from queries
 recomputed from scratch; rows without control are left as they were."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm")  # the processor implements vllm's logits-processor interface
 
-from cdserve.backends.scorer_runner import steer_rows
+from cdserve.backends.token_steering import steer_rows
 from cdserve.backends.vllm.logits_processor import ScorerLogitsProcessor
 from cdserve.backends.vllm.scorer_rows import TokenControl
 from cdserve.control.steering import sampled_kl

@@ -1,0 +1,147 @@
+"""Token mode over one step's rows, the code both engines run (hf: steer_step.py; vLLM: the
+worker's logits_processor.py): each row's logits become
+
+    logits'(z) = logits(z) + strength * sum_h w_h (Q_h(z) - mean_h[pos]) / std_h[pos]
+
+over its top_k tokens (-inf elsewhere; top_k 0: every token), Q_h being the head's ensemble mean
++ risk * spread, and each row's KL(sampled || base), the control.kl term (README, "What
+control.kl measures"; steering.sampled_kl).
+
+`steer_in_place` writes the steered rows into the batch's logits. Top-k rows never build their
+(N, V) steered rows: the row is filled with -inf and its k steered logits written, and the KL comes
+from the k candidates (steering.top_k_kl, one logsumexp over the vocabulary), about four passes
+over the vocabulary per row where the whole-vocabulary path (steer_rows, sampled_kl) makes some
+twenty. `steer_rows` is that whole-vocabulary definition, used for top_k 0 and as the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cdserve.control.steering import (
+    combine_heads,
+    risk_adjusted,
+    sampled_kl,
+    steer_full,
+    steer_top_k,
+    steer_top_k_values,
+    top_k_candidates,
+    top_k_kl,
+)
+from prefix_scorers.model import PrefixScorer
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """One step's token-mode rows as an engine describes them: settings on the host (splitting
+    the rows by top_k and the top-p / greedy hints then read nothing from the device), the
+    scorer's queries on the device."""
+
+    index: list[int]  # each row's row in the batch's logits
+    queries: torch.Tensor  # (N, H*E, d_e): values of every possible next token (PrefixScorer.values_at)
+    weights: list[Sequence[float]]  # (N, H)
+    strength: list[float]
+    top_k: list[int]  # 0: the whole vocabulary
+    risk: list[float]  # each head valued at mean + risk * spread of its ensemble
+    positions: list[int]  # index in the answer of the token being generated
+    temperature: list[float]  # the sampler's; 0: greedy
+    top_p: list[float]
+
+    def subset(self, js: list[int]) -> TokenRows:
+        pick = lambda xs: [xs[j] for j in js]
+        return TokenRows(pick(self.index), self.queries[torch.tensor(js, device=self.queries.device)],
+                         pick(self.weights), pick(self.strength), pick(self.top_k), pick(self.risk),
+                         pick(self.positions), pick(self.temperature), pick(self.top_p))
+
+
+@torch.inference_mode()
+def steer_in_place(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+    """Steer rows.index of logits (B, V) in place; returns each row's KL(sampled || base) (N,)
+    float32 at its temperature and top-p (greedy rows: 0 or inf, as sampled_kl)."""
+    kl = torch.zeros(len(rows.index), device=logits.device)
+    part = [j for j, k in enumerate(rows.top_k) if k > 0]
+    full = [j for j, k in enumerate(rows.top_k) if k == 0]
+    for js, steer in ((part, _steer_top_k), (full, _steer_vocabulary)):
+        if len(js) == len(rows.index):
+            return steer(scorer, logits, rows)
+        if js:
+            kl[js] = steer(scorer, logits, rows.subset(js))
+    return kl
+
+
+def _steer_top_k(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+    dev = logits.device
+    index = torch.tensor(rows.index, device=dev)
+    base = logits.index_select(0, index)  # (N, V)
+    mean, std = scorer.norm_stats(torch.tensor(rows.positions, device=dev))  # (N, H)
+    weights = torch.tensor(rows.weights, device=dev, dtype=rows.queries.dtype)
+    cands, combined = top_k_values(scorer, base, rows.queries, weights, rows.top_k, mean, std,
+                                   torch.tensor(rows.risk, device=dev))  # (N, k) each
+    strength = torch.tensor(rows.strength, device=dev, dtype=base.dtype)
+    ids, steered = steer_top_k_values(base, cands, combined.to(base.dtype), strength)  # (N, k) each
+    kl = top_k_kl(steered, cands, base, torch.tensor(rows.temperature, device=dev),
+                  torch.tensor(rows.top_p, device=dev), truncate=min(rows.top_p) < 1,
+                  any_greedy=min(rows.temperature) <= 0)
+    logits.index_fill_(0, index, float("-inf"))
+    logits.index_put_((index[:, None].expand_as(ids), ids), steered)
+    return kl
+
+
+def _steer_vocabulary(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+    dev = logits.device
+    index = torch.tensor(rows.index, device=dev)
+    base = logits.index_select(0, index)  # (N, V)
+    steered = steer_rows(scorer, base, rows.queries,
+                         torch.tensor(rows.weights, device=dev, dtype=rows.queries.dtype),
+                         torch.tensor(rows.strength, device=dev, dtype=base.dtype), rows.top_k,
+                         torch.tensor(rows.positions, device=dev), rows.risk)
+    kl = sampled_kl(steered, base, torch.tensor(rows.temperature, device=dev), torch.tensor(rows.top_p, device=dev),
+                    truncate=min(rows.top_p) < 1)
+    logits.index_copy_(0, index, steered)
+    return kl.float()
+
+
+def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
+               strength: torch.Tensor, top_k: list[int], positions: torch.Tensor,
+               risk: list[float] | None = None) -> torch.Tensor:
+    """Token mode's steered rows (N, V), the whole-vocabulary definition: logits + strength *
+    sum_h w_h Qnorm_h over each row's top_k (0: the whole vocabulary), -inf elsewhere, Q_h = mean
+    + risk * spread of the head's ensemble. base (N, V); queries (N, H*E, d_e); weights (N, H);
+    strength (N,); top_k and risk (None: 0) on the host (no device sync to split the rows);
+    positions (N,)."""
+    dev = base.device
+    E = scorer.ensemble_size
+    risk = risk or [0.0] * len(top_k)
+    mean, std = scorer.norm_stats(positions)  # (N, H)
+    steered = base.clone()
+    full = [j for j, k in enumerate(top_k) if k == 0]
+    part = [j for j, k in enumerate(top_k) if k > 0]
+    if full:
+        f = torch.tensor(full, device=dev)
+        if E > 1 and any(risk[j] for j in full):  # the spread is not linear in the queries: value
+            raw = scorer.values(queries[f])  # every member on the whole vocabulary (n, H*E, V)
+            adjusted = risk_adjusted(raw, E, torch.tensor([risk[j] for j in full], device=dev))
+            combined = combine_heads(adjusted, mean[f], std[f], weights[f])
+        else:  # the ensemble mean: members mixed before the vocabulary, one (d_e, V) product
+            combined = scorer.combined_values(queries[f], mean[f], std[f], weights[f])
+        steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
+    if part:
+        t = torch.tensor(part, device=dev)
+        cands, combined = top_k_values(scorer, base[t], queries[t], weights[t], [top_k[j] for j in part],
+                                       mean[t], std[t], torch.tensor([risk[j] for j in part], device=dev))
+        steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
+    return steered
+
+
+def top_k_values(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
+                 top_k: list[int], mean: torch.Tensor, std: torch.Tensor,
+                 risk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top_k (> 0) base candidates (N, k), -1 for unused ranks, and their combined
+    values (N, k) (Q_h = mean + risk * spread, normalised, weighted): the scorer's work over the
+    top k."""
+    cands = top_k_candidates(base, torch.tensor(top_k, device=base.device), max(top_k))  # (N, k)
+    raw = scorer.values_at(queries, cands.clamp(min=0))  # (N, H*E, k)
+    return cands, combine_heads(risk_adjusted(raw, scorer.ensemble_size, risk), mean, std, weights)

@@ -1,0 +1,63 @@
+"""token_steering.steer_in_place, the token-mode step both engines run, against the
+whole-vocabulary definition (steer_rows, then sampled_kl on the (N, V) steered rows): top-k rows
+(sampled, greedy, top-p truncated, unused ranks, strength 0) and whole-vocabulary rows in one
+batch, with and without an ensemble's risk; rows not named are left as they were."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cdserve.backends.token_steering import TokenRows, steer_in_place, steer_rows
+from cdserve.control.steering import sampled_kl
+from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer
+from prefix_scorers.config import EnsembleSpec
+
+V = 64
+
+
+class _Tok:
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(V)}
+
+
+#            top_k temperature top_p strength risk
+SETTINGS = [(5, 0.7, 1.0, 2.0, 0.0),
+            (3, 0.0, 1.0, 2.0, 0.5),  # greedy: a point mass, 0 or inf
+            (8, 1.0, 0.5, 1.5, -1.0),  # top-p truncates the steered top-k
+            (0, 0.7, 1.0, 2.0, 0.0),  # the whole vocabulary
+            (0, 1.3, 0.8, 1.0, 1.0),
+            (5, 0.9, 1.0, 0.0, 0.0),  # strength 0: the base top-k
+            (0, 0.0, 1.0, 3.0, 0.0)]
+
+
+@pytest.mark.parametrize("ensemble", [1, 3])
+def test_steer_in_place_equals_the_whole_vocabulary_steering_and_its_kl(ensemble):
+    spec = EnsembleSpec(size=ensemble, method="random") if ensemble > 1 else None
+    scorer = random_scorer(V, _Tok(), DEFAULT_HEADS[:2], hidden_size=32, num_layers=1, seed=0, ensemble=spec)
+    g = torch.Generator().manual_seed(2)
+    B = len(SETTINGS) + 2
+    logits = torch.randn(B, V, generator=g) * 3
+    index = [7, 0, 3, 1, 8, 5, 2]  # rows 4 and 6 are not token rows
+    queries = torch.randn(len(index), 2 * ensemble, 32, generator=g)
+    top_k, temperature, top_p, strength, risk = (list(c) for c in zip(*SETTINGS))
+    weights = [(1.0, -0.5), (0.3, 2.0), (1.0, 1.0), (-1.0, 0.5), (2.0, 0.0), (1.0, 1.0), (0.5, 0.5)]
+    positions = [0, 3, 7, 1, 40, 2, 5]
+    rows = TokenRows(index, queries, weights, strength, top_k, risk, positions, temperature, top_p)
+
+    base = logits[index]
+    expected = steer_rows(scorer, base, queries, torch.tensor(weights), torch.tensor(strength), top_k,
+                          torch.tensor(positions), risk)
+    expected_kl = sampled_kl(expected, base, torch.tensor(temperature), torch.tensor(top_p))
+    out = logits.clone()
+    kl = steer_in_place(scorer, out, rows)
+
+    torch.testing.assert_close(out[index], expected, atol=1e-5, rtol=1e-5)
+    others = [i for i in range(B) if i not in index]
+    assert torch.equal(out[others], logits[others])
+    assert torch.isinf(kl).tolist() == torch.isinf(expected_kl).tolist()
+    assert kl[[0, 2, 3, 4]].gt(1e-3).all()  # steered rows move away from the base
+    torch.testing.assert_close(kl, expected_kl, atol=1e-5, rtol=1e-4)
+    # strength 0 at top_p 1: the KL of top-k truncation alone, -log (base mass of the top 5)
+    p = torch.softmax(base[5] / 0.9, -1)
+    assert float(kl[5]) == pytest.approx(-float(p.topk(5).values.sum().log()), rel=1e-4)
