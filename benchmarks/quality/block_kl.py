@@ -21,7 +21,7 @@ cdserve reports per selection; identical blocks (EOS at once, a forced token) or
 gives many blocks one value (VADER's 0 for text without sentiment words) cost less.
 
 What is ranked, and where (cdserve/control/choice.py `ChoiceController.select`, the hf engine's
-`EngineCore._advance`): value = combined + sum_r weight_r * reward_r(text), with
+`selection.Selection.advance`): value = combined + sum_r weight_r * reward_r(text), with
 - combined: the scorer's sum_h w_h (Q_h - mean_h(pos)) / std_h(pos) of the candidate's last token
   (EOS included), pos its index in the answer (`ScorerRunner.final_values` and `combine`, reused
   here); 0 when every weight is 0 (the reward-ranked runs send weights {});

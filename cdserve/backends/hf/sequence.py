@@ -9,7 +9,7 @@ A row is a small state machine:
 
 `fork(src)` and `leave()` are also events for the KV caches: a fork means "this row's cache
 becomes a copy of src's", a leave "this row's slot is free". The engine hands them to the KV
-manager after each step (EngineCore._apply_row_events) and clears them.
+manager after each step (Batch.apply_row_events, batch.py) and clears them.
 """
 
 from __future__ import annotations
