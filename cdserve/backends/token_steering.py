@@ -75,7 +75,10 @@ def steer_in_place(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) 
 def _steer_top_k(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) -> torch.Tensor:
     dev = logits.device
     index = torch.tensor(rows.index, device=dev)
-    base = logits.index_select(0, index)  # (N, V)
+    # Every read of base comes before the rows are written: when they are one run of the batch
+    # (usually the whole batch), base is a view, not a copy of the rows.
+    span = _run(rows.index)
+    base = logits[span] if span else logits.index_select(0, index)  # (N, V)
     mean, std = scorer.norm_stats(torch.tensor(rows.positions, device=dev))  # (N, H)
     weights = torch.tensor(rows.weights, device=dev, dtype=rows.queries.dtype)
     cands, combined = top_k_values(scorer, base, rows.queries, weights, rows.top_k, mean, std,
@@ -85,9 +88,17 @@ def _steer_top_k(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) ->
     kl = top_k_kl(steered, cands, base, torch.tensor(rows.temperature, device=dev),
                   torch.tensor(rows.top_p, device=dev), truncate=min(rows.top_p) < 1,
                   any_greedy=min(rows.temperature) <= 0)
-    logits.index_fill_(0, index, float("-inf"))
-    logits.index_put_((index[:, None].expand_as(ids), ids), steered)
+    if span:
+        logits[span].fill_(float("-inf")).scatter_(1, ids, steered)
+    else:
+        logits.index_fill_(0, index, float("-inf"))
+        logits.index_put_((index[:, None].expand_as(ids), ids), steered)
     return kl
+
+
+def _run(index: list[int]) -> slice | None:
+    """index as a slice if it is a run of consecutive rows."""
+    return slice(index[0], index[-1] + 1) if index and index == list(range(index[0], index[-1] + 1)) else None
 
 
 def _steer_vocabulary(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) -> torch.Tensor:

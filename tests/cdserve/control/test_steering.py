@@ -16,6 +16,7 @@ from cdserve.control.steering import (
     steer_full,
     steer_top_k,
     top_k_candidates,
+    top_k_indices,
 )
 
 INF = float("inf")
@@ -88,3 +89,18 @@ def test_sampled_selection_follows_softmax_of_strength_times_value():
     flat = sum(select_candidate(combined, "sample", 0.0, g) for _ in range(draws)) / draws
     # standard error sqrt(p (1 - p) / 4000) < 0.008: within 0.03 is nearly 4 of them
     assert abs(picked - 0.75) < 0.03 and abs(flat - 0.5) < 0.03
+
+
+def test_top_k_by_chunk_maxima_equals_torch_topk_on_a_whole_vocabulary():
+    # 49,152 tokens: the chunked path. Row 0 random; row 1 has its whole top 20 in one chunk (one
+    # token per chunk would be wrong); row 2 is -inf but for its last 152 tokens (a bad-words
+    # mask: most chunk maxima tie at -inf); row 3 has its top 20 in 20 chunks.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 49152, generator=g)
+    logits[1, 5000:5020] = 10.0 + torch.arange(20.0)
+    logits[2, :49000] = -INF
+    logits[3, torch.arange(20) * 2048 + 7] = 20.0 - torch.arange(20.0)
+    for k in (1, 5, 20):
+        assert torch.equal(top_k_indices(logits, k), logits.topk(k, dim=-1).indices), k
+    odd = torch.randn(2, 1000, generator=g)  # not a whole number of chunks: topk directly
+    assert torch.equal(top_k_indices(odd, 7), odd.topk(7, dim=-1).indices)
