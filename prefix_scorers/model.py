@@ -57,6 +57,11 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """q (B, nh, T, hs) over keys/values (B, nkv, L, hs) (nkv divides nh), attn_mask (B, 1, T, L)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class Attention(nn.Module):
     def __init__(self, d: int, nh: int, nkv: int, theta: float):
         super().__init__()
@@ -74,7 +79,9 @@ class Attention(nn.Module):
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nkv, L+T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=self.nh != self.nkv)
+        # A cache may attend itself (the vLLM worker's: keys a group of rows share, read once)
+        attend = getattr(cache, "attend", attention)
+        y = attend(layer, q, k, v, attn_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))
 
 

@@ -190,3 +190,37 @@ def test_steps_joins_and_leaves_write_in_place(scorer):
         rows.sync()
         check(rows, scorer, {i: prompts[i] + outs[i] for i in outs})
     assert rows.kv.k[0].data_ptr() == buffer and rows.kv.reallocations == reallocations
+
+
+def test_a_shared_context_is_kept_once_and_attended_once_per_group(scorer):
+    """Rows sharing a context keep only their own tokens in the cache (the context's keys/values
+    are one SharedPrefix, the first reader's copy dropped too), so a step reads the context once;
+    queries match a full recompute through steps, a second context, and the first reader leaving."""
+    from cdserve.backends.vllm.scorer_rows import PREFIX_BLOCK
+
+    g = torch.Generator().manual_seed(7)
+    contexts = [[int(t) for t in torch.randint(V, (2 * PREFIX_BLOCK,), generator=g)] for _ in range(2)]
+    rows = ScorerRows(scorer, torch.device("cpu"))
+    prompts = {i: contexts[i % 2] + [i + 1] * (3 + i) for i in range(5)}
+    prompts[5] = [7, 8, 9]  # nothing shared
+    outs = {i: [] for i in prompts}
+    for i, prompt in prompts.items():
+        rows.add(i, ctrl(f"k{i}"), prompt, outs[i])
+    rows.sync()
+    check(rows, scorer, prompts)
+    own = {i: len(p) - (2 * PREFIX_BLOCK if i < 5 else 0) for i, p in prompts.items()}
+    assert rows.kv.length == max(own.values()) < 2 * PREFIX_BLOCK
+    assert {i: int(rows.kv.mask[r.slot].sum()) for i, r in rows.by_index.items()} == own
+    assert len({id(rows.by_index[i].shared) for i in range(5)}) == 2 and rows.by_index[5].shared is None
+    for step in range(4):
+        for o in outs.values():
+            o.append(int(torch.randint(V, (1,), generator=g)))
+        if step == 1:  # the first reader leaves; a newcomer still finds the context
+            rows.remove(0)
+            del prompts[0], outs[0]
+            prompts[6], outs[6] = contexts[0] + [5], [6]
+            rows.add(6, ctrl("k6"), prompts[6], outs[6])
+        rows.sync()
+        check(rows, scorer, {i: prompts[i] + outs[i] for i in outs})
+    assert rows.kv.length < 2 * PREFIX_BLOCK
+    assert rows.by_index[6].shared is rows.by_index[2].shared
