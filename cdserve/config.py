@@ -68,6 +68,10 @@ class EngineConfig(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for.")
     max_n: int = Field(16, ge=1, description="Largest n a request may ask for.")
     seed: int = Field(0, description="Seed of the engine's generator for unseeded requests.")
+    scorer_prefix_cache_tokens: int = Field(
+        16384, ge=0, description="Prompt tokens whose scorer keys/values the engine keeps for whole-sequence "
+        "scorer passes (a prompt's prefill, a finished answer's values), in 32-token blocks, so requests "
+        "sharing a context read it once (0: off). About 3 KB per token for the default 2-layer scorer.")
     control: ControlConfig = Field(default_factory=ControlConfig,
                                    description="Default control and its limits (JSON).")
     rewards: RewardConfig = Field(default_factory=RewardConfig, description="Rewards requests may rank "

@@ -6,18 +6,22 @@ from __future__ import annotations
 import torch
 
 from cdserve.backends.hf.kv_manager import KVRows, ScorerKV
+from cdserve.backends.scorer_prefix_cache import ScorerPrefixCache
 from cdserve.control.steering import combine_heads, ensemble_stats, risk_adjusted
 from prefix_scorers.kv_cache import KVCache
 from prefix_scorers.model import PrefixScorer
 
 
 class ScorerRunner:
-    def __init__(self, scorer: PrefixScorer, device: torch.device):
+    def __init__(self, scorer: PrefixScorer, device: torch.device, prefix_cache_tokens: int = 0):
         self.scorer = scorer
         self.device = device
         self.num_layers = len(scorer.layers)
         self.kv = KVRows(self.num_layers)  # the controlled rows' cache, in the engine's controlled-row order
         self.cache = ScorerKV(self.kv)
+        # whole-sequence passes (prefill, final_values) start from the longest cached prompt prefix
+        self.prefixes = ScorerPrefixCache(prefix_cache_tokens)
+        self.read_tokens = 0  # tokens whole-sequence passes read (tests, profiling)
 
     @property
     def batch_size(self) -> int:
@@ -26,13 +30,27 @@ class ScorerRunner:
     @torch.inference_mode()
     def prefill(self, prompt: list[int]) -> KVCache:
         """Cache (1 row) of all prompt tokens but the last, as for the base model."""
-        cache = KVCache.empty(self.num_layers)
-        ids = torch.tensor([prompt[:-1] or prompt[:1]], device=self.device)
-        self.scorer(ids, cache=cache)
         if len(prompt) == 1:  # nothing to keep: an empty row
-            cache = KVCache([k[:, :, :0] for k in cache.keys], [v[:, :, :0] for v in cache.values],
-                            cache.mask[:, :0])
+            cache = KVCache.empty(self.num_layers)
+            self.scorer(torch.tensor([prompt], device=self.device), cache=cache)
+            return KVCache([k[:, :, :0] for k in cache.keys], [v[:, :, :0] for v in cache.values],
+                           cache.mask[:, :0])
+        seq = prompt[:-1]
+        cache, n = self.prefixes.longest(seq, len(seq))
+        if n < len(seq):
+            cache, _ = self._read(seq, cache, n)
+        self.prefixes.store(seq, cache)
         return cache
+
+    def _read(self, seq: list[int], cache: KVCache | None, n: int) -> tuple[KVCache, torch.Tensor]:
+        """Read seq[n:] after cache (seq's first n tokens' keys/values, or None for n = 0): the
+        cache of all of seq and the queries (1, T, H*E, d_e) at the tokens read."""
+        cache = cache if cache is not None else KVCache.empty(self.num_layers)
+        ids = torch.tensor([seq[n:]], device=self.device)
+        positions = torch.arange(n, len(seq), device=self.device)[None]
+        queries = self.scorer(ids, positions=positions, cache=cache).queries
+        self.read_tokens += len(seq) - n
+        return cache, queries
 
     # -- row operations (kv_manager.KVRows, as the base model's) -------------------------------------
     def add_rows(self, cache: KVCache, copies: int) -> None:
@@ -81,9 +99,12 @@ class ScorerRunner:
 
     @torch.inference_mode()
     def final_values(self, prompt: list[int], output: list[int]) -> torch.Tensor:
-        """Raw member values (H*E,) of a finished sequence, by one full pass: read at the position
-        before the last output token, at that token."""
-        ids = torch.tensor([prompt + output[:-1]], device=self.device)
-        q = self.scorer(ids).queries[:, -1]  # (1, H, d_e)
+        """Raw member values (H*E,) of a finished sequence, by one pass after the longest cached
+        prompt prefix: read at the position before the last output token, at that token."""
+        seq = prompt + output[:-1]
+        cache, n = self.prefixes.longest(seq, len(seq) - 1)  # the last token is read: its query
+        cache, queries = self._read(seq, cache, n)
+        q = queries[:, -1]  # (1, H*E, d_e)
+        self.prefixes.store(prompt, cache)  # the prompt's blocks: other choices and requests share them
         return self.values_at(q, torch.tensor([[output[-1]]], device=self.device))[0, :, 0]
 

@@ -76,7 +76,8 @@ class HFEngine:
         cfg.control.check_heads(self.head_names)
         eos = eos_token_ids(self.model_dir, self.tokenizer)
         self.rewards = RewardService(cfg.rewards)
-        self.core = EngineCore(ModelRunner(model, self.device), ScorerRunner(scorer, self.device),
+        scorer_runner = ScorerRunner(scorer, self.device, cfg.scorer_prefix_cache_tokens)
+        self.core = EngineCore(ModelRunner(model, self.device), scorer_runner,
                                self.tokenizer, cfg, self.head_names, eos, self.max_model_len, self.rewards)
         log.info("hf engine: %s on %s (%s), scorer %s (%s, heads %s)", self.model_name, self.device,
                  self.dtype, self.scorer_dir, "trained" if scorer.config.provenance.trained else "UNTRAINED",

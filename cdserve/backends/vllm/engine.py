@@ -107,7 +107,7 @@ class VLLMEngine:
         self.device = torch.device("cpu")
         scorer = load_scorer_for_model(self.scorer_dir, self.model_dir, self.device, tokenizer=self.tokenizer)
         self.scorer_config = scorer.config
-        self.scorer = ScorerRunner(scorer, self.device)
+        self.scorer = ScorerRunner(scorer, self.device, cfg.scorer_prefix_cache_tokens)
         cfg.control.check_heads(self.head_names)
         vllm_environment(cfg.vllm, on_cpu)
         self.dtype = cfg.dtype if cfg.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
