@@ -171,12 +171,14 @@ class PrefixScorer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, cache: KVCache | None = None) -> ScorerStep:
+                valid: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> ScorerStep:
         """Read tokens (B, T) and return the per-head queries at each of them.
 
         positions (B, T): token positions (default 0..T-1 after the cache). valid (B, T): False for
         padding or placeholder tokens, which no later token may attend to. With `cache`, the new
-        keys/values are appended to it (incremental decoding).
+        keys/values are appended to it (incremental decoding). last_only: queries (B, 1, ...) at the
+        last token only (a prefill's: the head projections at every token cost a sixth of its pass).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -193,7 +195,7 @@ class PrefixScorer(nn.Module):
         x = self.in_proj(F.embedding(input_ids, self.embedding))
         for i, block in enumerate(self.layers):
             x = block(x, positions, attn_mask, cache, i)
-        h = self.norm(x)  # (B, T, d)
+        h = self.norm(x[:, -1:] if last_only else x)  # (B, T, d)
         q = torch.einsum("btd,hed->bthe", h, self.head_proj) / math.sqrt(self.head_proj.shape[1])
         return ScorerStep(queries=q)
 

@@ -157,3 +157,25 @@ def test_combined_values_mix_heads_before_the_vocabulary(smol):
             torch.tensor([[2.0, 0.5, 1.0, 3.0]])
         want = ((scorer.values(q) - mean[..., None]) / std[..., None] * w[..., None]).sum(1)
         assert torch.allclose(scorer.combined_values(q, mean, std, w), want, atol=1e-4)
+
+
+def test_last_only_gives_the_last_tokens_queries_and_the_same_cache():
+    """A prefill that needs only the last token's queries (the vLLM worker's) skips the head
+    projections elsewhere; the queries there and the cache it leaves are those of a full pass."""
+
+    class Tok:
+        def get_vocab(self):
+            return {f"t{i}": i for i in range(50)}
+
+    scorer = random_scorer(50, Tok(), DEFAULT_HEADS[:2], hidden_size=32, num_layers=2, seed=1)
+    ids = torch.randint(50, (2, 7), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[1, :3] = False  # left padding
+    full_cache, last_cache = KVCache.empty(2), KVCache.empty(2)
+    with torch.no_grad():
+        full = scorer(ids, valid=valid, cache=full_cache).queries
+        last = scorer(ids, valid=valid, cache=last_cache, last_only=True).queries
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    for a, b in zip(full_cache.keys + full_cache.values, last_cache.keys + last_cache.values):
+        assert torch.equal(a, b)

@@ -329,7 +329,7 @@ class ScorerRows:
             seq = row.prompt + list(row.output)
             ids = torch.tensor([seq[n:]], device=self.device)
             positions = torch.arange(n, len(seq), device=self.device)[None]
-            queries = self.scorer(ids, positions=positions, cache=cache).queries[:, -1]
+            queries = self.scorer(ids, positions=positions, cache=cache, last_only=True).queries[:, -1]
             self.prefill_tokens += len(seq) - n
             self.reused_tokens += n
             self._add(cache, queries, [row])
@@ -372,7 +372,7 @@ class ScorerRows:
         ids, valid = ids.to(self.device), valid.to(self.device)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
         cache = KVCache.empty(self.num_layers)
-        q = self.scorer(ids, positions=positions, valid=valid, cache=cache).queries[:, -1]
+        q = self.scorer(ids, positions=positions, valid=valid, cache=cache, last_only=True).queries[:, -1]
         self.prefill_tokens += sum(len(s) for s in seqs)
         self._add(cache, q, rows)
 
