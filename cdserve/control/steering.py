@@ -142,7 +142,8 @@ def top_k_kl(steered: torch.Tensor, candidates: torch.Tensor, base: torch.Tensor
     t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None].float()
     log_pi = torch.log_softmax(apply_top_p(steered / t, top_p, truncate), dim=-1)  # (N, k)
     ids = candidates.clamp(min=0)
-    log_p = base.gather(1, ids).float() / t - _logsumexp(base.float(), t)
+    picked = base.gather(1, ids).float()  # the candidates hold each row's maximum, the top token
+    log_p = picked / t - _logsumexp(base.float(), t, picked.amax(-1, keepdim=True))
     pi = log_pi.exp()
     kl = torch.where(pi > 0, pi * (log_pi - log_p), torch.zeros_like(pi)).sum(-1)
     if not (bool(greedy.any()) if any_greedy is None else any_greedy):
@@ -155,10 +156,10 @@ def top_k_kl(steered: torch.Tensor, candidates: torch.Tensor, base: torch.Tensor
     return torch.where(greedy, point, kl)
 
 
-def _logsumexp(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """logsumexp(x / t) per row (N, 1); x (N, V), t (N, 1). One (N, V) temporary, written in
-    place (torch.logsumexp of x / t makes three: at 64 x 49,152 each costs as much as a pass)."""
-    m = x.amax(-1, keepdim=True)
+def _logsumexp(x: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """logsumexp(x / t) per row (N, 1); x (N, V), t and m (N, 1), m each row's maximum. One
+    (N, V) temporary, written in place (torch.logsumexp of x / t makes three and reads the rows
+    once more for their maxima: at 64 x 49,152 each pass costs about 1.5 ms on a CPU core)."""
     m = torch.where(m.isfinite(), m, torch.zeros_like(m))  # as torch.logsumexp on rows of +-inf
     return torch.sub(x, m).div_(t).exp_().sum(-1, keepdim=True).log_() + m / t
 
