@@ -187,3 +187,14 @@ def test_a_report_keeps_the_runs_of_the_caches_scorer_and_lists_the_others(tmp_p
     s["scorer_id"] = "new"  # the samples' values are the cache's scorer's: they rank too
     path.write_text(json.dumps({"meta": {"scorer": "S", "scorer_id": "new"}, "runs": runs}))
     assert "scorer-ranked best-of-4 (client, recomputed)" in {r["label"] for r in build(path, None)["rows"]}
+
+
+def test_the_ranker_target_falls_back_to_the_client_side_best_of_8_without_a_server_run():
+    s = samples_run([[0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.4, 0.6], [0.3, 0.2, 0.8, 0.0, 0.1, 0.4, 0.5, 0.6]])
+    none = server_row(server_run(s, ["answer 0.0", "answer 1.0"], mode="none", weights={"positive": 1.0}),
+                      s, HEAD_REWARDS)
+    none["label"] = "none"
+    [ranker] = [t for t in targets([none] + client_rows(s, [8]), []) if "best-of-8's gain" in t["target"]]
+    # the scorer ranks in reverse: it keeps the worst of 8 (0.1 and 0.0), below plain decoding (0.1, 0.3)
+    assert ranker["met"] is False
+    assert "client-side" in ranker["detail"]
