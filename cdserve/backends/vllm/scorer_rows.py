@@ -25,16 +25,17 @@ from dataclasses import dataclass, field
 import torch
 
 from cdserve.backends.hf.kv_manager import KVRows, ScorerKV
+from cdserve.backends.scorer_prefix_cache import PREFIX_BLOCK, block_hashes
 from prefix_scorers.kv_cache import KVCache
 from prefix_scorers.model import PrefixScorer, attention
 
 # Results of rows that left the batch, kept until the server fetches them (bounded: a request
 # the server aborted is never fetched).
 MAX_FINISHED = 1024
-# A new row reuses the scorer keys/values of a live row's prompt prefix in whole blocks of this
-# many tokens (vLLM's prefix caching does the same for the base model, so without it a shared
-# context would be recomputed by the scorer alone).
-PREFIX_BLOCK = 32
+# A new row reuses the scorer keys/values of a live row's prompt prefix in whole blocks of
+# PREFIX_BLOCK tokens (vLLM's prefix caching does the same for the base model, so without it a
+# shared context would be recomputed by the scorer alone); the server-side scorer's prefix cache
+# uses the same blocks and hashes.
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class ScorerRows:
         self.slots: list[Row] = []  # cache row order
         self.kv = KVRows(self.num_layers)
         self.cache = SharedPrefixKV(self.kv)  # what the scorer's forward reads and appends to
-        self.shared: dict[int, SharedPrefix] = {}  # hash of its blocks (_block_hashes) -> prefix
+        self.shared: dict[int, SharedPrefix] = {}  # hash of its blocks (block_hashes) -> prefix
         self.queries: torch.Tensor | None = None  # (len(slots), H*E, d_e), at each row's last token
         self.finished: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
         self._dropped = False
@@ -300,7 +301,7 @@ class ScorerRows:
             alone = [r for r, d in found if d is None]
             leaders, pending, seen = [], [], set()
             for r in alone:
-                first = _block_hashes(r.prompt)[:1]
+                first = block_hashes(r.prompt)[:1]
                 (pending if first and first[0] in seen else leaders).append(r)
                 seen.update(first)
             if leaders:
@@ -310,7 +311,7 @@ class ScorerRows:
         """A live row in the cache whose prompt starts with the most whole blocks of row's prompt,
         and how many tokens they share (fewer than row's sequence: its last token is read anew)."""
         limit = row.length - 1
-        for j, h in reversed(list(enumerate(_block_hashes(row.prompt), 1))):
+        for j, h in reversed(list(enumerate(block_hashes(row.prompt), 1))):
             n = j * PREFIX_BLOCK
             d = self.prefixes.get(h)
             if n > limit or d is None:
@@ -337,7 +338,7 @@ class ScorerRows:
     def _shared_prefix(self, donor: Row, n: int) -> SharedPrefix:
         """The SharedPrefix of donor's first n tokens (whole blocks): an existing one, or one made
         from the donor's keys/values, which the donor then uses too (its cache row drops them)."""
-        h = _block_hashes(donor.prompt[:n])[-1]
+        h = block_hashes(donor.prompt[:n])[-1]
         found = self.shared.get(h)
         if found is not None and found.tokens == donor.prompt[:n]:
             return found
@@ -385,12 +386,12 @@ class ScorerRows:
         self.queries = queries if self.queries is None else torch.cat([self.queries, queries])
         for i, r in enumerate(rows):
             r.slot, r.consumed = len(self.slots) + i, r.length
-            for h in _block_hashes(r.prompt):
+            for h in block_hashes(r.prompt):
                 self.prefixes[h] = r
         self.slots = self.slots + rows
         if len(self.prefixes) > 64 * max(len(self.slots), 16):  # drop what rows that left registered
             live = [r for r in self.slots if r.slot >= 0]
-            self.prefixes = {h: r for r in live for h in _block_hashes(r.prompt)}
+            self.prefixes = {h: r for r in live for h in block_hashes(r.prompt)}
 
     def controlled(self, num_rows: int) -> list[tuple[int, Row]]:
         """(batch index, row) of the rows to steer this step, in batch order."""
@@ -447,12 +448,3 @@ def _groups(rows: list[Row], device: torch.device) -> list[tuple[torch.Tensor, S
         if r.shared is not None:
             by.setdefault(id(r.shared), ([], r.shared))[0].append(i)
     return [(torch.tensor(ix, device=device), p) for ix, p in by.values()]
-
-
-def _block_hashes(tokens: Sequence[int]) -> list[int]:
-    """Chained hashes of tokens' whole PREFIX_BLOCK-token blocks: entry j-1 names the first j."""
-    out, h = [], 0
-    for j in range(len(tokens) // PREFIX_BLOCK):
-        h = hash((h, tuple(tokens[j * PREFIX_BLOCK:(j + 1) * PREFIX_BLOCK])))
-        out.append(h)
-    return out
