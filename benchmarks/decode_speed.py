@@ -107,6 +107,16 @@ def run_generate(engine, prompts: list[list[int]], concurrency: int, max_tokens:
     if engine.backend_name != "hf":
         raise SystemExit("mode 'generate' (the static-batch baseline) needs --backend hf")
     model, eos = engine.core.runner.model, sorted(engine.core.eos)
+    engine_attention = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")  # the baseline as transformers ships it, not the engine's attention
+    try:
+        return _generate(engine, model, eos, prompts, concurrency, max_tokens, seed)
+    finally:
+        model.set_attn_implementation(engine_attention)
+
+
+def _generate(engine, model, eos: list[int], prompts: list[list[int]], concurrency: int, max_tokens: int,
+              seed: int) -> dict:
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else eos[0]
     start, cpu_start = time.perf_counter(), cpu_seconds()
     tokens = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from cdserve.backends.hf.attention import use_grouped_decode_attention
 from cdserve.backends.hf.kv_manager import KVRows, RowCache
 
 
@@ -17,6 +18,8 @@ class ModelRunner:
     def __init__(self, model, device: torch.device):
         self.model = model
         self.device = device
+        if model.config._attn_implementation == "sdpa":  # decode without repeat_kv's copy of the cache
+            use_grouped_decode_attention(model)
         self.num_layers = model.config.num_hidden_layers
         self.kv = KVRows(self.num_layers)
         self.cache = RowCache(self.kv)
