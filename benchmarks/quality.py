@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality.runs import label, named, reusable, scorer_id
+from benchmarks.quality.runs import label, named, reusable, scorer_id, with_rewards
 from benchmarks.quality.server import start_server as start_cdserve
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 from prefix_scorers.prompts import load_prompts
@@ -387,7 +387,7 @@ async def main_async(args) -> None:
             stop_server(proc)
     data = json.loads(out.read_text())
     # only this scorer's runs (and those no scorer affects): runs of two scorers are never mixed
-    results = [cache[run_key(r)] for r in runs if ok(r) and "issue" not in r]
+    results = [with_rewards(cache[run_key(r)], HEADS) for r in runs if ok(r) and "issue" not in r]
     plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
     plot_sweep(results, HERE / "quality_weights_sweep.png")
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])

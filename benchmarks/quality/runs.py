@@ -56,6 +56,23 @@ def named(runs: list[dict], names: str) -> list[dict]:
     return [by_name[n] for n in wanted]
 
 
+def with_rewards(run: dict, head_rewards: dict[str, str]) -> dict:
+    """A server run with the mean reward (and s.e.) of every head: a run stored under other heads
+    (before `specific` replaced `civil`) gets the missing ones scored from its answers' texts."""
+    missing = {h: r for h, r in head_rewards.items() if h not in run["reward"]}
+    if not missing or not run.get("samples"):
+        return run
+    import statistics
+
+    from prefix_scorers.rewards import score_texts
+
+    texts = [a["text"] for a in run["samples"]]
+    scored = score_texts(texts, list(missing.values()))
+    return {**run, "reward": {**run["reward"], **{h: statistics.fmean(scored[r]) for h, r in missing.items()}},
+            "reward_sem": {**run["reward_sem"], **{h: statistics.stdev(scored[r]) / len(texts) ** 0.5
+                                                   for h, r in missing.items()}}}
+
+
 def scorer_id(path: str | Path) -> str:
     """A scorer checkpoint's identity: the first 12 hex digits of its weights' sha256 (the same
     weights under another path have the same id)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.quality.runs import name, named, reusable, scorer_id, uses_scorer
+from benchmarks.quality.runs import name, named, reusable, scorer_id, uses_scorer, with_rewards
 
 TOKEN = {"mode": "token", "weights": {"positive": 1.0}, "strength": 1.0, "top_k": 20}
 PLAIN = {"mode": "none", "weights": {"positive": 1.0}}
@@ -48,3 +48,16 @@ def test_a_scorer_is_identified_by_its_weights(tmp_path):
     assert scorer_id(a) == scorer_id(b) != scorer_id(c)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         scorer_id(tmp_path)
+
+
+def test_a_run_stored_under_other_heads_gets_the_missing_rewards_from_its_texts():
+    from prefix_scorers.rewards import get_reward
+
+    texts = ["Bake at 180 degrees for 25 minutes.", "It is a good thing."]
+    run = {**PLAIN, "reward": {"positive": 0.5}, "reward_sem": {"positive": 0.1},
+           "samples": [{"prompt": "p", "text": t} for t in texts]}
+    full = with_rewards(run, {"positive": "vader_compound", "specific": "specificity"})
+    spec = get_reward("specificity")
+    assert full["reward"]["specific"] == pytest.approx(sum(spec(texts)) / 2)
+    assert full["reward"]["positive"] == 0.5  # kept as stored
+    assert with_rewards(full, {"positive": "vader_compound", "specific": "specificity"}) is full
