@@ -134,10 +134,23 @@ def init_from_base(base_model, tokenizer, heads: list[HeadSpec] | None = None, n
     return scorer.eval()
 
 
+class IdVocabulary:
+    """A stand-in tokenizer whose token i is "t{i}": what a scorer over bare token ids (tests,
+    experiments) records as its tokenizer."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"t{i}": i for i in range(self.vocab_size)}
+
+
 def random_scorer(vocab_size: int, tokenizer, heads: list[HeadSpec], hidden_size: int = 32,
                   num_layers: int = 2, seed: int = 0, embedding: torch.Tensor | None = None,
                   ensemble: EnsembleSpec | None = None) -> PrefixScorer:
-    """A small random scorer, for tests and experiments (own embedding unless one is given)."""
+    """A small random scorer, for tests and experiments (own embedding unless one is given);
+    tokenizer None: IdVocabulary(vocab_size)."""
+    tokenizer = IdVocabulary(vocab_size) if tokenizer is None else tokenizer
     torch.manual_seed(seed)
     arch = Architecture(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden_size)

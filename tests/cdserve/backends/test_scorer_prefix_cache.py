@@ -15,14 +15,9 @@ from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer
 VOCAB = 64
 
 
-class _Tok:
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(VOCAB)}
-
-
 @pytest.fixture(scope="module")
 def scorer():
-    return random_scorer(VOCAB, _Tok(), DEFAULT_HEADS[:2], hidden_size=32, num_layers=2).eval()
+    return random_scorer(VOCAB, None, DEFAULT_HEADS[:2], hidden_size=32, num_layers=2).eval()
 
 
 def _tokens(n: int, seed: int) -> list[int]:

@@ -16,11 +16,6 @@ from prefix_scorers.config import EnsembleSpec
 V = 64
 
 
-class _Tok:
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(V)}
-
-
 #            top_k temperature top_p strength risk
 SETTINGS = [(5, 0.7, 1.0, 2.0, 0.0),
             (3, 0.0, 1.0, 2.0, 0.5),  # greedy: a point mass, 0 or inf
@@ -34,7 +29,7 @@ SETTINGS = [(5, 0.7, 1.0, 2.0, 0.0),
 @pytest.mark.parametrize("ensemble", [1, 3])
 def test_steer_in_place_equals_the_whole_vocabulary_steering_and_its_kl(ensemble):
     spec = EnsembleSpec(size=ensemble, method="random") if ensemble > 1 else None
-    scorer = random_scorer(V, _Tok(), DEFAULT_HEADS[:2], hidden_size=32, num_layers=1, seed=0, ensemble=spec)
+    scorer = random_scorer(V, None, DEFAULT_HEADS[:2], hidden_size=32, num_layers=1, seed=0, ensemble=spec)
     g = torch.Generator().manual_seed(2)
     B = len(SETTINGS) + 2
     logits = torch.randn(B, V, generator=g) * 3

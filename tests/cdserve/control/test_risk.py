@@ -22,16 +22,11 @@ from prefix_scorers.config import EnsembleSpec
 R2 = math.sqrt(2.0)
 
 
-class _Tok:
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(4)}
-
-
 @pytest.fixture(scope="module")
 def scorer():
     """One head, two members, vocabulary of 4 whose embedding is the identity: a member's value of
     token z is coordinate z of its query (biases 0, normalisation mean 0, std 1)."""
-    s = random_scorer(4, _Tok(), DEFAULT_HEADS[:1], hidden_size=4, num_layers=1,
+    s = random_scorer(4, None, DEFAULT_HEADS[:1], hidden_size=4, num_layers=1,
                       ensemble=EnsembleSpec(size=2, method="random"))
     with torch.no_grad():
         s.embed.weight.copy_(torch.eye(4))

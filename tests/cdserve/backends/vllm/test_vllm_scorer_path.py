@@ -22,15 +22,10 @@ from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer, save_scorer
 V = 64
 
 
-class _Tok:
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(V)}
-
-
 @pytest.fixture(scope="module")
 def scorer_dirs(tmp_path_factory):
     """Two scorers, as two engines would load: 2 heads and 3 heads."""
-    return {n: save_scorer(random_scorer(V, _Tok(), DEFAULT_HEADS[:n], hidden_size=32, num_layers=1, seed=n),
+    return {n: save_scorer(random_scorer(V, None, DEFAULT_HEADS[:n], hidden_size=32, num_layers=1, seed=n),
                            tmp_path_factory.mktemp(f"scorer-{n}-heads")) for n in (2, 3)}
 
 

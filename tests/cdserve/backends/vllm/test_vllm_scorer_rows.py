@@ -13,14 +13,9 @@ from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer
 V = 64
 
 
-class _Tok:
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(V)}
-
-
 @pytest.fixture(scope="module")
 def scorer():
-    return random_scorer(V, _Tok(), DEFAULT_HEADS[:2], hidden_size=32, num_layers=2, seed=0)
+    return random_scorer(V, None, DEFAULT_HEADS[:2], hidden_size=32, num_layers=2, seed=0)
 
 
 def ctrl(key: str) -> TokenControl:
