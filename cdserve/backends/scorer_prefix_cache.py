@@ -51,6 +51,16 @@ class ScorerPrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _holder(self, h: int, tokens: Sequence[int]) -> int | None:
+        """Key of an entry holding tokens (whole blocks; h: their hash), marked as used; None if
+        none does. Call with the lock held."""
+        key = self._index.get(h)
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None or entry.tokens[:len(tokens)] != tuple(tokens):
+            return None
+        self._entries.move_to_end(key)
+        return key
+
     def longest(self, tokens: Sequence[int], limit: int) -> tuple[KVCache | None, int]:
         """A fresh one-row cache of the longest cached whole-block prefix of tokens of at most
         `limit` tokens, and its length (None, 0 when nothing is cached)."""
@@ -59,12 +69,11 @@ class ScorerPrefixCache:
         hashes = block_hashes(tokens[:limit])
         with self._lock:
             for j in range(len(hashes), 0, -1):
-                key = self._index.get(hashes[j - 1])
-                entry = self._entries.get(key) if key is not None else None
                 n = j * PREFIX_BLOCK
-                if entry is None or entry.tokens[:n] != tuple(tokens[:n]):
+                key = self._holder(hashes[j - 1], tokens[:n])
+                if key is None:
                     continue
-                self._entries.move_to_end(key)
+                entry = self._entries[key]
                 self.hit_tokens += n
                 mask = torch.ones(1, n, dtype=torch.bool, device=entry.keys[0].device)
                 return KVCache([k[:, :, :n] for k in entry.keys], [v[:, :, :n] for v in entry.values], mask), n
@@ -78,13 +87,12 @@ class ScorerPrefixCache:
             return
         n = len(hashes) * PREFIX_BLOCK
         with self._lock:
-            if hashes[-1] in self._entries:
-                self._entries.move_to_end(hashes[-1])
+            if self._holder(hashes[-1], tokens[:n]) is not None:
                 return
         entry = _Entry(tuple(tokens[:n]), tuple(k[:, :, :n].clone() for k in cache.keys),
                        tuple(v[:, :, :n].clone() for v in cache.values))
         with self._lock:
-            if hashes[-1] in self._entries:
+            if self._holder(hashes[-1], tokens[:n]) is not None:  # another thread stored it meanwhile
                 return
             self._entries[hashes[-1]] = entry
             self._tokens += n

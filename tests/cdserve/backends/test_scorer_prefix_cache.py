@@ -101,3 +101,11 @@ def test_a_hash_collision_is_not_a_hit():
     other = [1] * PREFIX_BLOCK
     cache._index[block_hashes(other)[0]] = entry_key  # pretend the other prompt's hash collides
     assert cache.longest(other, len(other)) == (None, 0)
+
+
+def test_a_prefix_already_held_by_a_longer_entry_is_not_stored_again(scorer):
+    runner = ScorerRunner(scorer, torch.device("cpu"), 4096)
+    long = _tokens(3 * PREFIX_BLOCK + 1, 21)
+    runner.prefill(long)  # keeps its 3 whole blocks
+    runner.prefill(long[: 2 * PREFIX_BLOCK + 1])  # its first 2 blocks: already held
+    assert len(runner.prefixes) == 1 and runner.prefixes._tokens == 3 * PREFIX_BLOCK
