@@ -44,11 +44,12 @@ class ScorerRunner:
 
     def _read(self, seq: list[int], cache: KVCache | None, n: int) -> tuple[KVCache, torch.Tensor]:
         """Read seq[n:] after cache (seq's first n tokens' keys/values, or None for n = 0): the
-        cache of all of seq and the queries (1, T, H*E, d_e) at the tokens read."""
+        cache of all of seq and the queries (1, 1, H*E, d_e) at its last token (the only ones any
+        whole-sequence pass uses: the head projections are skipped at the others)."""
         cache = cache if cache is not None else KVCache.empty(self.num_layers)
         ids = torch.tensor([seq[n:]], device=self.device)
         positions = torch.arange(n, len(seq), device=self.device)[None]
-        queries = self.scorer(ids, positions=positions, cache=cache).queries
+        queries = self.scorer(ids, positions=positions, cache=cache, last_only=True).queries
         self.read_tokens += len(seq) - n
         return cache, queries
 
