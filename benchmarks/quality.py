@@ -172,7 +172,7 @@ async def run_once(client, model: str, prompts: list[dict], run: dict, args) -> 
     gen = [(a["control"] or {}).get("tokens_generated", 0) or a["completion_tokens"] for a in answers]
     comp = [max(1, a["completion_tokens"]) for a in answers]
     return {
-        **run, "n": len(prompts), "seconds": round(seconds, 1),
+        **run, "n": len(prompts), "seconds": round(seconds, 1), "head_rewards": HEADS,
         "reward": {h: statistics.fmean(rewards[r]) for h, r in HEADS.items()},
         "reward_sem": {h: statistics.stdev(rewards[r]) / len(texts) ** 0.5 for h, r in HEADS.items()},
         "kl": statistics.fmean(kl), "tokens_per_accepted": sum(gen) / sum(comp),
@@ -200,7 +200,7 @@ def samples_result(run: dict, prompts: list[dict], per_prompt: list[list[dict]],
                     "controls": [a["control"] for a in answers],
                     "rewards": {h: [rewards[r][i] for i in idx] for h, r in HEADS.items()}})
     first = [a[0] for a in per_prompt]
-    return {**run, "n": len(prompts), "seconds": round(seconds, 1),
+    return {**run, "n": len(prompts), "seconds": round(seconds, 1), "head_rewards": HEADS,
             "reward": {h: statistics.fmean(rewards[r]) for h, r in HEADS.items()},
             "reward_sem": {h: statistics.stdev(rewards[r]) / len(texts) ** 0.5 for h, r in HEADS.items()},
             "kl": 0.0, "tokens_per_accepted": 1.0,

@@ -86,11 +86,11 @@ def load_scorer(directory: str | Path, tokenizer=None, base_embedding: torch.Ten
 DEFAULT_HEADS = [  # formulas: prefix_scorers/rewards/builtin.py
     HeadSpec(name="positive", description="Positive sentiment: VADER compound score in [-1, 1].",
              reward="vader_compound", reward_range=(-1.0, 1.0)),
-    HeadSpec(name="specific", description="Specific wording: share of words (3+ letters, or numbers) that are "
-             "numbers or rare real English words (wordfreq Zipf frequency in (0, 4)).",
-             reward="specificity", reward_range=(0.0, 1.0)),
-    HeadSpec(name="concise", description="Shorter answers score higher: max(0, 1 - words / 50).",
-             reward="concise", reward_range=(0.0, 1.0)),
+    HeadSpec(name="specific", description="Specific wording: distinct numbers and rare real English words "
+             "(wordfreq Zipf frequency in (0, 4)) per word (3+ letters, or numbers); a repeat counts once.",
+             reward="specificity_distinct", reward_range=(0.0, 1.0)),
+    HeadSpec(name="concise", description="Shorter answers score higher: max(0, 1 - tokens / 128).",
+             reward="concise_tokens", reward_range=(0.0, 1.0)),
     HeadSpec(name="readable", description="Flesch reading ease, clipped to [0, 100], divided by 100.",
              reward="readable", reward_range=(0.0, 1.0)),
 ]
@@ -127,7 +127,7 @@ def init_from_base(base_model, tokenizer, heads: list[HeadSpec] | None = None, n
         scorer.embed.weight.data.copy_(emb)
     base_layers = base_model.model.layers
     for i, block in enumerate(scorer.layers):
-        missing, unexpected = block.load_state_dict(base_layers[i].state_dict(), strict=False)
+        missing, _unexpected = block.load_state_dict(base_layers[i].state_dict(), strict=False)
         if missing:
             raise ValueError(f"base layer {i} is not Llama-shaped: missing {missing}")
     scorer.norm.weight.data.copy_(base_model.model.norm.weight.detach())

@@ -123,7 +123,8 @@ def cmd_train(args) -> None:
                       base_model=args.base_model, heads=_heads(args), ensemble=args.ensemble,
                       ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
                       loss=args.loss, dense_source=args.dense_source, dense_lambda=args.dense_lambda,
-                      eval_every=args.eval_every, init_from=args.init_from)
+                      eval_every=args.eval_every, init_from=args.init_from,
+                      final_weight=args.final_weight)
     held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
     held_ids = {p["id"] for p in read_jsonl(Path(args.eval_prompts))} if getattr(args, "eval_prompts", None) else None
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", Path(args.train_dir) if args.train_dir else
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "segment-label reward-to-go against the final reward (0: final reward only)")
         sp.add_argument("--soft-eta", type=float, default=1.0, help="soft target temperature, in units of each "
                         "head's reward std")
+        sp.add_argument("--final-weight", type=float, default=0.0, help="share in [0, 1) of the loss on the "
+                        "finished answer's value (what best-of-N and block selection rank by); the rest is the mean "
+                        "over every prefix")
         sp.add_argument("--loss", choices=["mse", "bce"], default="mse", help="bce: cross-entropy on the "
                         "value and target rescaled to [0, 1] by the reward range")
         sp.add_argument("--eval-run-dir", help="held-out run (rollouts.jsonl + labels.jsonl of other prompts): "

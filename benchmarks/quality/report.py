@@ -96,10 +96,13 @@ def client_rows(samples: dict, ns=NS, heads=HEADS, rankings=("reward", "scorer")
 
 
 def with_head_rewards(samples: dict, head_rewards: dict[str, str]) -> dict:
-    """The samples run with every head's per-sample rewards: a run stored under other heads (before
-    `specific` replaced `civil` in the default scorer) gets the missing ones scored from its texts."""
+    """The samples run with every head's per-sample rewards: the heads it lacks or stored under
+    another reward (runs.stale_heads) are scored from its texts."""
+    from benchmarks.quality.runs import stale_heads
+
     per = samples["per_prompt"]
-    missing = {h: r for h, r in head_rewards.items() if any(h not in p["rewards"] for p in per)}
+    had = {"head_rewards": samples["head_rewards"]} if "head_rewards" in samples else {}
+    missing = {h: r for p in per for h, r in stale_heads({**had, "rewards": p["rewards"]}, head_rewards).items()}
     if not missing:
         return samples
     from prefix_scorers.rewards import score_texts
@@ -110,7 +113,7 @@ def with_head_rewards(samples: dict, head_rewards: dict[str, str]) -> dict:
         n = len(p["texts"])
         out.append({**p, "rewards": {**p["rewards"], **{h: scored[r][i:i + n] for h, r in missing.items()}}})
         i += n
-    return {**samples, "per_prompt": out}
+    return {**samples, "head_rewards": {**samples.get("head_rewards", {}), **head_rewards}, "per_prompt": out}
 
 
 def _find(texts: list[str], text: str, n: int) -> int | None:

@@ -7,6 +7,10 @@ import hashlib
 from pathlib import Path
 
 HEAD = "positive"  # the head the benchmark steers first (the report's HEAD)
+# The reward behind each head in runs stored before runs recorded theirs (`head_rewards`): the
+# default scorers up to 44ed424 (`concise` counted words, `specific` repeated words too).
+LEGACY_HEAD_REWARDS = {"positive": "vader_compound", "civil": "civility", "specific": "specificity",
+                       "concise": "concise", "readable": "readable"}
 
 
 def label(r: dict) -> str:
@@ -56,10 +60,19 @@ def named(runs: list[dict], names: str) -> list[dict]:
     return [by_name[n] for n in wanted]
 
 
+def stale_heads(stored: dict, head_rewards: dict[str, str]) -> dict[str, str]:
+    """The heads (-> reward) a stored run's rewards lack or scored with another reward than
+    `head_rewards` names: a run records `head_rewards`; one from before that used the legacy ones."""
+    had = stored.get("head_rewards", LEGACY_HEAD_REWARDS)
+    scored = stored["reward"] if "reward" in stored else stored["rewards"]
+    return {h: r for h, r in head_rewards.items() if h not in scored or had.get(h) != r}
+
+
 def with_rewards(run: dict, head_rewards: dict[str, str]) -> dict:
-    """A server run with the mean reward (and s.e.) of every head: a run stored under other heads
-    (before `specific` replaced `civil`) gets the missing ones scored from its answers' texts."""
-    missing = {h: r for h, r in head_rewards.items() if h not in run["reward"]}
+    """A server run with the mean reward (and s.e.) of every head: the heads it lacks or stored
+    under another reward (before `specific` replaced `civil`, before `concise` counted tokens) are
+    scored from its answers' texts."""
+    missing = stale_heads(run, head_rewards)
     if not missing or not run.get("samples"):
         return run
     import statistics
@@ -68,7 +81,8 @@ def with_rewards(run: dict, head_rewards: dict[str, str]) -> dict:
 
     texts = [a["text"] for a in run["samples"]]
     scored = score_texts(texts, list(missing.values()))
-    return {**run, "reward": {**run["reward"], **{h: statistics.fmean(scored[r]) for h, r in missing.items()}},
+    return {**run, "head_rewards": {**run.get("head_rewards", {}), **head_rewards},
+            "reward": {**run["reward"], **{h: statistics.fmean(scored[r]) for h, r in missing.items()}},
             "reward_sem": {**run["reward_sem"], **{h: statistics.stdev(scored[r]) / len(texts) ** 0.5
                                                    for h, r in missing.items()}}}
 

@@ -3,10 +3,22 @@
 | reward           | head      | range    | formula                                                        |
 |------------------|-----------|----------|----------------------------------------------------------------|
 | `vader_compound` | positive  | [-1, 1]  | VADER compound sentiment score of the text                     |
-| `specificity`    | specific  | [0, 1]   | share of words that are numbers or rare real words (below)      |
-| `concise`        | concise   | [0, 1]   | max(0, 1 - words / 50), words = whitespace-separated tokens     |
+| `specificity_distinct` | specific | [0, 1] | distinct numbers and rare real words / words (below)       |
+| `concise_tokens` | concise   | [0, 1]   | max(0, 1 - tokens / 128), tokens of SmolLM2's tokenizer         |
 | `readable`       | readable  | [0, 1]   | clip(Flesch reading ease, 0, 100) / 100                         |
 | `civility`       | -         | [0, 1]   | 1 - P(offensive) from alt-profanity-check's linear SVM          |
+| `specificity`    | -         | [0, 1]   | share of words that are numbers or rare real words (below)      |
+| `concise`        | -         | [0, 1]   | max(0, 1 - words / 50), words = whitespace-separated tokens     |
+
+`concise` and `specificity` trained the heads of earlier default scorers, and steering hacked
+both: `concise` counts whitespace-separated words, so "A-B-A-B-A..." or a run of emoji is one
+"word" for many tokens (at 128 tokens, steered answers had 0.55x the words but 0.90x the tokens);
+`specificity` is a share of words, so repeating one number or rare word raises it (repetition
+0.077 vs 0.005 at strength 4). Their successors measure what a user wants: `concise_tokens`
+counts the tokens an answer costs (SmolLM2's tokenizer, the embedded base model's; another
+base model's tokenizer splits text nearly alike, and the count is the same for every mode
+compared), and `specificity_distinct` counts each specific word once. The old two stay
+registered, unchanged, for requests and results that name them.
 
 Flesch reading ease = 206.835 - 1.015 * words/sentences - 84.6 * syllables/words, with words and
 sentences counted by textstat (`lexicon_count`, `sentence_count`) and syllables by the en_US
@@ -36,6 +48,7 @@ from functools import lru_cache
 from prefix_scorers.rewards.registry import register_reward
 
 CONCISE_WORDS = 50  # an answer of this many words (or more) scores 0 on `concise`
+CONCISE_TOKENS = 128  # `concise_tokens`: an answer of this many tokens (or more) scores 0
 RARE_ZIPF = 4.0  # `specificity`: words rarer than this Zipf frequency count as specific
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _SPECIFIC_TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)*")
@@ -78,6 +91,22 @@ def concise(texts: Sequence[str]) -> list[float]:
     return [max(0.0, 1.0 - len(t.split()) / CONCISE_WORDS) for t in texts]
 
 
+@lru_cache(maxsize=1)
+def _smollm2_tokenizer():
+    from prefix_scorers.base_model import default_cache_dir, load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model("smollm2", default_cache_dir()))
+
+
+@register_reward("concise_tokens", description=f"Shorter answers score higher: max(0, 1 - tokens / "
+                 f"{CONCISE_TOKENS}), tokens of SmolLM2's tokenizer.", reward_range=(0.0, 1.0))
+def concise_tokens(texts: Sequence[str]) -> list[float]:
+    if not texts:
+        return []
+    ids = _smollm2_tokenizer()(list(texts), add_special_tokens=False)["input_ids"]
+    return [max(0.0, 1.0 - len(t) / CONCISE_TOKENS) for t in ids]
+
+
 def syllables(word: str) -> int:
     return len(_pyphen().positions(word.lower())) + 1
 
@@ -113,12 +142,22 @@ def is_specific(word: str) -> bool:
     return 0.0 < _zipf(word.lower()) < RARE_ZIPF
 
 
-def specificity(text: str) -> float:
+def specificity(text: str, distinct: bool = False) -> float:
     words = [w for w in _SPECIFIC_TOKEN.findall(text) if w[0].isdigit() or len(w) >= 3]
-    return sum(map(is_specific, words)) / len(words) if words else 0.0
+    specific = [w for w in words if is_specific(w)]
+    if distinct:  # each specific word (case-folded) counts once: repeating one does not pay
+        specific = list({w.lower() for w in specific})
+    return len(specific) / len(words) if words else 0.0
 
 
 @register_reward("specificity", description=f"Specific wording: share of words that are numbers or rare "
                  f"(wordfreq Zipf frequency < {RARE_ZIPF:g}).", reward_range=(0.0, 1.0))
 def specificity_reward(texts: Sequence[str]) -> list[float]:
     return [specificity(t) for t in texts]
+
+
+@register_reward("specificity_distinct", description="Specific wording: distinct numbers and rare words "
+                 f"(wordfreq Zipf frequency < {RARE_ZIPF:g}) per word; a repeated one counts once.",
+                 reward_range=(0.0, 1.0))
+def specificity_distinct_reward(texts: Sequence[str]) -> list[float]:
+    return [specificity(t, distinct=True) for t in texts]

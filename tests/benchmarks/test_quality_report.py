@@ -142,7 +142,7 @@ def test_block_rows_take_the_measured_block_kl_when_it_was_run():
 def test_a_samples_run_stored_without_a_head_gets_its_rewards_scored_from_the_texts():
     # runs stored under the old default heads (`civil`) have no `specific` rewards per sample
     s = samples_run([[0.1, 0.9], [0.3, 0.2]])
-    texts = [["It is good and nice.", "Bake at 180 degrees for 25 minutes with cardamom."],
+    texts = [["It is good and nice, 2023 2023 2023.", "Bake at 180 degrees for 25 minutes with cardamom."],
              ["Chlorophyll absorbs photons in chloroplasts.", "You can do it, it is a good thing."]]
     for p, t in zip(s["per_prompt"], texts):
         p["texts"] = t
@@ -155,6 +155,13 @@ def test_a_samples_run_stored_without_a_head_gets_its_rewards_scored_from_the_te
     assert with_head_rewards(filled, heads) is filled  # nothing missing: nothing rescored
     tr2 = next(r for r in client_rows(filled, [2], heads=tuple(heads)) if r["rank_by"] == "reward")
     assert tr2["reward"]["specific"] == pytest.approx((spec(texts[0])[1] + spec(texts[1])[0]) / 2)
+    # a head now behind another reward (legacy samples: `specific` was `specificity`) is rescored
+    distinct = {**heads, "specific": "specificity_distinct"}
+    again = with_head_rewards(filled, distinct)
+    spec2 = get_reward("specificity_distinct")
+    assert [p["rewards"]["specific"] for p in again["per_prompt"]] == [spec2(t) for t in texts]
+    assert again["per_prompt"][0]["rewards"]["specific"][0] < filled["per_prompt"][0]["rewards"]["specific"][0]
+    assert with_head_rewards(again, distinct) is again
 
 
 def test_a_report_keeps_the_runs_of_the_caches_scorer_and_lists_the_others(tmp_path):

@@ -61,3 +61,21 @@ def test_a_run_stored_under_other_heads_gets_the_missing_rewards_from_its_texts(
     assert full["reward"]["specific"] == pytest.approx(sum(spec(texts)) / 2)
     assert full["reward"]["positive"] == 0.5  # kept as stored
     assert with_rewards(full, {"positive": "vader_compound", "specific": "specificity"}) is full
+
+
+def test_a_run_stored_with_another_reward_behind_a_head_is_rescored():
+    """`concise` counted words up to 44ed424 and counts tokens since: a stored run's word-based
+    `concise` must not pass for the new reward (runs stored before `head_rewards` are legacy)."""
+    from prefix_scorers.rewards import get_reward
+
+    texts = ["A-B-A-B-A-B-A-B-A-B-A-B-A-B-A-B-A-B-A-B", "It is a good thing."]
+    words = get_reward("concise")(texts)
+    run = {**PLAIN, "reward": {"positive": 0.5, "concise": sum(words) / 2},
+           "reward_sem": {"positive": 0.1, "concise": 0.1}, "samples": [{"prompt": "p", "text": t} for t in texts]}
+    heads = {"positive": "vader_compound", "concise": "concise_tokens"}
+    new = with_rewards(run, heads)
+    assert new["reward"]["concise"] == pytest.approx(sum(get_reward("concise_tokens")(texts)) / 2)
+    assert new["reward"]["concise"] != pytest.approx(run["reward"]["concise"])
+    assert new["head_rewards"] == heads and with_rewards(new, heads) is new
+    legacy = {"positive": "vader_compound", "concise": "concise"}
+    assert with_rewards(run, legacy) is run  # the reward it was stored with: kept

@@ -26,7 +26,7 @@ HARD = ("The mitochondrial electron transport chain facilitates oxidative phosph
 def test_builtin_rewards_are_registered_with_ranges():
     names = {r.name: r.reward_range for r in list_rewards()}
     assert names["vader_compound"] == (-1.0, 1.0)
-    for name in ("civility", "concise", "readable", "specificity"):
+    for name in ("civility", "concise", "concise_tokens", "readable", "specificity", "specificity_distinct"):
         assert names[name] == (0.0, 1.0)
 
 
@@ -44,6 +44,30 @@ def test_concise_formula():
     words40 = " ".join(["word"] * 40)
     assert get_reward("concise")(["", "one two three four five", words40, words40 + words40]) == \
         pytest.approx([1.0, 0.9, 0.2, 0.0])
+
+
+def test_concise_tokens_counts_what_an_answer_costs():
+    """Steering hacked the word count: a run of dashes or emoji is one 'word' for many tokens.
+    Counted in tokens, that run is long; a plain sentence of more words is shorter."""
+    from prefix_scorers.rewards.builtin import _smollm2_tokenizer
+
+    hack = "A-B-" * 24 + " " + "\U0001F441" * 12
+    plain = "The cat sat on the mat and looked at the sunny garden all day."
+    n_hack = len(_smollm2_tokenizer()(hack, add_special_tokens=False)["input_ids"])
+    n_plain = len(_smollm2_tokenizer()(plain, add_special_tokens=False)["input_ids"])
+    words, tokens = get_reward("concise")([hack, plain]), get_reward("concise_tokens")([hack, plain, ""])
+    assert words[0] > words[1]  # the old reward prefers the hack
+    assert tokens[0] < tokens[1]  # the new one does not
+    assert tokens == pytest.approx([max(0, 1 - n_hack / 128), 1 - n_plain / 128, 1.0])
+    assert n_hack > 50 and n_plain < 20
+
+
+def test_specificity_distinct_does_not_pay_for_repeats():
+    once, repeated = "Bake it for 30 minutes at 180 degrees.", "Bake it for 30 minutes at 180 degrees. 2023 2023 2023 2023"
+    old, new = get_reward("specificity")([once, repeated]), get_reward("specificity_distinct")([once, repeated, ""])
+    assert old[1] > old[0]  # repeating a number raised the old share
+    assert new[0] == pytest.approx(3 / 6) and new[1] == pytest.approx(4 / 10) and new[2] == 0.0
+    assert new[1] < new[0]
 
 
 def test_readable_prefers_plain_text():
