@@ -16,18 +16,19 @@ from prefix_scorers.rewards import get_reward
 
 
 def labelled_ids(path: Path, rewards: list[str]) -> set[str]:
+    """Rollouts with every one of `rewards`, over all their lines (a line cut short by an
+    interruption is skipped: that rollout is labelled again)."""
     if not Path(path).is_file():
         return set()
-    done = set()
+    have: dict[str, set[str]] = {}
     with open(path) as f:
         for line in f:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # cut short by an interruption: relabelled
-            if all(r in row["rewards"] for r in rewards):
-                done.add(row["id"])
-    return done
+                continue
+            have.setdefault(row["id"], set()).update(row["rewards"])
+    return {i for i, names in have.items() if set(rewards) <= names}
 
 
 def label_rollouts(rollouts_path: Path, out_path: Path, rewards: list[str], batch_size: int = 256) -> Path:
@@ -47,5 +48,9 @@ def label_rollouts(rollouts_path: Path, out_path: Path, rewards: list[str], batc
 
 
 def load_labels(path: Path) -> dict[str, dict[str, float]]:
-    """{rollout id: {reward: value}}; a later line for the same id wins."""
-    return {row["id"]: row["rewards"] for row in read_jsonl(path)}
+    """{rollout id: {reward: value}}, merged over the lines of an id (labelling again with other
+    rewards appends lines that add them); for a reward in two lines the later one wins."""
+    out: dict[str, dict[str, float]] = {}
+    for row in read_jsonl(path):
+        out.setdefault(row["id"], {}).update(row["rewards"])
+    return out
