@@ -282,9 +282,11 @@ def summary(run: dict, per: list[dict], samples: int, seconds: float) -> dict:
 
 
 def run_key(run: dict) -> str:
-    from benchmarks.quality.runs import label
+    """A block run's key in the results: its label, and the scorer it ran with when it depends on
+    one (the cache holds the same setting run with several scorers)."""
+    from benchmarks.quality.runs import label, uses_scorer
 
-    return label(run)
+    return label(run) + (f" @{run['scorer_id']}" if uses_scorer(run) and run.get("scorer_id") else "")
 
 
 def main() -> None:
@@ -309,9 +311,13 @@ def main() -> None:
 
     data = json.loads(Path(args.results).read_text())
     meta, runs = data["meta"], [r for r in data["runs"] if r["mode"] == "block"]
+    from benchmarks.quality.runs import label, scorer_id, uses_scorer
+
+    sid = scorer_id(args.scorer)  # a run ranked by a scorer is measured with that scorer only
+    runs = [r for r in runs if not uses_scorer(r) or r.get("scorer_id") == sid]
     if args.runs:
         wanted = set(args.runs.split(","))
-        runs = [r for r in runs if run_key(r) in wanted]
+        runs = [r for r in runs if label(r) in wanted]
     model_dir = resolve_model("smollm2", default_cache_dir())
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
     scorer = load_scorer(args.scorer, tok, model.get_input_embeddings().weight.detach())
@@ -323,12 +329,12 @@ def main() -> None:
     for run in runs:
         key = run_key(run)
         old = stored().get(key)
-        same = old and (old["samples_per_block"], old["scorer"], old.get("seed")) == (args.samples, args.scorer, args.seed)
+        same = old and (old["samples_per_block"], old.get("scorer_id"), old.get("seed")) == (args.samples, sid, args.seed)
         done = old["per_answer"] if same else []
 
         def save(res: dict, key=key) -> None:
             everything = stored()  # another process may have written other runs
-            everything[key] = {"scorer": args.scorer, "seed": args.seed, **res}
+            everything[key] = {"scorer": args.scorer, "scorer_id": sid, "seed": args.seed, **res}
             out_path.write_text(json.dumps(everything, indent=1) + "\n")
 
         sampler = BlockSampler(model, tok, scorer, eos_token_ids(model_dir, tok), meta["temperature"], 1.0, args.seed)

@@ -153,7 +153,9 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
     elif mode == "token":
         measured, how = run["kl"], "exact per-step sum (server)"
     elif mode == "block":
-        m = (block_kl or {}).get(label(run))
+        from benchmarks.quality.block_kl import run_key
+
+        m = (block_kl or {}).get(run_key(run)) or (block_kl or {}).get(label(run))  # label only: before scorer ids
         if (m and [p["prompt"] for p in m["per_answer"]] == [a["prompt"] for a in answers[:m["answers"]]]
                 and math.isclose(m["kl_reported"], run["kl"], rel_tol=1e-9)):
             measured, extra["kl_measured_sem"] = m["kl_measured"], m["kl_measured_sem"]
