@@ -15,20 +15,30 @@ from prefix_scorers.prompts import read_jsonl
 from prefix_scorers.rewards import get_reward
 
 
+def _merged(rows) -> dict[str, dict[str, float]]:
+    """{rollout id: {reward: value}} over the rows of an id (labelling again with other rewards
+    appends rows that add them); for a reward in two rows the later one wins."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        out.setdefault(row["id"], {}).update(row["rewards"])
+    return out
+
+
 def labelled_ids(path: Path, rewards: list[str]) -> set[str]:
     """Rollouts with every one of `rewards`, over all their lines (a line cut short by an
     interruption is skipped: that rollout is labelled again)."""
     if not Path(path).is_file():
         return set()
-    have: dict[str, set[str]] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            have.setdefault(row["id"], set()).update(row["rewards"])
-    return {i for i, names in have.items() if set(rewards) <= names}
+
+    def rows():
+        with open(path) as f:
+            for line in f:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+
+    return {i for i, have in _merged(rows()).items() if set(rewards) <= have.keys()}
 
 
 def label_rollouts(rollouts_path: Path, out_path: Path, rewards: list[str], batch_size: int = 256) -> Path:
@@ -48,9 +58,5 @@ def label_rollouts(rollouts_path: Path, out_path: Path, rewards: list[str], batc
 
 
 def load_labels(path: Path) -> dict[str, dict[str, float]]:
-    """{rollout id: {reward: value}}, merged over the lines of an id (labelling again with other
-    rewards appends lines that add them); for a reward in two lines the later one wins."""
-    out: dict[str, dict[str, float]] = {}
-    for row in read_jsonl(path):
-        out.setdefault(row["id"], {}).update(row["rewards"])
-    return out
+    """{rollout id: {reward: value}}, merged over the lines of an id (`_merged`)."""
+    return _merged(read_jsonl(path))

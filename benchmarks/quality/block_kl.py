@@ -281,14 +281,6 @@ def summary(run: dict, per: list[dict], samples: int, seconds: float) -> dict:
             "samples_per_block": samples, "answers": len(per), "seconds": round(seconds, 1), "per_answer": per}
 
 
-def run_key(run: dict) -> str:
-    """A block run's key in the results: its label, and the scorer it ran with when it depends on
-    one (the cache holds the same setting run with several scorers)."""
-    from benchmarks.quality.runs import label, uses_scorer
-
-    return label(run) + (f" @{run['scorer_id']}" if uses_scorer(run) and run.get("scorer_id") else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(RESULTS / "quality.json"), help="the quality run cache")
@@ -311,7 +303,7 @@ def main() -> None:
 
     data = json.loads(Path(args.results).read_text())
     meta, runs = data["meta"], [r for r in data["runs"] if r["mode"] == "block"]
-    from benchmarks.quality.runs import label, scorer_id, uses_scorer
+    from benchmarks.quality.runs import label, scorer_id, scorer_label, uses_scorer
 
     sid = scorer_id(args.scorer)  # a run ranked by a scorer is measured with that scorer only
     runs = [r for r in runs if not uses_scorer(r) or r.get("scorer_id") == sid]
@@ -327,7 +319,7 @@ def main() -> None:
         return json.loads(out_path.read_text()) if out_path.exists() else {}
 
     for run in runs:
-        key = run_key(run)
+        key = scorer_label(run)
         old = stored().get(key)
         same = old and (old["samples_per_block"], old.get("scorer_id"), old.get("seed")) == (args.samples, sid, args.seed)
         done = old["per_answer"] if same else []

@@ -140,7 +140,7 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
     (by the scorer: only if the samples' values are this run's scorer's, `scorer_values_ok`),
     block mode's from extra base samples per block (block_kl.py: results/quality_block_kl.json),
     used only for the run it measured (same answers' prompts, same reported KL)."""
-    from benchmarks.quality.runs import label, name  # the run's name in every table
+    from benchmarks.quality.runs import label, name, scorer_label  # the run's name in every table
     from prefix_scorers.rewards import score_texts
 
     answers = [{"prompt": a["prompt"], "text": a["text"]} for a in run["samples"]]
@@ -153,9 +153,7 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
     elif mode == "token":
         measured, how = run["kl"], "exact per-step sum (server)"
     elif mode == "block":
-        from benchmarks.quality.block_kl import run_key
-
-        m = (block_kl or {}).get(run_key(run)) or (block_kl or {}).get(label(run))  # label only: before scorer ids
+        m = (block_kl or {}).get(scorer_label(run)) or (block_kl or {}).get(label(run))  # label only: before scorer ids
         if (m and [p["prompt"] for p in m["per_answer"]] == [a["prompt"] for a in answers[:m["answers"]]]
                 and math.isclose(m["kl_reported"], run["kl"], rel_tol=1e-9)):
             measured, extra["kl_measured_sem"] = m["kl_measured"], m["kl_measured_sem"]

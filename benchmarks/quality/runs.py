@@ -37,6 +37,12 @@ def name(r: dict) -> str:
     return label(r)
 
 
+def scorer_label(r: dict) -> str:
+    """The label, and the scorer the run ran with when it depends on one: the key of results
+    measured on a run (block_kl.py), since the cache holds the same setting run with several scorers."""
+    return label(r) + (f" @{r['scorer_id']}" if uses_scorer(r) and r.get("scorer_id") else "")
+
+
 def uses_scorer(r: dict) -> bool:
     """Whether a run's outcome depends on the scorer: it steers or ranks by the scorer's weights,
     or (the plain samples) it stores the scorer's value of every sample. Plain decoding and runs

@@ -209,16 +209,16 @@ def test_the_ranker_target_falls_back_to_the_client_side_best_of_8_without_a_ser
 
 def test_block_kl_is_keyed_by_the_scorer_of_the_run_it_measured():
     """The cache holds `block K=4 M=8` of several scorers: each one's measured KL is its own."""
-    from benchmarks.quality.block_kl import run_key
+    from benchmarks.quality.runs import scorer_label
 
     answers = [{"prompt": f"p{i}", "text": f"a happy answer {i}"} for i in range(2)]
     base = {"mode": "block", "weights": {"positive": 1.0}, "block_size": 8, "num_candidates": 4, "samples": answers,
             "kl": 3.6, "tokens_per_accepted": 4.0, "seconds": 1.0}
     a, b = {**base, "scorer_id": "aaaa"}, {**base, "scorer_id": "bbbb"}
-    assert run_key(a) == "block K=4 M=8 @aaaa" != run_key(b)
-    assert run_key({**base, "weights": {}, "rewards": {"positive": 1.0}}) == "block K=4 M=8 reward-ranked"  # no scorer
+    assert scorer_label(a) == "block K=4 M=8 @aaaa" != scorer_label(b)
+    assert scorer_label({**base, "weights": {}, "rewards": {"positive": 1.0}}) == "block K=4 M=8 reward-ranked"  # no scorer
     entry = {"kl_measured": 2.5, "kl_measured_sem": 0.1, "kl_bound": 3.8, "kl_reported": 3.6, "answers": 2,
              "samples_per_block": 16, "per_answer": [{"prompt": "p0"}, {"prompt": "p1"}]}
-    measured = {run_key(a): entry}
+    measured = {scorer_label(a): entry}
     assert server_row(a, None, HEAD_REWARDS, measured)["kl_measured"] == 2.5
     assert server_row(b, None, HEAD_REWARDS, measured)["kl_measured"] is None  # same setting, other scorer
