@@ -45,6 +45,12 @@ MODES = {
 }
 
 
+def mode_control(mode: str) -> dict:
+    """A mode's control; `token@K` is token mode at top_k K (0: the whole vocabulary)."""
+    name, _, top_k = mode.partition("@")
+    return {**MODES[name], "top_k": int(top_k)} if top_k else MODES[name]
+
+
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     out = []
     for i in range(n):
@@ -81,7 +87,7 @@ async def _one(engine, req: GenerationRequest) -> tuple[int, int]:
 
 async def run_mode(engine, mode: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
                    seed: int = 0) -> dict:
-    control = resolve_control(MODES[mode], engine.config.control, engine.head_names)
+    control = resolve_control(mode_control(mode), engine.config.control, engine.head_names)
     reqs = [GenerationRequest(f"bench-{mode}-{concurrency}-{seed}-{i}", p,
                               SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=seed + i), control)
             for i, p in enumerate(prompts)]
@@ -187,7 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--concurrency", default="1,8", help="comma-separated levels")
-    ap.add_argument("--modes", default=None, help="comma-separated; 'generate' is the static-batch "
+    ap.add_argument("--modes", default=None, help="comma-separated; token@K: token mode at top_k K; 'generate' is the static-batch "
                     "transformers baseline (hf only); default: generate,none,token,block,best_of_n on hf")
     ap.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)")
     ap.add_argument("--max-tokens", type=int, default=48)

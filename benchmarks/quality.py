@@ -51,7 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality.runs import label, named, reusable, scorer_id, with_rewards
+from benchmarks.quality.runs import DEFAULT_TOP_K, label, named, reusable, scorer_id, with_rewards
 from benchmarks.quality.server import start_server as start_cdserve
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 from prefix_scorers.prompts import load_prompts
@@ -65,22 +65,24 @@ FINDINGS = "### Findings"
 # Settings per steered head. The first head gets the widest sweep, `concise` token mode and
 # best-of-4; `specific` and `readable` token mode only. Bounded: this machine is slow and every
 # setting is a full generation pass over the prompts (block/best_of_n with K candidates cost K).
-FULL = {"token": [0.5, 1.0, 2.0, 4.0], "token_all": [0.5, 1.0, 2.0, 4.0], "block": [2, 4], "best_of_n": [8, 2, 4]}
-REDUCED = {"token": [1.0, 4.0], "token_all": [], "block": [], "best_of_n": [4]}
-TOKEN_ONLY = {"token": [1.0, 4.0], "token_all": [], "block": [], "best_of_n": []}
-QUICK = {"token": [1.0, 4.0], "token_all": [], "block": [4], "best_of_n": [4]}
+# Token mode runs at each strength for each top_k of "top_ks": the server's default for every head;
+# for the first head also the candidates for that default (top 20, top 100, the whole vocabulary).
+TOP_K_CHOICES = tuple(dict.fromkeys((DEFAULT_TOP_K, 20, 100, 0)))
+FULL = {"token": [0.5, 1.0, 2.0, 4.0], "top_ks": TOP_K_CHOICES, "block": [2, 4], "best_of_n": [8, 2, 4]}
+REDUCED = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": [4]}
+TOKEN_ONLY = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": []}
+QUICK = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [4], "best_of_n": [4]}
 
 
 def plan(quick: bool, heads: list[str]) -> list[dict]:
-    """The runs: one dict per (mode, setting, weights). Token mode runs over the top 20 candidates
-    (the server default) and, for the first head, over the whole vocabulary (top_k 0), whose KL
-    goes to 0 with the strength (top-20 truncation alone costs KL)."""
+    """The runs: one dict per (mode, setting, weights). Token mode runs at the server's default
+    top_k and, for the first head, also at the other choices (top_k 0, the whole vocabulary, has a
+    KL that goes to 0 with the strength; truncation to the top k alone costs KL)."""
     runs = [{"mode": "none", "weights": {heads[0]: 1.0}}]
     for i, head in enumerate(heads):
         spec = QUICK if quick else FULL if i == 0 else REDUCED if head == "concise" else TOKEN_ONLY
         w = {head: 1.0}
-        runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 20} for s in spec["token"]]
-        runs += [{"mode": "token", "weights": w, "strength": s, "top_k": 0} for s in spec["token_all"]]
+        runs += [{"mode": "token", "weights": w, "strength": s, "top_k": k} for k in spec["top_ks"] for s in spec["token"]]
         runs += [{"mode": "block", "weights": w, "block_size": 8, "num_candidates": k} for k in spec["block"]]
         runs += [{"mode": "best_of_n", "weights": w, "num_candidates": n} for n in spec["best_of_n"]]
     return runs
@@ -104,7 +106,8 @@ def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
         {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 8, "segment": "fixed"},
         {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "sentence"},
         {"mode": "none", "weights": {"concise": 1.0}, "max_tokens": 128},
-        {"mode": "token", "weights": {"concise": 1.0}, "max_tokens": 128},  # the server's default strength
+        # the server's default strength (not sent), at its default top_k (sent: part of the cache key)
+        {"mode": "token", "weights": {"concise": 1.0}, "top_k": DEFAULT_TOP_K, "max_tokens": 128},
         {"mode": "best_of_n", "weights": w, "num_candidates": 16, **prune},
         {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 16, **prune},
         {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
@@ -120,7 +123,7 @@ def sweep_plan(strength: float) -> list[dict]:
     """positive/concise weights in token mode. (1, 0) is the token run steering positive alone at
     this strength (same request, same seeds), so the sweep reuses it instead of running it again."""
     return [{"mode": "token", "weights": {"positive": round(a, 2), "concise": round(1 - a, 2)},
-             "strength": strength, "top_k": 20, "sweep": True} for a in (0.75, 0.5, 0.25, 0.0)]
+             "strength": strength, "top_k": DEFAULT_TOP_K, "sweep": True} for a in (0.75, 0.5, 0.25, 0.0)]
 
 
 CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "block_size", "num_candidates", "selection",
@@ -253,17 +256,16 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     cols = 2 if len(heads) > 1 else 1
     rows = (len(heads) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
-    style = {"token": ("tab:blue", "o"), "token_full": ("tab:cyan", "D"), "block": ("tab:orange", "s"),
-             "best_of_n": ("tab:green", "^")}
-    curve = lambda r: "token_full" if r["mode"] == "token" and r["top_k"] == 0 else r["mode"]
+    style = {"token (top 20)": ("tab:blue", "o"), "token (top 100)": ("tab:purple", "v"),
+             "token (all tokens)": ("tab:cyan", "D"), "block": ("tab:orange", "s"), "best_of_n": ("tab:green", "^")}
+    curve = lambda r: f"token ({_top_k_words(r['top_k'])})" if r["mode"] == "token" else r["mode"]
     for ax, head in zip(axes.flat, heads):
         for mode, (color, marker) in style.items():
             pts = sorted((r["kl"], r["reward"][head], r["reward_sem"][head]) for r in results
                          if curve(r) == mode and not r.get("sweep") and steered_head(r) == head)
             if pts:
                 xs, ys, es = zip(*([(0.0, base["reward"][head], base["reward_sem"][head])] + pts))
-                name = {"token": "token (top 20)", "token_full": "token (all tokens)"}.get(mode, mode)
-                ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=2, label=name)
+                ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=2, label=mode)
         ax.axhline(base["reward"][head], color="grey", ls=":", lw=1)
         ax.set_title(f"{head} ({HEADS[head]})")
         ax.set_xlabel("KL from base (nats per answer)")
@@ -275,6 +277,10 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _top_k_words(top_k: int) -> str:
+    return f"top {top_k}" if top_k else "all tokens"
 
 
 def plot_sweep(results: list[dict], path: Path) -> None:
@@ -296,7 +302,7 @@ def plot_sweep(results: list[dict], path: Path) -> None:
     ys = [r["reward"]["positive"] for r in sweep]
     ax.errorbar(xs, ys, xerr=[r["reward_sem"]["concise"] for r in sweep],
                 yerr=[r["reward_sem"]["positive"] for r in sweep], fmt="o-", color="tab:purple", capsize=2,
-                label=f"token mode (top 20), strength {sweep[0]['strength']:g}")
+                label=f"token mode ({_top_k_words(sweep[0]['top_k'])}), strength {sweep[0]['strength']:g}")
     for r, x, y in zip(sweep, xs, ys):
         ax.annotate(f"w+={r['weights']['positive']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot([base["reward"]["concise"]], [base["reward"]["positive"]], "k*", ms=10, label="none (base)")

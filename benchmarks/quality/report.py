@@ -35,6 +35,7 @@ from benchmarks.quality.kl import (
     winner_rank,
     winners_kl,
 )
+from benchmarks.quality.runs import DEFAULT_TOP_K
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 
 HERE = Path(__file__).resolve().parent.parent
@@ -125,7 +126,8 @@ def family(run: dict) -> str:
     if "max_tokens" in run:
         return f"{mode} at {run['max_tokens']} tokens"
     if mode == "token":
-        return "token (top 20)" if run.get("top_k", 20) else "token (all tokens)"
+        top_k = run.get("top_k", DEFAULT_TOP_K)
+        return f"token (top {top_k})" if top_k else "token (all tokens)"
     if mode == "block":
         return f"block, reward in the loop ({run.get('segment', 'fixed')})" if run.get("rewards") else "block (scorer)"
     if mode == "best_of_n":
@@ -289,23 +291,25 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
         add("14", "at equal base tokens per answer token, every steered mode beats true-reward best-of-N",
             all(d > 0 for _, d in at_gen), "; ".join(f"{r['label']}: {d:+.3f}" for r, d in at_gen) +
             " (reward minus the true-reward best-of-N curve at the same cost; best-of-1 = none)")
-    c_none, c_tok = _pick(rows, "none max_tokens=128"), _pick(rows, "token default strength max_tokens=128 [concise=1]")
+    c_none = _pick(rows, "none max_tokens=128")
+    c_tok = _pick(rows, f"token default strength top_k={DEFAULT_TOP_K} max_tokens=128 [concise=1]")
     if c_none and c_tok:
-        toks = {r["label"]: next(x for x in runs if x.get("max_tokens") == 128 and x["mode"] == m)["completion_tokens"]
-                for r, m in ((c_none, "none"), (c_tok, "token"))}
+        toks = {r["label"]: next(x for x in runs if run_settings(x) == r["run"])["completion_tokens"]
+                for r in (c_none, c_tok)}  # the stored run of each row (the cache may hold other settings)
         ratio = toks[c_tok["label"]] / toks[c_none["label"]]
         add("14", "concise at the server's default strength: <= 0.8x the plain answer length at 128 max tokens",
             ratio <= 0.8, f"{toks[c_tok['label']]:.1f} vs {toks[c_none['label']]:.1f} answer tokens ({ratio:.2f}x); "
             f"words {c_tok['words']:.1f} vs {c_none['words']:.1f} ({c_tok['words'] / c_none['words']:.2f}x)")
+    default_family = family({"mode": "token"})
     for head in HEADS:
         pts = sorted((r["run"]["weights"][head] * r["run"].get("strength", 0), r["reward"][head], r["reward_sem"][head])
-                     for r in rows if r["family"] == "token (top 20)" and list(r["run"]["weights"]) == [head])
+                     for r in rows if r["family"] == default_family and list(r["run"]["weights"]) == [head])
         if len(pts) >= 2:
             pts = [(0.0, none["reward"][head], none["reward_sem"][head])] + pts
             ys = [y for _, y, _ in pts]
             strict = all(b > a for a, b in itertools.pairwise(ys))
             noisy = all(b > a - 2 * max(ea, eb) for (_, a, ea), (_, b, eb) in itertools.pairwise(pts))
-            add("14", f"{head} reward rises monotonically with its weight (token mode, top 20)", strict,
+            add("14", f"{head} reward rises monotonically with its weight ({default_family}, the server's default)", strict,
                 " -> ".join(f"{y:.3f}" for y in ys) + f" at weight x strength {', '.join(f'{x:g}' for x, _, _ in pts)}"
                 + ("" if strict else f"; {'within' if noisy else 'outside'} 2 s.e. where it falls"))
     pos = [r for r in rows if r["family"] != "none" and "afinn" in r]
@@ -396,7 +400,8 @@ def table(rows: list[dict]) -> str:
 
 STYLE = {"true-reward best-of-N": ("black", "*", "-"), "scorer best-of-N (client)": ("tab:green", "^", ":"),
          "best_of_n (scorer, server)": ("tab:green", "^", "-"), "best_of_n (reward, server)": ("black", "x", ""),
-         "token (top 20)": ("tab:blue", "o", "-"), "token (all tokens)": ("tab:cyan", "D", "-"),
+         "token (top 20)": ("tab:blue", "o", "-"), "token (top 100)": ("tab:gray", "v", "-"),
+         "token (all tokens)": ("tab:cyan", "D", "-"),
          "block (scorer)": ("tab:orange", "s", "-"), "block, reward in the loop (fixed)": ("tab:red", "s", ""),
          "block, reward in the loop (sentence)": ("tab:purple", "P", ""),
          "block, reward in the loop (entropy)": ("tab:pink", "X", ""),

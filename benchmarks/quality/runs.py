@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from cdserve.control.request import ControlConfig
+
 HEAD = "positive"  # the head the benchmark steers first (the report's HEAD)
+DEFAULT_TOP_K = ControlConfig().top_k  # the server's: token runs of every head use it
 # The reward behind each head in runs stored before runs recorded theirs (`head_rewards`): the
 # default scorers up to 44ed424 (`concise` counted words, `specific` repeated words too).
 LEGACY_HEAD_REWARDS = {"positive": "vader_compound", "civil": "civility", "specific": "specificity",

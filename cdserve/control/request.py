@@ -87,7 +87,8 @@ class ControlConfig(BaseModel):
     weights: dict[str, float] = Field(default_factory=dict,
                                       description="Default head weights (empty: 1.0 on the first head).")
     strength: float = Field(2.0, ge=0, description="Default strength.")
-    top_k: int = Field(20, ge=0, description="Default top_k for token mode.")
+    top_k: int = Field(100, ge=0, description="Default top_k for token mode (100: as little KL as the whole "
+                       "vocabulary for the same reward, at the cost of the top 20; benchmarks/RESULTS.md).")
     block_size: int = Field(8, ge=1, description="Default block size M.")
     num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
     selection: Selection = "argmax"

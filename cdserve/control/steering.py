@@ -17,8 +17,9 @@ TOP_K_CHUNK = 128  # top_k_indices reads a row's maxima in chunks of this many t
 def top_k_candidates(logits: torch.Tensor, top_k: torch.Tensor, k_max: int | None = None) -> torch.Tensor:
     """Candidate ids (N, k_max) of each row's top tokens; rows asking for fewer than k_max get
     their extra ranks set to -1. logits (N, V), top_k (N,) >= 1; k_max = max(top_k), passed from
-    the host where the caller knows it (reading it from the device is a host sync)."""
-    k_max = int(top_k.max()) if k_max is None else k_max
+    the host where the caller knows it (reading it from the device is a host sync). A top_k over
+    the vocabulary's size keeps every token (a model with a small vocabulary and the default k)."""
+    k_max = min(int(top_k.max()) if k_max is None else k_max, logits.shape[-1])
     ids = top_k_indices(logits, k_max)  # (N, k_max)
     ranks = torch.arange(k_max, device=logits.device)[None]
     return ids.masked_fill(ranks >= top_k[:, None], -1)

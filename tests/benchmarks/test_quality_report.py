@@ -222,3 +222,23 @@ def test_block_kl_is_keyed_by_the_scorer_of_the_run_it_measured():
     measured = {scorer_label(a): entry}
     assert server_row(a, None, HEAD_REWARDS, measured)["kl_measured"] == 2.5
     assert server_row(b, None, HEAD_REWARDS, measured)["kl_measured"] is None  # same setting, other scorer
+
+
+def test_the_monotonic_target_reads_the_token_runs_at_the_servers_default_top_k(monkeypatch):
+    """Top-20 runs fall at weight 0.5 while whole-vocabulary runs rise: the target follows
+    whichever top_k the server uses by default, and names it."""
+    from benchmarks.quality import report
+
+    def row(label, reward, **run):
+        return {"label": label, "family": report.family(run), "run": run, "kl_measured": 0.0,
+                "gen_per_answer": 1.0, "reward": {"positive": reward}, "reward_sem": {"positive": 0.001}}
+
+    rows = [row("none", 0.47, mode="none", weights={"positive": 1.0})]
+    for top_k, rewards in ((20, (0.46, 0.61)), (0, (0.49, 0.59))):
+        rows += [row(f"token s={s:g} top_k={top_k}", r, mode="token", weights={"positive": 1.0}, strength=s,
+                     top_k=top_k) for s, r in zip((0.5, 1.0), rewards)]
+    for default, met in ((0, True), (20, False)):
+        monkeypatch.setattr(report, "DEFAULT_TOP_K", default)
+        [t] = [t for t in report.targets(rows, []) if t["target"].startswith("positive reward rises")]
+        assert t["met"] is met
+        assert ("all tokens" if default == 0 else "top 20") in t["target"]

@@ -30,6 +30,14 @@ def test_candidates_are_each_rows_top_tokens_best_first_unused_ranks_minus_one()
     assert top_k_candidates(logits, torch.tensor([3, 1])).tolist() == cands.tolist()  # k_max read from top_k
 
 
+def test_a_top_k_over_the_vocabulary_keeps_every_token():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0, 2.5]])  # 5 tokens, top_k 100 (the server default)
+    cands = top_k_candidates(logits, torch.tensor([100]), k_max=100)
+    assert cands.tolist() == [[1, 4, 2, 0, 3]]
+    steered = steer_top_k(logits, cands, torch.zeros(1, 5), torch.tensor([1.0]))
+    assert torch.equal(steered, logits)
+
+
 def test_steering_adds_strength_times_value_at_each_candidates_vocabulary_position():
     # row 0: candidates 3 and 1 (a third rank unused, its value 9.0 must not leak anywhere):
     #   token 3: 3.0 + 2 * 0.5 = 4.0; token 1: 2.0 + 2 * (-1.0) = 0.0; the rest -inf.
