@@ -394,8 +394,11 @@ async def main_async(args) -> None:
     data = json.loads(out.read_text())
     # only this scorer's runs (and those no scorer affects): runs of two scorers are never mixed
     results = [with_rewards(cache[run_key(r)], HEADS) for r in runs if ok(r) and "issue" not in r]
-    plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
-    plot_sweep(results, HERE / "quality_weights_sweep.png")
+    if any(r["mode"] == "none" for r in results):  # the plots' reference point (absent: --fresh --only)
+        plot_reward_vs_kl(results, HERE / "quality_reward_vs_kl.png")
+        plot_sweep(results, HERE / "quality_weights_sweep.png")
+    else:
+        print("no plain run (none) among these results: plots not drawn", flush=True)
     command = "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = HERE / "results" / "quality_table.md"  # findings are written up in RESULTS.md
     # Hand-written findings below the table survive a rerun.
