@@ -92,16 +92,23 @@ def _number(v) -> float | None:
     return None
 
 
-def _json_value(text: str):
-    """The first JSON object or list in text (code fences and prose around it allowed), or None."""
+def _json_value(text: str, k: int):
+    """The first JSON object in text, else its first list of k entries (code fences and prose
+    around them allowed), or None. Other lists are skipped: a critic that quotes the segments'
+    markers ("[1] It was great") writes one-entry lists before its ratings."""
     decoder = json.JSONDecoder()
+    first_list = None
     for i, ch in enumerate(text):
         if ch in "{[":
             try:
-                return decoder.raw_decode(text, i)[0]
+                value = decoder.raw_decode(text, i)[0]
             except json.JSONDecodeError:
                 continue
-    return None
+            if isinstance(value, dict):
+                return value
+            if first_list is None and isinstance(value, list) and len(value) == k:
+                first_list = value
+    return first_list
 
 
 def parse_ratings(reply: str | None, k: int, scale: tuple[float, float]) -> list[float | None]:
@@ -113,7 +120,7 @@ def parse_ratings(reply: str | None, k: int, scale: tuple[float, float]) -> list
         if 1 <= index <= k:
             found.setdefault(index, []).append(value)
 
-    value = _json_value(reply or "")
+    value = _json_value(reply or "", k)
     if isinstance(value, dict):
         for key, v in value.items():
             m = _INDEX.search(str(key))

@@ -30,6 +30,10 @@ S = (1.0, 10.0)
     ('{"1": "great", "2": null, "3": true, "4": NaN}', 4, [None] * 4),  # not numbers
     ('{"1": 3, "7": 9, "0": 5}', 2, [3, None]),  # segments that do not exist are ignored
     ("[4, 5]", 3, [None] * 3),  # a list of the wrong length cannot be aligned
+    # SmolLM2-135M's reply as critic: it quotes the numbered segments ("[1]" parses as a JSON list)
+    # before the object that rates them
+    ('[1] It was great,\n[2] I went hiking\n\nThe JSON format is:\n{\n  "1": 10,\n  "2": 1\n}', 2, [10, 1]),
+    ("Segments [1] and [2]: [6, 4]", 2, [6, 4]),  # the first list of k entries
     ("1: 5\n1: 6\n2: 3", 2, [None, 3]),  # contradictory ratings
     ("I think the answer is lovely overall.", 2, [None, None]),  # no ratings at all
     ('{"1": 7, "2": ', 2, [7, None]),  # JSON cut short: the line form still reads "1": 7
