@@ -10,7 +10,8 @@ Critic replies are untrusted text. `parse_ratings` reads, in order: a JSON objec
 with "rating"/"score"), a JSON list with exactly one entry per segment, or lines like `1: 7`,
 `[2] = 3`, `Segment 3 - 8/10`. A rating that is missing, not a number, out of the scale, or given
 twice with different values becomes None (a missing label); so does every rating of a reply that
-matches none of the forms, of a list with the wrong length, and of a request that failed.
+matches none of the forms, of a list with the wrong length, of a reply that only copies the
+prompt's example ratings, and of a request that failed.
 Nothing here raises on a bad reply.
 
 Requests are bounded: `timeout` seconds each, `retries` retries on connection errors, timeouts,
@@ -65,10 +66,24 @@ class CriticConfig:
                              f"timeout={self.timeout}, retries={self.retries}, concurrency={self.concurrency}")
 
 
+def _example(k: int, scale: tuple[float, float]) -> list[float]:
+    """The ratings the prompt shows as its example of the reply's form (up to 3 segments)."""
+    lo, hi = (int(v) if float(v).is_integer() else v for v in scale)
+    return [lo if i % 2 else hi for i in range(min(k, 3))]
+
+
+def copies_example(ratings: list[float | None], scale: tuple[float, float]) -> bool:
+    """Whether a reply's ratings are the prompt's example and nothing else (2+ of them): a critic
+    too weak to rate copies it (SmolLM2-135M did, every time; benchmarks/RESULTS.md)."""
+    example = _example(len(ratings), scale)
+    return (len(example) >= 2 and ratings[:len(example)] == example
+            and all(r is None for r in ratings[len(example):]))
+
+
 def build_messages(prompt: str, segments: list[str], quality: str, scale: tuple[float, float]) -> list[dict]:
     lo, hi = (int(v) if float(v).is_integer() else v for v in scale)
     numbered = "\n".join(f"[{i + 1}] {s.strip()}" for i, s in enumerate(segments))
-    example = json.dumps({str(i + 1): lo if i % 2 else hi for i in range(min(len(segments), 3))})
+    example = json.dumps({str(i + 1): v for i, v in enumerate(_example(len(segments), scale))})
     user = USER_TEMPLATE.format(quality=quality, lo=lo, hi=hi, prompt=prompt.strip(), k=len(segments),
                                 segments=numbered, example=example)
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
@@ -146,12 +161,15 @@ class CriticStats:
     failed: int = 0  # transport errors or timeouts after every retry
     ratings: int = 0
     missing: int = 0
+    copied_example: int = 0  # replies whose ratings were the prompt's example: dropped (missing)
     errors: Counter = field(default_factory=Counter)
 
     def summary(self) -> str:
         share = self.missing / max(1, self.ratings + self.missing)
         return (f"critic: {self.requests} requests, {self.failed} failed, {self.ratings} ratings, "
-                f"{self.missing} missing ({share:.0%}){'; errors ' + dict(self.errors).__repr__() if self.errors else ''}")
+                f"{self.missing} missing ({share:.0%})"
+                + (f", {self.copied_example} replies copied the prompt's example (dropped)" if self.copied_example else "")
+                + (f"; errors {dict(self.errors)!r}" if self.errors else ""))
 
 
 class Critic:
@@ -204,6 +222,9 @@ class Critic:
                 log.warning("critic request failed after %d retries: %s", self.cfg.retries, e)
                 return [None] * len(segments), None
         ratings = parse_ratings(reply, len(segments), self.cfg.scale)
+        if copies_example(ratings, self.cfg.scale):
+            self.stats.copied_example += 1
+            ratings = [None] * len(segments)
         self.stats.ratings += sum(r is not None for r in ratings)
         self.stats.missing += sum(r is None for r in ratings)
         return ratings, reply

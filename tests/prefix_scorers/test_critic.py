@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 
-from prefix_scorers.critic import Critic, CriticConfig, build_messages, parse_ratings
+from prefix_scorers.critic import Critic, CriticConfig, build_messages, copies_example, parse_ratings
 
 S = (1.0, 10.0)
 
@@ -44,6 +44,13 @@ def test_parse_ratings(reply, k, expected):
     assert parse_ratings(reply, k, S) == expected
 
 
+def test_ratings_that_only_copy_the_prompts_example_are_recognised():
+    assert copies_example([10, 1, 10], S) and copies_example([10, 1, 10, None], S)
+    assert copies_example([10, 1], S)
+    assert not copies_example([10, 1, 10, 4], S)  # more than the example: a rating
+    assert not copies_example([10, 1, 9], S) and not copies_example([10], S)  # one rating can be real
+
+
 def test_prompt_numbers_the_segments_and_names_the_scale():
     msgs = build_messages("Review it.", [" Good food.", " Slow service,", " nice staff"], "positive sentiment", S)
     user = msgs[-1]["content"]
@@ -58,6 +65,8 @@ REPLIES = {  # question -> what the server does
     "count": ("reply", "[3, 4, 5]"),
     "range": ("reply", '{"1": 42, "2": 5}'),
     "fenced": ("reply", "Sure!\n```\n1: 6\n2: 7\n```"),
+    # what SmolLM2-135M answers: the segments quoted, then the prompt's example {"1": 10, "2": 1}
+    "copied": ("reply", '[1] first part,\n[2] second part\n{"1": 10, "2": 1}'),
     "nojson": ("raw", b"this is not JSON at all"),
     "nochoices": ("raw", json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
                                      "choices": []}).encode()),
@@ -137,7 +146,7 @@ def test_bad_critic_replies_become_missing_labels_never_errors(bad_critic):
     ratings = {q: r for q, (r, _) in results.items()}
     assert ratings["good"] == [9, 2] and ratings["fenced"] == [6, 7]
     assert ratings["range"] == [None, 5]
-    for q in ("prose", "count", "nojson", "nochoices", "error", "slow"):
+    for q in ("prose", "count", "nojson", "nochoices", "error", "slow", "copied"):
         assert ratings[q] == [None, None], q
     # bounded: 1 retry for the 500 and the timeout (2 tries each), one try for every answered request
     assert BadCritic.calls["error"] == 2 and BadCritic.calls["slow"] == 2 and BadCritic.calls["good"] == 1
@@ -145,6 +154,7 @@ def test_bad_critic_replies_become_missing_labels_never_errors(bad_critic):
     assert elapsed < 20, elapsed  # two 1 s timeouts plus backoff, not the 30 s the slow critic takes
     s = critic.stats
     assert s.requests == len(REPLIES) and s.failed >= 2 and s.ratings == 5 and s.missing == 2 * len(REPLIES) - 5
+    assert s.copied_example == 1 and "1 replies copied the prompt's example" in s.summary()
     assert results["prose"][1] == "Both segments are fine, I would say."  # the raw reply is kept
 
 
