@@ -242,3 +242,18 @@ def test_the_monotonic_target_reads_the_token_runs_at_the_servers_default_top_k(
         [t] = [t for t in report.targets(rows, []) if t["target"].startswith("positive reward rises")]
         assert t["met"] is met
         assert ("all tokens" if default == 0 else "top 20") in t["target"]
+
+
+def test_the_rankers_share_of_the_gain_gets_a_bootstrap_interval_over_prompts():
+    from benchmarks.quality.report import gain_share_interval
+
+    def r(values):
+        return {"answers": [{"prompt": f"p{i}"} for i in range(len(values))], "positive_per_answer": values}
+
+    none, best = r([0.0, 0.2, 0.4, 0.1]), r([1.0, 1.2, 1.4, 1.1])
+    assert gain_share_interval(none, best, r([0.5, 0.7, 0.9, 0.6])) == pytest.approx((0.5, 0.5))  # half on every prompt
+    lo, hi = gain_share_interval(none, best, r([1.0, 0.2, 0.9, 0.6]))  # 1, 0, 0.5, 0.5: mean 0.5
+    assert 0.0 <= lo < 0.5 < hi <= 1.0
+    # prompts are matched by name, not position
+    shuffled = {"answers": [{"prompt": p} for p in ("p3", "p2", "p1", "p0")], "positive_per_answer": [0.6, 0.9, 0.7, 0.5]}
+    assert gain_share_interval(none, best, shuffled) == pytest.approx((0.5, 0.5))
