@@ -51,7 +51,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality.runs import DEFAULT_TOP_K, label, named, reusable, scorer_id, with_rewards
+from benchmarks.quality.runs import (
+    DEFAULT_TOP_K,
+    label,
+    named,
+    reusable,
+    scorer_id,
+    top_k_words,
+    with_rewards,
+)
 from benchmarks.quality.server import start_server as start_cdserve
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 from prefix_scorers.prompts import load_prompts
@@ -258,7 +266,7 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
     style = {"token (top 20)": ("tab:blue", "o"), "token (top 100)": ("tab:purple", "v"),
              "token (all tokens)": ("tab:cyan", "D"), "block": ("tab:orange", "s"), "best_of_n": ("tab:green", "^")}
-    curve = lambda r: f"token ({_top_k_words(r['top_k'])})" if r["mode"] == "token" else r["mode"]
+    curve = lambda r: f"token ({top_k_words(r['top_k'])})" if r["mode"] == "token" else r["mode"]
     for ax, head in zip(axes.flat, heads):
         for mode, (color, marker) in style.items():
             pts = sorted((r["kl"], r["reward"][head], r["reward_sem"][head]) for r in results
@@ -277,10 +285,6 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _top_k_words(top_k: int) -> str:
-    return f"top {top_k}" if top_k else "all tokens"
 
 
 def plot_sweep(results: list[dict], path: Path) -> None:
@@ -302,7 +306,7 @@ def plot_sweep(results: list[dict], path: Path) -> None:
     ys = [r["reward"]["positive"] for r in sweep]
     ax.errorbar(xs, ys, xerr=[r["reward_sem"]["concise"] for r in sweep],
                 yerr=[r["reward_sem"]["positive"] for r in sweep], fmt="o-", color="tab:purple", capsize=2,
-                label=f"token mode ({_top_k_words(sweep[0]['top_k'])}), strength {sweep[0]['strength']:g}")
+                label=f"token mode ({top_k_words(sweep[0]['top_k'])}), strength {sweep[0]['strength']:g}")
     for r, x, y in zip(sweep, xs, ys):
         ax.annotate(f"w+={r['weights']['positive']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.plot([base["reward"]["concise"]], [base["reward"]["positive"]], "k*", ms=10, label="none (base)")

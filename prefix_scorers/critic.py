@@ -66,9 +66,15 @@ class CriticConfig:
                              f"timeout={self.timeout}, retries={self.retries}, concurrency={self.concurrency}")
 
 
+def _bounds(scale: tuple[float, float]) -> tuple[float, float]:
+    """The scale's ends as the prompt prints them (whole numbers without a decimal point)."""
+    lo, hi = (int(v) if float(v).is_integer() else v for v in scale)
+    return lo, hi
+
+
 def _example(k: int, scale: tuple[float, float]) -> list[float]:
     """The ratings the prompt shows as its example of the reply's form (up to 3 segments)."""
-    lo, hi = (int(v) if float(v).is_integer() else v for v in scale)
+    lo, hi = _bounds(scale)
     return [lo if i % 2 else hi for i in range(min(k, 3))]
 
 
@@ -81,7 +87,7 @@ def copies_example(ratings: list[float | None], scale: tuple[float, float]) -> b
 
 
 def build_messages(prompt: str, segments: list[str], quality: str, scale: tuple[float, float]) -> list[dict]:
-    lo, hi = (int(v) if float(v).is_integer() else v for v in scale)
+    lo, hi = _bounds(scale)
     numbered = "\n".join(f"[{i + 1}] {s.strip()}" for i, s in enumerate(segments))
     example = json.dumps({str(i + 1): v for i, v in enumerate(_example(len(segments), scale))})
     user = USER_TEMPLATE.format(quality=quality, lo=lo, hi=hi, prompt=prompt.strip(), k=len(segments),

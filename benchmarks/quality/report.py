@@ -36,7 +36,7 @@ from benchmarks.quality.kl import (
     winner_rank,
     winners_kl,
 )
-from benchmarks.quality.runs import DEFAULT_TOP_K
+from benchmarks.quality.runs import DEFAULT_TOP_K, top_k_words
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 
 HERE = Path(__file__).resolve().parent.parent
@@ -127,8 +127,7 @@ def family(run: dict) -> str:
     if "max_tokens" in run:
         return f"{mode} at {run['max_tokens']} tokens"
     if mode == "token":
-        top_k = run.get("top_k", DEFAULT_TOP_K)
-        return f"token (top {top_k})" if top_k else "token (all tokens)"
+        return f"token ({top_k_words(run.get('top_k', DEFAULT_TOP_K))})"
     if mode == "block":
         return f"block, reward in the loop ({run.get('segment', 'fixed')})" if run.get("rewards") else "block (scorer)"
     if mode == "best_of_n":

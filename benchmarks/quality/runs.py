@@ -40,6 +40,11 @@ def name(r: dict) -> str:
     return label(r)
 
 
+def top_k_words(top_k: int) -> str:
+    """How tables and plots name a token run's top_k."""
+    return f"top {top_k}" if top_k else "all tokens"
+
+
 def scorer_label(r: dict) -> str:
     """The label, and the scorer the run ran with when it depends on one: the key of results
     measured on a run (block_kl.py), since the cache holds the same setting run with several scorers."""

@@ -15,7 +15,13 @@ from typing import ClassVar
 
 import pytest
 
-from prefix_scorers.critic import Critic, CriticConfig, build_messages, copies_example, parse_ratings
+from prefix_scorers.critic import (
+    Critic,
+    CriticConfig,
+    build_messages,
+    copies_example,
+    parse_ratings,
+)
 
 S = (1.0, 10.0)
 
