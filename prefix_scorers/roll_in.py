@@ -45,7 +45,7 @@ class RollIn:
     scorer_dir: str
     weights: dict[str, float] = field(default_factory=lambda: {"positive": 1.0})
     strength: float = 2.0
-    top_k: int = 20  # the server's default; 0: the whole vocabulary
+    top_k: int = 20  # cdserve's default until it became 100 (benchmarks/RESULTS.md); 0: the whole vocabulary
 
     def __post_init__(self):
         if not self.weights or not any(self.weights.values()):
@@ -123,7 +123,7 @@ class RollInSteering:
         mean, std = self.scorer.norm_stats(torch.full((B,), position, device=scores.device))
         combined = self.scorer.combined_values(q, mean, std, self.w.expand(B, -1)).to(scores.dtype)  # (B, V)
         steered = scores + self.roll_in.strength * combined
-        if self.roll_in.top_k:
+        if 0 < self.roll_in.top_k < scores.shape[-1]:  # a top_k over the vocabulary keeps every token
             keep = scores.topk(self.roll_in.top_k, dim=-1).indices
             steered = torch.full_like(scores, float("-inf")).scatter(1, keep, steered.gather(1, keep))
         return torch.where(steer[:, None], steered, scores) / self.temperature

@@ -40,6 +40,14 @@ def test_strength_zero_over_the_whole_vocabulary_is_plain_sampling(tiny_model_di
     assert len({r["roll_in"] for r in zero.values()}) > 1  # switch points vary per rollout
 
 
+def test_a_roll_in_top_k_over_the_vocabulary_keeps_every_token(tiny_model_dir, tiny_scorer_dir, prompts, tmp_path):
+    whole = _rollouts(tiny_model_dir, prompts, tmp_path / "whole.jsonl",
+                      RollIn(str(tiny_scorer_dir), {"positive": 1.0}, strength=8.0, top_k=0))
+    over = _rollouts(tiny_model_dir, prompts, tmp_path / "over.jsonl",  # the tiny model has 49,152 tokens
+                     RollIn(str(tiny_scorer_dir), {"positive": 1.0}, strength=8.0, top_k=100_000))
+    assert {rid: r["response_ids"] for rid, r in over.items()} == {rid: r["response_ids"] for rid, r in whole.items()}
+
+
 def test_roll_in_positions_are_masked_in_training(tiny_model_dir, tiny_scorer_dir, prompts, tmp_path):
     plain = _rollouts(tiny_model_dir, prompts, tmp_path / "plain.jsonl")
     steered = _rollouts(tiny_model_dir, prompts, tmp_path / "rollouts.jsonl",
