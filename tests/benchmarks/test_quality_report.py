@@ -257,3 +257,25 @@ def test_the_rankers_share_of_the_gain_gets_a_bootstrap_interval_over_prompts():
     # prompts are matched by name, not position
     shuffled = {"answers": [{"prompt": p} for p in ("p3", "p2", "p1", "p0")], "positive_per_answer": [0.6, 0.9, 0.7, 0.5]}
     assert gain_share_interval(none, best, shuffled) == pytest.approx((0.5, 0.5))
+
+
+def test_the_128_token_concise_check_reads_the_token_count_of_its_own_run(monkeypatch):
+    """The cache holds the 128-token concise run of an earlier default top_k (stored first) and of
+    today's: the check compares today's run's answer tokens with the plain run's."""
+    from benchmarks.quality import report
+
+    monkeypatch.setattr(report, "DEFAULT_TOP_K", 100)
+    plain = {"mode": "none", "weights": {"concise": 1.0}, "max_tokens": 128, "completion_tokens": 100.0}
+    old = {"mode": "token", "weights": {"concise": 1.0}, "top_k": 20, "max_tokens": 128, "completion_tokens": 90.0}
+    new = {**old, "top_k": 100, "completion_tokens": 30.0}
+
+    def row(label, run, reward=0.5):
+        return {"label": label, "family": report.family(run), "run": report.run_settings(run), "words": 10.0,
+                "kl_measured": 0.0, "gen_per_answer": 1.0, "reward": {"positive": reward},
+                "reward_sem": {"positive": 0.01}}
+
+    rows = [row("none", {"mode": "none", "weights": {"positive": 1.0}}),
+            row("none max_tokens=128", plain), row("token default strength top_k=20 max_tokens=128 [concise=1]", old),
+            row("token default strength top_k=100 max_tokens=128 [concise=1]", new)]
+    [t] = [t for t in report.targets(rows, [plain, old, new]) if t["target"].startswith("concise at the server")]
+    assert t["met"] is True and t["detail"].startswith("30.0 vs 100.0 answer tokens (0.30x)")
