@@ -6,7 +6,7 @@
     prefix-scorers label                     # score with every head's reward -> RUN/labels.jsonl
     prefix-scorers train --objective fudge   # train all heads              -> RUN/train/scorer
     prefix-scorers export --out DIR          # bfloat16 checkpoint, checked to load
-    prefix-scorers evaluate --scorer DIR     # held-out R^2 of a scorer's values on RUN's rollouts
+    prefix-scorers evaluate --scorer DIR     # held-out R^2 and token signal (token_signal.py) on RUN's rollouts
     prefix-scorers all ...                   # every stage in order (what built prefix_scorers/default)
     prefix-scorers rewards                   # list the registered rewards
 
@@ -124,7 +124,7 @@ def cmd_train(args) -> None:
                       ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
                       loss=args.loss, dense_source=args.dense_source, dense_lambda=args.dense_lambda,
                       eval_every=args.eval_every, init_from=args.init_from,
-                      final_weight=args.final_weight)
+                      final_weight=args.final_weight, state_weight=args.state_weight)
     held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
     held_ids = {p["id"] for p in read_jsonl(Path(args.eval_prompts))} if getattr(args, "eval_prompts", None) else None
     out = train(run / "rollouts.jsonl", run / "labels.jsonl", Path(args.train_dir) if args.train_dir else
@@ -148,6 +148,7 @@ def cmd_evaluate(args) -> None:
     from prefix_scorers.base_model import load_model, load_tokenizer
     from prefix_scorers.checkpoint import load_scorer
     from prefix_scorers.prompts import read_jsonl
+    from prefix_scorers.token_signal import token_signal
     from prefix_scorers.train import TrainConfig, load_examples, value_r2
 
     base_dir = _base_dir(args)
@@ -162,9 +163,11 @@ def cmd_evaluate(args) -> None:
     cfg = TrainConfig(batch_size=args.train_batch_size, device=args.device)
     pad = tokenizer.pad_token_id
     rows = {("final" if p is None else f"at{p}"): v for p, v in value_r2(scorer, examples, cfg, pad).items()}
+    per_head = lambda v, n=4: dict(zip(scorer.config.head_names, [round(x, n) for x in v.tolist()]))
+    signal = token_signal(scorer, examples, cfg.batch_size, pad, cfg.device)
     print(json.dumps({"scorer": args.scorer, "rollouts": len(examples), "prompts": len({e.prompt_id for e in examples}),
-                      "r2": {k: dict(zip(scorer.config.head_names, [round(x, 4) for x in v.tolist()]))
-                             for k, v in rows.items()}}, indent=2))
+                      "r2": {k: per_head(v) for k, v in rows.items()},
+                      "token_signal": {k: per_head(v, 5) for k, v in signal.items()}}, indent=2))
 
 
 def cmd_all(args) -> None:
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--final-weight", type=float, default=0.0, help="share in [0, 1) of the loss on the "
                         "finished answer's value (what best-of-N and block selection rank by); the rest is the mean "
                         "over every prefix")
+        sp.add_argument("--state-weight", type=float, default=0.0, help="weight of the state-value term: "
+                        "sum_z p(z) Q(s, z) over the stored top-k candidates regressed onto the same target as "
+                        "Q(s, y), which trains the values token mode compares (0: off)")
         sp.add_argument("--loss", choices=["mse", "bce"], default="mse", help="bce: cross-entropy on the "
                         "value and target rescaled to [0, 1] by the reward range")
         sp.add_argument("--eval-run-dir", help="held-out run (rollouts.jsonl + labels.jsonl of other prompts): "
@@ -292,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     export_args(sp)
     sp.set_defaults(fn=cmd_export)
-    sp = sub.add_parser("evaluate", help="held-out R^2 of a scorer's values against RUN's labels")
+    sp = sub.add_parser("evaluate", help="held-out R^2 of a scorer's values and its token signal (token_signal.py) against RUN's labels")
     common(sp)
     sp.add_argument("--scorer", required=True, help="scorer checkpoint directory")
     sp.add_argument("--prompts", help="only the rollouts of these prompts (JSONL), e.g. the eval split")

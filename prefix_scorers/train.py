@@ -81,6 +81,8 @@ class TrainConfig:
     loss: str = "mse"  # "mse" | "bce" (bounded rewards)
     dense_source: str = "reward"  # target "dense": segment labels from the heads' rewards or a critic
     dense_lambda: float = 0.5  # target "dense": weight of the segment-label reward-to-go (dense_targets.py)
+    state_weight: float = 0.0  # weight of the state-value term (batch_loss): sum_z p(z) Q(s, z) regressed
+    # onto the same target as Q(s, y), so the values of the candidates token mode compares are trained too
     final_weight: float = 0.0  # share of the loss on the finished answer's value (the one best-of-N and
     # block selection rank by); the rest is the mean over every prefix (0: every position alike)
     epochs: int = 3
@@ -119,6 +121,10 @@ class TrainConfig:
         if not 0 <= self.final_weight < 1:
             raise ValueError(f"final_weight must be in [0, 1) (the loss share of the last position), got "
                              f"{self.final_weight}")
+        if self.state_weight < 0:
+            raise ValueError(f"state_weight must be >= 0 (0: no state-value term), got {self.state_weight}")
+        if self.state_weight and self.objective != "fudge":
+            raise ValueError("state_weight is a CD-FUDGE term (a regression onto the reward): use --objective fudge")
         if self.soft_eta <= 0:
             raise ValueError(f"soft_eta must be > 0 (the soft value's temperature), got {self.soft_eta}")
         if self.ensemble < 1:
@@ -178,18 +184,22 @@ class Batch:
     next_probs: torch.Tensor | None  # (B, T-1, k): their base probabilities, renormalised
     boot: torch.Tensor | None = None  # (B, E) or (B, 1): each rollout's weight per ensemble member
     targets: torch.Tensor | None = None  # (B, T-1, H): each position's FUDGE target (targets.py)
+    cand_ids: torch.Tensor | None = None  # (B, T-1, k): top-k tokens position j chooses among (token j+1's
+    # own distribution; the state-value term)
+    cand_probs: torch.Tensor | None = None  # (B, T-1, k): their sampling probabilities, renormalised
 
 
-def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) -> Batch:
+def collate(examples: list[Example], pad_id: int, device: str, with_next: bool, with_cands: bool = False) -> Batch:
     B, T = len(examples), max(len(e.input_ids) for e in examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     valid = torch.zeros(B, T, dtype=torch.bool)
     taken = torch.zeros(B, T - 1, dtype=torch.bool)
     last = torch.zeros(B, T - 1, dtype=torch.bool)
     gen_pos = torch.zeros(B, T - 1, dtype=torch.long)
-    k = len(examples[0].topk_ids[0]) if with_next and examples[0].topk_ids else 1
+    k = len(examples[0].topk_ids[0]) if (with_next or with_cands) and examples[0].topk_ids else 1
     next_ids = torch.zeros(B, T - 1, k, dtype=torch.long)
     next_lp = torch.full((B, T - 1, k), -1e4)
+    cand_ids, cand_lp = torch.zeros(B, T - 1, k, dtype=torch.long), torch.full((B, T - 1, k), -1e4)
     for b, e in enumerate(examples):
         n, s = len(e.input_ids), e.prompt_len
         ids[b, :n] = torch.tensor(e.input_ids)
@@ -202,6 +212,9 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) 
             # position j = s-1+t predicts y_t; its successor's distribution is topk[t+1]
             next_ids[b, s - 1:n - 2] = torch.tensor(e.topk_ids[1:n - s])
             next_lp[b, s - 1:n - 2] = torch.tensor(e.topk_logprobs[1:n - s])
+        if with_cands:  # position j = s-1+t chooses y_t among topk[t]
+            cand_ids[b, s - 1:n - 1] = torch.tensor(e.topk_ids[:n - s])
+            cand_lp[b, s - 1:n - 1] = torch.tensor(e.topk_logprobs[:n - s])
     rewards = torch.tensor([e.rewards for e in examples], dtype=torch.float32)
     targets = rewards[:, None, :].repeat(1, T - 1, 1)  # (B, T-1, H)
     for b, e in enumerate(examples):
@@ -212,7 +225,8 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool) 
     boot = torch.tensor([e.boot for e in examples], dtype=torch.float32)
     return Batch(dev(ids), dev(valid), dev(taken), dev(last), dev(gen_pos), dev(rewards),
                  dev(next_ids) if with_next else None,
-                 dev(torch.softmax(next_lp, dim=-1)) if with_next else None, dev(boot), dev(targets))
+                 dev(torch.softmax(next_lp, dim=-1)) if with_next else None, dev(boot), dev(targets),
+                 dev(cand_ids) if with_cands else None, dev(torch.softmax(cand_lp, dim=-1)) if with_cands else None)
 
 
 def bootstrap(examples: list[Example], ensemble: int, seed: int) -> list[Example]:
@@ -239,6 +253,14 @@ def taken_values(scorer: PrefixScorer, queries: torch.Tensor, input_ids: torch.T
     return torch.einsum("bthe,bte->bth", queries[:, :-1], e) + scorer.head_bias
 
 
+def state_values(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """V(s) = sum_z p(z | s) Q(s, z) over each position's stored top-k candidates, per member:
+    queries (B, T, H*E, d_e) -> (B, T-1, H*E)."""
+    e = F.embedding(batch.cand_ids, scorer.embedding).to(queries.dtype)  # (B, T-1, k, d_e)
+    q = torch.einsum("bthe,btke->bthk", queries[:, :-1], e) + scorer.head_bias[:, None]
+    return (q * batch.cand_probs[:, :, None, :].to(q.dtype)).sum(-1)
+
+
 def targets(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch, objective: str) -> torch.Tensor:
     """Regression targets (B, T-1, H*E) for every position (meaningful where batch.taken); each
     ensemble member bootstraps from its own values under CD-Q."""
@@ -257,26 +279,34 @@ def targets(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch, objective
 
 
 def batch_loss(scorer, batch: Batch, objective: str, inv_var: torch.Tensor, loss: str = "mse",
-               ranges: torch.Tensor | None = None, final_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               ranges: torch.Tensor | None = None, final_weight: float = 0.0,
+               state_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (targets.value_loss: scaled squared error, or cross-entropy on the range-rescaled
     value) averaged over response tokens and summed over heads; also the per-head MSE (H,). An
     ensemble member weighs each rollout by its bootstrap count; a head's loss is its members' mean.
     `ranges` (H, 2): each head's reward range (bce). `final_weight` w: the loss is (1 - w) x the
     mean over response tokens + w x the mean over the last ones (the finished answers' values,
-    which rank best-of-N candidates: one position in ~48 gets w of the loss instead of ~2%)."""
+    which rank best-of-N candidates: one position in ~48 gets w of the loss instead of ~2%).
+    `state_weight` lam (needs batch.cand_ids): lam x the same loss of the state value
+    V(s) = sum_z p(z | s) Q(s, z) over the stored top-k candidates z of each position, against the
+    same target. FUDGE alone trains only the taken token's Q, so the candidates' values token mode
+    compares (and so the advantage Q(s, z) - V(s) it tilts by) are extrapolated from other contexts;
+    E[r | s] = sum_z p(z | s) E[r | s, z] is a second, unbiased regression that ties them together."""
     queries = scorer(batch.input_ids, valid=batch.valid).queries
     inner = scorer.module if hasattr(scorer, "module") else scorer
     H, E = inner.num_heads, inner.ensemble_size
     pred = taken_values(inner, queries, batch.input_ids)  # (B, T-1, H*E)
     target = targets(inner, queries, batch, objective)  # (B, T-1, H*E)
     per = lambda x: x.repeat_interleave(E)  # (H,) -> (H*E,), head-major
-    if loss == "mse":
-        elem = (pred - target) ** 2
-    else:
-        if ranges is None:
-            raise ValueError("the bce loss needs each head's reward range")
-        ranges = ranges.to(pred.device)
-        elem = value_loss(pred, target, loss, per(ranges[:, 0]), per(ranges[:, 1]), per(inv_var))
+    if loss != "mse" and ranges is None:
+        raise ValueError("the bce loss needs each head's reward range")
+    elem_of = lambda p: (p - target) ** 2 if loss == "mse" else value_loss(
+        p, target, loss, per(ranges[:, 0].to(p.device)), per(ranges[:, 1].to(p.device)), per(inv_var))
+    elem = elem_of(pred)
+    if state_weight:
+        if batch.cand_ids is None:
+            raise ValueError("the state-value term needs the candidates: collate(..., with_cands=True)")
+        elem = elem + state_weight * elem_of(state_values(inner, queries, batch))
     boot = batch.boot.expand(-1, E).repeat(1, H) if batch.boot is not None else elem.new_ones(1, H * E)
     mask = batch.taken[..., None].float() * boot[:, None, :]  # (B, T-1, H*E)
     if final_weight:
@@ -471,7 +501,7 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
         elif rank == 0:
             print(f"{state_path} was written with another configuration: starting over")
     pad = tokenizer.pad_token_id
-    with_next = cfg.objective == "cdq"
+    with_next, with_cands = cfg.objective == "cdq", cfg.state_weight > 0
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         groups = batches(train_ex, cfg.batch_size, cfg.seed + epoch, shuffle=True)
@@ -481,8 +511,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
             step = epoch * steps_per_epoch + i
             for g in opt.param_groups:
                 g["lr"] = g.setdefault("base_lr", g["lr"]) * lr_factor(step, total, cfg.warmup_steps)
-            loss, _ = batch_loss(model, collate(group, pad, cfg.device, with_next), cfg.objective, inv_var_dev,
-                                 cfg.loss, ranges, cfg.final_weight)
+            loss, _ = batch_loss(model, collate(group, pad, cfg.device, with_next, with_cands), cfg.objective,
+                                 inv_var_dev, cfg.loss, ranges, cfg.final_weight, cfg.state_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(scorer.parameters(), cfg.grad_clip)
@@ -523,6 +553,13 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
             for p, r_p in early.items():
                 if math.isfinite(r_p[i].item()):
                     metrics[f"eval_r2_at{p}_{h.name}"] = round(r_p[i].item(), 4)
+        if all(e.topk_ids for e in eval_ex):  # the held-out token signal (token_signal.py)
+            from prefix_scorers.token_signal import token_signal
+
+            signal = token_signal(scorer, eval_ex, cfg.batch_size, pad, cfg.device)
+            for i, h in enumerate(heads):
+                metrics[f"eval_token_efficiency_{h.name}"] = round(float(signal["efficiency"][i]), 4)
+                metrics[f"eval_token_signal_ratio_{h.name}"] = round(float(signal["signal_ratio"][i]), 4)
         metrics["eval_loss_initial"] = round(history["eval"][0][1], 4) if history["eval"] else float("nan")
         metrics["eval_loss_final"] = round(history["eval"][-1][1], 4) if history["eval"] else float("nan")
     scorer.config.provenance = Provenance(

@@ -109,6 +109,10 @@ def test_cli_soft_target_bce_loss_held_out_run(run_dir, tiny_model_dir, tmp_path
     report = json.loads(capsys.readouterr().out)
     assert report["rollouts"] == 6 and report["prompts"] == 3
     assert report["r2"]["final"] == pytest.approx(r2, abs=1e-3)
+    # the held-out token signal (token_signal.py), also in the training metrics
+    eff = {h.name: prov["metrics"][f"eval_token_efficiency_{h.name}"] for h in DEFAULT_HEADS}
+    assert report["token_signal"]["efficiency"] == pytest.approx(eff, abs=1e-3)
+    assert all(v > 0 for v in report["token_signal"]["tilt_variance"].values())
     # the same held-out rollouts picked by prompt from the full run
     write_jsonl([{"id": pid} for pid in held_prompts], tmp_path / "held-prompts.jsonl")
     main(["evaluate", "--run-dir", str(run_dir), *base, "--scorer", str(trained), "--prompts",
