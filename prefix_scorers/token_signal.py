@@ -52,9 +52,10 @@ def signal_stats(advantage_sums: torch.Tensor, variance_sums: torch.Tensor,
 
 
 @torch.no_grad()
-def token_signal(scorer: PrefixScorer, examples, batch_size: int, pad_id: int,
-                 device: str = "cpu") -> dict[str, torch.Tensor]:
-    """signal_stats of a scorer on rollouts (train.Example, with their stored top-k candidates)."""
+def signal_sums(scorer: PrefixScorer, examples, batch_size: int, pad_id: int,
+                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rollout_sums of a scorer on rollouts (train.Example, with their stored top-k candidates):
+    advantage sums, variance sums and rewards (N, H), in the examples' order."""
     from prefix_scorers.train import batches, collate, taken_values
 
     sums_a, sums_s, rewards = [], [], []
@@ -67,4 +68,14 @@ def token_signal(scorer: PrefixScorer, examples, batch_size: int, pad_id: int,
         taken = scorer.head_values(taken_values(scorer, queries, b.input_ids), dim=-1)  # (B, T-1, H)
         a, s = rollout_sums(cand.float(), b.cand_probs, taken.float(), b.taken)
         sums_a.append(a.cpu()), sums_s.append(s.cpu()), rewards.append(b.rewards.cpu())
-    return signal_stats(torch.cat(sums_a), torch.cat(sums_s), torch.cat(rewards))
+    order = {id(e): i for i, e in enumerate(examples)}  # batches() sorts by length: restore the order
+    ranked = [order[id(e)] for group in batches(examples, batch_size, 0, shuffle=False) for e in group]
+    inverse = torch.empty(len(ranked), dtype=torch.long)
+    inverse[torch.tensor(ranked)] = torch.arange(len(ranked))
+    return tuple(torch.cat(x)[inverse] for x in (sums_a, sums_s, rewards))
+
+
+def token_signal(scorer: PrefixScorer, examples, batch_size: int, pad_id: int,
+                 device: str = "cpu") -> dict[str, torch.Tensor]:
+    """signal_stats of a scorer on rollouts (train.Example, with their stored top-k candidates)."""
+    return signal_stats(*signal_sums(scorer, examples, batch_size, pad_id, device))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer
-from prefix_scorers.token_signal import rollout_sums, signal_stats, token_signal
+from prefix_scorers.token_signal import rollout_sums, signal_stats, signal_sums, token_signal
 from prefix_scorers.train import (
     Example,
     TrainConfig,
@@ -129,3 +129,14 @@ def test_token_signal_of_a_scorer_runs_over_rollouts_and_matches_the_pure_sums()
     assert set(stats) == {"cov", "tilt_variance", "signal_ratio", "efficiency", "corr"}
     assert all(v.shape == (len(DEFAULT_HEADS),) and torch.isfinite(v).all() for v in stats.values())
     assert (stats["tilt_variance"] > 0).all()
+
+
+def test_signal_sums_come_back_in_the_examples_order():
+    """batches() sorts by length; the per-rollout sums must line up with the examples (paired
+    comparisons between scorers and bootstraps over prompts rely on it)."""
+    scorer = random_scorer(V, None, DEFAULT_HEADS, hidden_size=16, num_layers=1).eval()
+    ex = _examples()
+    _, _, rewards = signal_sums(scorer, ex, batch_size=2, pad_id=0)
+    assert torch.allclose(rewards, torch.tensor([e.rewards for e in ex]))
+    one_by_one = torch.cat([signal_sums(scorer, [e], batch_size=1, pad_id=0)[0] for e in ex])
+    assert torch.allclose(signal_sums(scorer, ex, batch_size=2, pad_id=0)[0], one_by_one, atol=1e-5)
