@@ -56,15 +56,13 @@ def signal_sums(scorer: PrefixScorer, examples, batch_size: int, pad_id: int,
                 device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """rollout_sums of a scorer on rollouts (train.Example, with their stored top-k candidates):
     advantage sums, variance sums and rewards (N, H), in the examples' order."""
-    from prefix_scorers.train import batches, collate, taken_values
+    from prefix_scorers.train import batches, candidate_values, collate, taken_values
 
     sums_a, sums_s, rewards = [], [], []
     for group in batches(examples, batch_size, 0, shuffle=False):
         b = collate(group, pad_id, device, with_next=False, with_cands=True)
         queries = scorer(b.input_ids, valid=b.valid).queries
-        e = torch.nn.functional.embedding(b.cand_ids, scorer.embedding).to(queries.dtype)
-        cand = torch.einsum("bthe,btke->bthk", queries[:, :-1], e) + scorer.head_bias[:, None]
-        cand = scorer.head_values(cand, dim=2)  # (B, T-1, H, k)
+        cand = scorer.head_values(candidate_values(scorer, queries, b), dim=2)  # (B, T-1, H, k)
         taken = scorer.head_values(taken_values(scorer, queries, b.input_ids), dim=-1)  # (B, T-1, H)
         a, s = rollout_sums(cand.float(), b.cand_probs, taken.float(), b.taken)
         sums_a.append(a.cpu()), sums_s.append(s.cpu()), rewards.append(b.rewards.cpu())

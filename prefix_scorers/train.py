@@ -253,11 +253,17 @@ def taken_values(scorer: PrefixScorer, queries: torch.Tensor, input_ids: torch.T
     return torch.einsum("bthe,bte->bth", queries[:, :-1], e) + scorer.head_bias
 
 
+def candidate_values(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Q(s, z) of each position's stored top-k candidates z (batch.cand_ids), per member:
+    queries (B, T, H*E, d_e) -> (B, T-1, H*E, k)."""
+    e = F.embedding(batch.cand_ids, scorer.embedding).to(queries.dtype)  # (B, T-1, k, d_e)
+    return torch.einsum("bthe,btke->bthk", queries[:, :-1], e) + scorer.head_bias[:, None]
+
+
 def state_values(scorer: PrefixScorer, queries: torch.Tensor, batch: Batch) -> torch.Tensor:
     """V(s) = sum_z p(z | s) Q(s, z) over each position's stored top-k candidates, per member:
     queries (B, T, H*E, d_e) -> (B, T-1, H*E)."""
-    e = F.embedding(batch.cand_ids, scorer.embedding).to(queries.dtype)  # (B, T-1, k, d_e)
-    q = torch.einsum("bthe,btke->bthk", queries[:, :-1], e) + scorer.head_bias[:, None]
+    q = candidate_values(scorer, queries, batch)
     return (q * batch.cand_probs[:, :, None, :].to(q.dtype)).sum(-1)
 
 
