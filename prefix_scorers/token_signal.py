@@ -59,15 +59,16 @@ def signal_sums(scorer: PrefixScorer, examples, batch_size: int, pad_id: int,
     from prefix_scorers.train import batches, candidate_values, collate, taken_values
 
     sums_a, sums_s, rewards = [], [], []
-    for group in batches(examples, batch_size, 0, shuffle=False):
+    groups = batches(examples, batch_size, 0, shuffle=False)  # sorted by length: the order is restored below
+    for group in groups:
         b = collate(group, pad_id, device, with_next=False, with_cands=True)
         queries = scorer(b.input_ids, valid=b.valid).queries
         cand = scorer.head_values(candidate_values(scorer, queries, b), dim=2)  # (B, T-1, H, k)
         taken = scorer.head_values(taken_values(scorer, queries, b.input_ids), dim=-1)  # (B, T-1, H)
         a, s = rollout_sums(cand.float(), b.cand_probs, taken.float(), b.taken)
         sums_a.append(a.cpu()), sums_s.append(s.cpu()), rewards.append(b.rewards.cpu())
-    order = {id(e): i for i, e in enumerate(examples)}  # batches() sorts by length: restore the order
-    ranked = [order[id(e)] for group in batches(examples, batch_size, 0, shuffle=False) for e in group]
+    order = {id(e): i for i, e in enumerate(examples)}
+    ranked = [order[id(e)] for group in groups for e in group]
     inverse = torch.empty(len(ranked), dtype=torch.long)
     inverse[torch.tensor(ranked)] = torch.arange(len(ranked))
     return tuple(torch.cat(x)[inverse] for x in (sums_a, sums_s, rewards))
