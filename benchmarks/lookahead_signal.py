@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.token_signal import held_out
 from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
 from prefix_scorers.checkpoint import load_scorer
 from prefix_scorers.kv_cache import KVCache
@@ -119,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     feats = [hidden_states(scorer, torch.tensor([e.input_ids]))[0][e.prompt_len - 1:] for e in train]
     w = fit_readout(feats, [e.rewards[head] for e in train], args.ridge)
 
-    held = [e for e in load_examples(run / "rollouts.jsonl", run / "labels.jsonl", scorer.config.heads)
-            if e.prompt_id in keep]
+    held = held_out(run, Path(args.prompts), scorer.config.heads)
     sums_a, sums_s, finals = [], [], []
     for e in held:
         s, n = e.prompt_len, len(e.input_ids)

@@ -34,6 +34,16 @@ from prefix_scorers.train import load_examples
 HERE = Path(__file__).resolve().parent
 
 
+def held_out(run: Path, prompts: Path, heads) -> list:
+    """The rollouts of `prompts` in `run` (train.Example, labelled with `heads`' rewards)."""
+    if not (run / "rollouts.jsonl").is_file() or not (run / "labels.jsonl").is_file():
+        raise SystemExit(f"no rollouts.jsonl + labels.jsonl in {run}: make held-out rollouts with `prefix-scorers "
+                         f"rollouts --prompts {prompts} --run-dir DIR` and `prefix-scorers label --run-dir DIR` "
+                         "(the heads' rewards), then pass --run-dir DIR")
+    keep = {p["id"] for p in read_jsonl(prompts)}
+    return [e for e in load_examples(run / "rollouts.jsonl", run / "labels.jsonl", heads) if e.prompt_id in keep]
+
+
 def bootstrap(sums: list[tuple[torch.Tensor, ...]], prompt_ids: list[str], rounds: int,
               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Efficiency (rounds, scorers, H) over prompt resamples, and the full-data one (scorers, H)."""
@@ -70,16 +80,16 @@ def main(argv: list[str] | None = None) -> dict:
     base = resolve_model(args.base_model, default_cache_dir())
     tokenizer = load_tokenizer(base)
     emb = load_model(base).get_input_embeddings().weight.detach().float()
-    run, keep = Path(args.run_dir), {p["id"] for p in read_jsonl(Path(args.prompts))}
-    sums, heads = [], None
+    run = Path(args.run_dir)
+    sums, heads, examples = [], None, None
     for path in args.scorer:
         scorer = load_scorer(Path(path), tokenizer, emb).eval()
         names = scorer.config.head_names
         if heads is not None and names != heads:
             raise SystemExit(f"{path} has heads {names}, the first scorer {heads}: compare scorers of the same heads")
         heads = names
-        examples = [e for e in load_examples(run / "rollouts.jsonl", run / "labels.jsonl", scorer.config.heads)
-                    if e.prompt_id in keep]
+        if examples is None:  # the same rollouts for every scorer (same heads, so the same labels)
+            examples = held_out(run, Path(args.prompts), scorer.config.heads)
         sums.append(signal_sums(scorer, examples, 16, tokenizer.pad_token_id))
     prompt_ids = [e.prompt_id for e in examples]
     draws, full = bootstrap(sums, prompt_ids, args.bootstrap, seed=0)

@@ -23,3 +23,12 @@ def test_full_data_efficiency_is_signal_stats_and_a_scorer_against_itself_differ
     assert torch.equal(draws[:, 0], draws[:, 1])  # same rows drawn for every scorer: paired
     assert not torch.equal(draws[:, 0], draws[:, 2])
     assert draws[:, 0].std(0).gt(0).all()  # the resamples differ
+
+
+def test_missing_held_out_rollouts_name_how_to_make_them(tmp_path):
+    import pytest
+
+    from benchmarks.token_signal import held_out
+
+    with pytest.raises(SystemExit, match=r"no rollouts.jsonl \+ labels.jsonl in .*prefix-scorers rollouts"):
+        held_out(tmp_path, tmp_path / "prompts.jsonl", [])
