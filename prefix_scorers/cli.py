@@ -3,6 +3,7 @@
     prefix-scorers prompts                   # (re)write the committed prompt set
     prefix-scorers rollouts --samples 2      # sample from the base model   -> RUN/rollouts.jsonl
     prefix-scorers rollouts --roll-in-scorer DIR --roll-in-weights positive=1   # an on-policy round
+    prefix-scorers branches --from-run-dir SRC --run-dir OUT   # continue candidate tokens at points of SRC's rollouts
     prefix-scorers label                     # score with every head's reward -> RUN/labels.jsonl
     prefix-scorers train --objective fudge   # train all heads              -> RUN/train/scorer
     prefix-scorers export --out DIR          # bfloat16 checkpoint, checked to load
@@ -78,6 +79,20 @@ def cmd_rollouts(args) -> None:
                         device=args.device, engine=args.engine, roll_in=roll_in)
     prompts = Path(args.prompts) if args.prompts else Path(__file__).parent / "data" / "prompts_train.jsonl"
     print(generate_rollouts(_base_dir(args), prompts, _run_dir(args) / "rollouts.jsonl", cfg, limit=args.limit))
+
+
+def cmd_branches(args) -> None:
+    from prefix_scorers.branches import BranchConfig, generate_branches
+    from prefix_scorers.rollouts import RolloutConfig
+
+    rc = RolloutConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       batch_size=args.batch_size, seed=args.seed, device=args.device, engine=args.engine)
+    cfg = BranchConfig(points=args.points, candidates=args.candidates, rollout=rc)
+    src = Path(args.from_run_dir) / "rollouts.jsonl"
+    if not src.is_file():
+        raise SystemExit(f"--from-run-dir {args.from_run_dir} has no rollouts.jsonl: make it with "
+                         f"`prefix-scorers rollouts --run-dir {args.from_run_dir}`")
+    print(generate_branches(_base_dir(args), src, _run_dir(args) / "rollouts.jsonl", cfg, limit=args.limit))
 
 
 def cmd_label(args) -> None:
@@ -286,6 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     rollout_args(sp)
     sp.set_defaults(fn=cmd_rollouts)
+    sp = sub.add_parser("branches", help="continue the most likely candidates at points of a run's rollouts "
+                        "(branches.py): the values token mode compares, measured")
+    common(sp)
+    sp.add_argument("--from-run-dir", required=True, help="the run whose rollouts are branched (its stored top-k)")
+    sp.add_argument("--points", type=int, default=2, help="branch points per source rollout")
+    sp.add_argument("--candidates", type=int, default=4, help="most likely tokens continued at each point")
+    sp.add_argument("--max-new-tokens", type=int, default=48, help="the source run's answer length")
+    sp.add_argument("--temperature", type=float, default=0.7, help="the source run's temperature")
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--limit", type=int, help="branch only the first N source rollouts")
+    sp.add_argument("--engine", choices=["hf", "vllm"], default="hf")
+    sp.set_defaults(fn=cmd_branches)
     sp = sub.add_parser("label", help="score every rollout with every head's reward")
     common(sp)
     segment_args(sp)

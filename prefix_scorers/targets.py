@@ -53,11 +53,15 @@ def soft_value(rewards: np.ndarray, eta: np.ndarray | float) -> np.ndarray:
 
 
 def prefix_targets(prompt_ids: Sequence[str], responses: Sequence[Sequence[int]], rewards: np.ndarray,
-                   target: str, eta: np.ndarray | None = None) -> list[np.ndarray]:
+                   target: str, eta: np.ndarray | None = None,
+                   starts: Sequence[int] | None = None) -> list[np.ndarray]:
     """Per rollout i, an (L_i, H) array: the target of the value at each response position.
 
     prompt_ids (N,), responses (N,) token lists, rewards (N, H). Rollouts are grouped by prompt and
-    by shared response prefix (a trie: position t of rollout i is node (prompt, y_<=t))."""
+    by shared response prefix (a trie: position t of rollout i is node (prompt, y_<=t)). `starts`
+    (N,): rollout i's reward is a sample of the base policy's value only from response position
+    starts[i] on (an on-policy roll-in or a branch forced its earlier tokens: `Example.base_from`),
+    so it joins a group only there; before it, its targets are its own reward (never trained)."""
     rewards = np.asarray(rewards, dtype=np.float64)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -69,19 +73,22 @@ def prefix_targets(prompt_ids: Sequence[str], responses: Sequence[Sequence[int]]
     root: dict[str, int] = {}
     members: dict[int, list[int]] = defaultdict(list)
     paths = []
+    starts = [0] * len(responses) if starts is None else starts
     for i, (p, y) in enumerate(zip(prompt_ids, responses)):
         node = root.setdefault(p, -1 - len(root))  # negative ids: one root per prompt
         path = []
-        for tok in y:
+        for t, tok in enumerate(y):
             node = children.setdefault((node, int(tok)), len(children))
-            members[node].append(i)
+            if t >= starts[i]:
+                members[node].append(i)
             path.append(node)
         paths.append(path)
     value = {}
     for node, idx in members.items():
         r = rewards[idx]
         value[node] = r.mean(0) if target == "mean" else soft_value(r, eta)
-    return [np.stack([value[n] for n in path]) if path else np.zeros((0, rewards.shape[1])) for path in paths]
+    return [np.stack([value[n] if t >= starts[i] else rewards[i] for t, n in enumerate(path)]) if path
+            else np.zeros((0, rewards.shape[1])) for i, path in enumerate(paths)]
 
 
 def value_loss(pred: torch.Tensor, target: torch.Tensor, loss: str, low: torch.Tensor, high: torch.Tensor,

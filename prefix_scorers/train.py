@@ -143,7 +143,13 @@ class Example:
     topk_logprobs: list[list[float]]
     boot: tuple[float, ...] = (1.0,)  # bootstrap weight per ensemble member (one: every member 1)
     targets: list[list[float]] | None = None  # (L, H) per response position; None: the final rewards
-    roll_in: int = 0  # on-policy round: response tokens sampled from the steered policy (roll_in.py)
+    roll_in: int = 0  # response tokens not continued by the base model: an on-policy round's roll-in
+    # (roll_in.py) or a branch's prefix and forced candidate (branches.py)
+
+    @property
+    def base_from(self) -> int:
+        """The first response position whose value the reward samples (the base model continued it)."""
+        return max(0, self.roll_in - 1)
 
 
 def load_examples(rollouts_path: Path, labels_path: Path, heads: list[HeadSpec]) -> list[Example]:
@@ -205,7 +211,7 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool, 
         ids[b, :n] = torch.tensor(e.input_ids)
         valid[b, :n] = True
         # values of base-policy prefixes only: response positions >= min(roll_in, L) - 1 (roll_in.py)
-        taken[b, s - 1 + max(0, min(e.roll_in, n - s) - 1):n - 1] = True
+        taken[b, s - 1 + max(0, min(e.base_from, n - s - 1)):n - 1] = True
         last[b, n - 2] = True
         gen_pos[b, s - 1:n - 1] = torch.arange(n - s)
         if with_next and n - s > 1:
@@ -416,7 +422,8 @@ def with_targets(examples: list[Example], target: str, eta: torch.Tensor | None)
     if target == "final":
         return examples
     per = prefix_targets([e.prompt_id for e in examples], [e.input_ids[e.prompt_len:] for e in examples],
-                         [e.rewards for e in examples], target, None if eta is None else eta.numpy())
+                         [e.rewards for e in examples], target, None if eta is None else eta.numpy(),
+                         [e.base_from for e in examples])
     return [replace(e, targets=t.tolist()) for e, t in zip(examples, per)]
 
 

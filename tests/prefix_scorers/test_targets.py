@@ -75,3 +75,20 @@ def test_bce_loss_hand_computed_and_minimised_at_the_mean():
     # mse: scaled squared error
     assert value_loss(torch.tensor([[0.5]]), torch.tensor([[0.1]]), "mse", low, high, torch.tensor([4.0])).item() \
         == pytest.approx(0.64)
+
+
+def test_prefix_targets_pool_a_rollout_only_where_the_base_model_continued_it():
+    # rollout 1 forced its first two tokens [1, 2] (a roll-in or a branch: start 2): its reward is a
+    # sample of the value of [1, 2, 4] and beyond, not of [1] or [1, 2], so rollout 0's targets there
+    # are rollout 0's alone, and rollout 1's own targets before its start are its reward
+    prompts = ["a", "a"]
+    responses = [[1, 2, 3], [1, 2, 4]]
+    rewards = np.array([[0.0], [1.0]])
+    mean = prefix_targets(prompts, responses, rewards, "mean", starts=[0, 2])
+    assert mean[0].ravel().tolist() == pytest.approx([0.0, 0.0, 0.0])
+    assert mean[1].ravel().tolist() == pytest.approx([1.0, 1.0, 1.0])
+    # start 1: rollout 1 continued from [1, 2] on, so it joins the group of [1, 2] but not of [1]
+    mean = prefix_targets(prompts, responses, rewards, "mean", starts=[0, 1])
+    assert mean[0].ravel().tolist() == pytest.approx([0.0, 0.5, 0.0])
+    # without starts every position pools (plain rollouts)
+    assert prefix_targets(prompts, responses, rewards, "mean")[0].ravel().tolist() == pytest.approx([0.5, 0.5, 0.0])
