@@ -7,7 +7,8 @@ One JSON object a line (`rollouts.jsonl`):
 
 On-policy rounds (`roll_in`, roll_in.py) add `"roll_in": t`: the first t response tokens were
 sampled from the steered policy, the rest from the base model; training values only the prefixes
-that the base model continued.
+that the base model continued. Branching rollouts (branches.py) use the same field: `roll_in` = t + 1
+for a candidate forced at response position t.
 
 `response_ids` ends at (and includes) the first end-of-sequence token, or after
 `max_new_tokens`. `topk_ids[t]` / `topk_logprobs[t]` are the `store_top_k` most likely tokens at

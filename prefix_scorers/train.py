@@ -210,7 +210,8 @@ def collate(examples: list[Example], pad_id: int, device: str, with_next: bool, 
         n, s = len(e.input_ids), e.prompt_len
         ids[b, :n] = torch.tensor(e.input_ids)
         valid[b, :n] = True
-        # values of base-policy prefixes only: response positions >= min(roll_in, L) - 1 (roll_in.py)
+        # values of base-policy prefixes only: response positions >= base_from (the last one always: the
+        # whole answer's value is its reward under any policy)
         taken[b, s - 1 + max(0, min(e.base_from, n - s - 1)):n - 1] = True
         last[b, n - 2] = True
         gen_pos[b, s - 1:n - 1] = torch.arange(n - s)
