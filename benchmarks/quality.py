@@ -101,6 +101,10 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
 # early-pruned best-of-N and the concise-length check at 128 tokens. In the order they run: an
 # interrupted pass has the rows that matter most. `reward` is the first head's reward function.
 SAMPLES = 16
+# The scorer steers by sum_h w_h (Q_h - mean_h) / std_h; the positive head's std of the final value
+# is 0.38 (the default scorer's normalisation), so w = 0.4 gives ~Q - mean: reward units, like the
+# reward it is added to in block mode with the reward in the loop.
+SCORER_IN_REWARD_UNITS = 0.4
 
 
 def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
@@ -119,6 +123,12 @@ def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
         {"mode": "best_of_n", "weights": w, "num_candidates": 16, **prune},
         {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 16, **prune},
         {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
+        # the reward of the text so far plus the scorer's estimate of the final reward: a weight of
+        # SCORER_IN_REWARD_UNITS puts the scorer's normalised value back in reward units
+        {"mode": "block", "weights": {head: SCORER_IN_REWARD_UNITS}, "rewards": rw, "num_candidates": 4,
+         "block_size": 8, "segment": "fixed"},
+        {"mode": "block", "weights": {head: SCORER_IN_REWARD_UNITS}, "rewards": rw, "num_candidates": 4,
+         "block_size": 24, "segment": "entropy"},
         {"mode": "best_of_n", "weights": w, "num_candidates": 16},
         {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8},
     ]

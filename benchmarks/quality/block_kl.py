@@ -287,7 +287,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "quality_block_kl.json"))
     ap.add_argument("--samples", type=int, default=16, help="S: base samples per block")
     ap.add_argument("--scorer", default="prefix_scorers/default", help="the scorer the block runs used")
-    ap.add_argument("--runs", default="", help="comma-separated labels (default: every block run)")
+    ap.add_argument("--runs", default="", help="';'-separated run names, as quality.py --only takes them "
+                    "(default: every block run)")
     ap.add_argument("--limit", type=int, default=None, help="first answers of each run only")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -303,13 +304,12 @@ def main() -> None:
 
     data = json.loads(Path(args.results).read_text())
     meta, runs = data["meta"], [r for r in data["runs"] if r["mode"] == "block"]
-    from benchmarks.quality.runs import label, scorer_id, scorer_label, uses_scorer
+    from benchmarks.quality.runs import named, scorer_id, scorer_label, uses_scorer
 
     sid = scorer_id(args.scorer)  # a run ranked by a scorer is measured with that scorer only
     runs = [r for r in runs if not uses_scorer(r) or r.get("scorer_id") == sid]
-    if args.runs:
-        wanted = set(args.runs.split(","))
-        runs = [r for r in runs if label(r) in wanted]
+    if args.runs:  # by name: a reward-ranked run with the scorer's weights has the label of one without
+        runs = named(runs, args.runs)
     model_dir = resolve_model("smollm2", default_cache_dir())
     tok, model = load_tokenizer(model_dir), load_model(model_dir)
     scorer = load_scorer(args.scorer, tok, model.get_input_embeddings().weight.detach())

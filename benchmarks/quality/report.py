@@ -285,7 +285,9 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
             + ("" if srv8["label"] == "best_of_n N=8" else "; client-side from the samples' scorer values (no server run)"))
     for lab, issue in (("block K=4 M=8", "14"), ("block K=4 M=8 reward-ranked", "15"),
                        ("block K=4 sentence segments (max 24) reward-ranked", "15"),
-                       ("block K=4 entropy segments (max 24) reward-ranked", "15")):
+                       ("block K=4 entropy segments (max 24) reward-ranked", "15"),
+                       (f"block K=4 M=8 reward-ranked [{HEAD}=0.4]", "14"),
+                       (f"block K=4 entropy segments (max 24) reward-ranked [{HEAD}=0.4]", "14")):
         b = _pick(rows, lab)
         if b and tr8:
             ok = b["reward"][HEAD] >= tr8["reward"][HEAD] and b["gen_per_answer"] <= tr8["gen_per_answer"] / 2
