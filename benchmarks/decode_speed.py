@@ -178,8 +178,8 @@ async def measure(engine, modes=("none", "token", "block"), concurrency: int = 1
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| backend | concurrency | mode | output tok/s (median) | rounds | vs none (wall) | vs generate (wall) | "
-             "CPU ms / token | vs none (CPU) | base tokens / output token |",
+    lines = [("| backend | concurrency | mode | output tok/s (median) | rounds | vs none (wall) | vs generate (wall) | "
+              "CPU ms / token | vs none (CPU) | base tokens / output token |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cost = r["base_tokens_generated"] / max(r["output_tokens"], 1)

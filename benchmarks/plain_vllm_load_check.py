@@ -7,7 +7,12 @@ first --alone of them one at a time; prints the answers that differ and the mean
 
 --no-chunked with the default --block-size 32 are cdserve's CPU options. Answers go to
 /tmp/plain_vllm_load_check_<tag>.json."""
-import asyncio, json, os, sys, time, argparse
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,11 +26,11 @@ def make_prompts(tok, n, plen, salt="r"):
     return [tok.encode(tok.apply_chat_template([{"role": "user", "content": r}], add_generation_prompt=True, tokenize=False), add_special_tokens=False) for r in rows]
 
 async def main(a):
+    from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.inputs import TokensPrompt
-    from transformers import AutoTokenizer
+    from vllm.v1.engine.async_llm import AsyncLLM
     model = os.path.expanduser("~/.cache/cdserve/models/SmolLM2-135M-Instruct")
     tok = AutoTokenizer.from_pretrained(model)
     prompts = make_prompts(tok, a.n, a.plen)
@@ -38,8 +43,8 @@ async def main(a):
             out = o
         return list(out.outputs[0].token_ids), out.outputs[0].finish_reason
     print("prompt lens", min(map(len, prompts)), max(map(len, prompts)), flush=True)
-    kw = dict(model=model, dtype="float32", max_model_len=a.max_model_len, enable_prefix_caching=not a.no_prefix_cache,
-              enforce_eager=True, max_num_seqs=a.max_num_seqs, seed=0, disable_log_stats=False)
+    kw = {"model": model, "dtype": "float32", "max_model_len": a.max_model_len, "enable_prefix_caching": not a.no_prefix_cache,
+              "enforce_eager": True, "max_num_seqs": a.max_num_seqs, "seed": 0, "disable_log_stats": False}
     if a.block_size: kw["block_size"] = a.block_size
     if a.no_chunked: kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(a.max_model_len, 2048))
     if a.mnbt: kw["max_num_batched_tokens"] = a.mnbt
@@ -49,7 +54,7 @@ async def main(a):
         while True:
             await asyncio.sleep(5)
             await llm.do_log_stats()
-    lt = asyncio.create_task(logger())
+    _stats_task = asyncio.create_task(logger())  # held: the loop keeps only a weak reference
     for w, wn in enumerate(a.warm):
         wp = make_prompts(tok, wn, a.plen, salt=f"w{w}_")
         t = time.time()
@@ -70,7 +75,7 @@ async def main(a):
             k = next((j for j in range(min(len(x[0]), len(y[0]))) if x[0][j] != y[0][j]), min(len(x[0]), len(y[0])))
             print(f"  #{i}: together {len(x[0])} {x[1]} vs alone {len(y[0])} {y[1]}; first diff at {k}: {tok.decode(x[0][:k+3])!r} | {tok.decode(y[0][:k+3])!r}")
     print(f"RESULT differ {diff}/{len(alone)}; together lens {[len(x[0]) for x in together]}", flush=True)
-    json.dump({"together": together, "alone": alone}, open(f"/tmp/plain_vllm_load_check_{a.tag}.json", "w"))
+    Path(f"/tmp/plain_vllm_load_check_{a.tag}.json").write_text(json.dumps({"together": together, "alone": alone}))
     llm.shutdown()
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def run_config(name: str, timeout_s: float, log_dir: Path, compiled: bool) -> di
     env = os.environ | _bind_env(tp * pp)
     try:
         proc = subprocess.run([sys.executable, __file__, "--one", name] + (["--compiled"] if compiled else []),
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
+                              check=False, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as e:
         return {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "error": [f"timed out after {e.timeout} s"]}
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ def vllm_available() -> tuple[bool, str]:
         return False, "vllm is not installed"
     try:
         from cdserve.backends.vllm.engine import VLLMEngine  # noqa: F401
-    except Exception as e:  # installed but broken (e.g. mismatched torch)
+    except Exception as e:  # noqa: BLE001  installed but broken (e.g. mismatched torch): any error
         return False, f"vllm is installed but does not import: {e}"
     return True, "vllm is installed"
 

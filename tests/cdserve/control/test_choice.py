@@ -88,7 +88,7 @@ def test_a_stop_string_that_spans_a_block_boundary_ends_the_answer():
     assert ctl.candidates[0].tokens == ids("Y") and ctl.candidates[0].finish_reason == "stop"
     select(ctl, [1.0, 0.0])
     assert ctl.finish_reason == "stop" and ctl.text == "ab"
-    text, tokens, last = drain(ctl)
+    text, _tokens, last = drain(ctl)
     assert text == "" and last.finish_reason == "stop" and last.control.selections == 2
 
 
@@ -132,7 +132,7 @@ def test_streaming_modes_accept_every_token_and_hold_back_stop_prefixes():
     ctl.push(0, ord("E"))
     ctl.push(0, ord("N"))
     assert ctl.push(0, ord("D")) and ctl.finish_reason == "stop"
-    text, tokens, last = drain(ctl)
+    text, _tokens, last = drain(ctl)
     assert text == "" and last.control.kl == 0.75 and last.control.tokens_generated == 7
     assert ctl.take_delta(HEADS) is None  # the finish is sent once
 

@@ -80,15 +80,15 @@ def test_config_checks_limits_and_heads():
 
 
 @pytest.mark.parametrize("params, param", [
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(max_tokens=10_000), "max_tokens"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(temperature=math.nan), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(n=0), "n"),
-    (dict(n=99), "n"),
-    (dict(stop=("a", "b", "c", "d", "e")), "stop"),
-    (dict(stop=("",)), "stop"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10_000}, "max_tokens"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"n": 99}, "n"),
+    ({"stop": ("a", "b", "c", "d", "e")}, "stop"),
+    ({"stop": ("",)}, "stop"),
 ])
 def test_invalid_sampling_names_the_parameter(params, param):
     with pytest.raises(InvalidRequestError) as e:

@@ -22,9 +22,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from cdserve.backends.hf.engine import HFEngine  # noqa: E402
-from cdserve.server.app import build_app  # noqa: E402
-from cdserve.server.settings import ServerSettings  # noqa: E402
+from cdserve.backends.hf.engine import HFEngine
+from cdserve.server.app import build_app
+from cdserve.server.settings import ServerSettings
 
 pytestmark = pytest.mark.slow
 

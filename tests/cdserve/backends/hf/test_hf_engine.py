@@ -80,8 +80,8 @@ def single(engine, req: GenerationRequest) -> dict:
 
 
 # -- strength 0 is plain decoding --------------------------------------------------------------
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=7),
-                                      dict(temperature=0.8, top_p=0.9, seed=11)])
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 7},
+                                      {"temperature": 0.8, "top_p": 0.9, "seed": 11}])
 def test_strength_zero_top_k_zero_equals_plain_decoding(engine, sampling):
     plain = request(engine, PROMPTS[0], {"mode": "none"}, max_tokens=24, **sampling)
     steered = request(engine, PROMPTS[0], {"mode": "token", "strength": 0.0, "top_k": 0,
@@ -183,7 +183,7 @@ def test_selection_picks_the_argmax_of_recomputed_values(engine, reference, mode
         ids = c["ids"] + ([eos] if c["finish"] == "stop" else [])
         scored.append(recomputed_value(reference, engine, prompt, ids, w))
     values = [v for v, _ in scored]
-    assert len(set(round(v, 4) for v in values)) > 1, "candidates should differ"
+    assert len({round(v, 4) for v in values}) > 1, "candidates should differ"
     best = max(range(K), key=values.__getitem__)
     assert chosen["ids"] == candidates[best]["ids"]
     assert chosen["control"].combined == pytest.approx(values[best], abs=1e-4)
