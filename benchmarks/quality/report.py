@@ -244,6 +244,16 @@ def gain_share_interval(none: dict, best: dict, ranked: dict, resamples: int = 2
     return shares[int(0.025 * len(shares))], shares[int(0.975 * len(shares)) - 1]
 
 
+def paired_interval(a: dict, b: dict, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of a - b, the first head's reward of two rows
+    over the prompts they share (same prompts and seeds: paired), resampling prompts."""
+    per = [{x["prompt"]: v for x, v in zip(r["answers"], r["positive_per_answer"])} for r in (a, b)]
+    diffs = [per[0][p] - per[1][p] for p in per[0] if p in per[1]]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choice(diffs) for _ in diffs) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 def _pick(rows: list[dict], label: str) -> dict | None:
     return next((r for r in rows if r["label"] == label), None)
 
@@ -291,10 +301,12 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
         b = _pick(rows, lab)
         if b and tr8:
             ok = b["reward"][HEAD] >= tr8["reward"][HEAD] and b["gen_per_answer"] <= tr8["gen_per_answer"] / 2
+            lo, hi = paired_interval(b, tr8)
             add(issue, f"{lab} reaches true-reward best-of-8's {HEAD} at half its base tokens or fewer", ok,
                 f"{b['reward'][HEAD]:.3f} (s.e. {b['reward_sem'][HEAD]:.3f}) at {b['gen_per_answer']:.2f} base "
                 f"tokens/answer token vs {tr8['reward'][HEAD]:.3f} at {tr8['gen_per_answer']:.2f} "
-                f"(half: {tr8['gen_per_answer'] / 2:.2f})")
+                f"(half: {tr8['gen_per_answer'] / 2:.2f}); paired difference "
+                f"{b['reward'][HEAD] - tr8['reward'][HEAD]:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}]")
     curve_kl = [(0.0, base)] + [(r["kl_measured"], r["reward"][HEAD]) for r in tr.values() if r]
     curve_gen = [(1.0, base)] + [(r["gen_per_answer"], r["reward"][HEAD]) for r in tr.values() if r]
     steered = [r for r in rows if r["family"].startswith(("token", "block")) and r["run"]["weights"].get(HEAD, 0) > 0
@@ -500,17 +512,20 @@ def build(results: Path, ppl_cache: Path | None) -> dict:
             "left_out_other_scorer": left_out}
 
 
-def write_report(results: Path, perplexity: bool = True) -> dict:
-    """results/quality_report.{json,md} and the two plots, from the stored runs."""
+def write_report(results: Path, perplexity: bool = True, out: Path | None = None) -> dict:
+    """results/quality_report.{json,md} and the two plots (benchmarks/), from the stored runs; `out`:
+    all four in that folder instead (a report of another prompt set beside the committed one)."""
     rep = build(Path(results), RESULTS / "quality_perplexity_cache.json" if perplexity else None)
+    reports, plots = (RESULTS, HERE) if out is None else (Path(out), Path(out))
+    reports.mkdir(parents=True, exist_ok=True)
     slim = {**rep, "rows": [{k: v for k, v in r.items() if not k.endswith("per_answer") and k != "answers"}
                             for r in rep["rows"]]}
-    (RESULTS / "quality_report.json").write_text(json.dumps(slim, indent=1) + "\n")
+    (reports / "quality_report.json").write_text(json.dumps(slim, indent=1) + "\n")
     meta = rep["meta"]
-    plot(rep["rows"], "kl_measured", HERE / "quality_reward_vs_measured_kl.png",
+    plot(rep["rows"], "kl_measured", plots / "quality_reward_vs_measured_kl.png",
          f"{HEAD}: reward vs measured KL, {meta['n']} held-out prompts, {meta['max_tokens']} tokens",
          "KL from the base model, nats per answer (measured; hollow: bound)", True)
-    plot(rep["rows"], "gen_per_answer", HERE / "quality_reward_vs_compute.png",
+    plot(rep["rows"], "gen_per_answer", plots / "quality_reward_vs_compute.png",
          f"{HEAD}: reward vs compute, {meta['n']} held-out prompts, {meta['max_tokens']} tokens",
          "base-model tokens sampled per answer token", True)
     md = ["| target | met | numbers |", "|---|---|---|"]
@@ -518,7 +533,7 @@ def write_report(results: Path, perplexity: bool = True) -> dict:
     scorer = f"Scorer `{meta['scorer']}` (scorer_id {meta['scorer_id']}). " if meta.get("scorer_id") else ""
     gone = ("Left out, run with another scorer: " + "; ".join(rep["left_out_other_scorer"]) + ".\n"
             if rep["left_out_other_scorer"] else "")
-    (RESULTS / "quality_report.md").write_text(scorer + "\n\n" * bool(scorer) + table(rep["rows"]) + "\n" +
+    (reports / "quality_report.md").write_text(scorer + "\n\n" * bool(scorer) + table(rep["rows"]) + "\n" +
                                                "\n".join(md) + "\n\n" + json.dumps(rep["checks"]) + "\n" +
                                                ("\n" + gone if gone else ""))
     return rep
@@ -528,9 +543,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(RESULTS / "quality.json"))
     ap.add_argument("--no-perplexity", action="store_true", help="skip the base model's perplexity (slow on CPU)")
+    ap.add_argument("--out-dir", help="write the report and its plots here (default: results/ and benchmarks/)")
     args = ap.parse_args()
-    write_report(Path(args.results), not args.no_perplexity)
-    print((RESULTS / "quality_report.md").read_text())
+    write_report(Path(args.results), not args.no_perplexity, args.out_dir and Path(args.out_dir))
+    print((Path(args.out_dir) if args.out_dir else RESULTS).joinpath("quality_report.md").read_text())
 
 
 if __name__ == "__main__":

@@ -259,6 +259,18 @@ def test_the_rankers_share_of_the_gain_gets_a_bootstrap_interval_over_prompts():
     assert gain_share_interval(none, best, shuffled) == pytest.approx((0.5, 0.5))
 
 
+def test_a_paired_difference_gets_a_bootstrap_interval_over_the_prompts_two_runs_share():
+    from benchmarks.quality.report import paired_interval
+
+    def r(prompts, values):
+        return {"answers": [{"prompt": p} for p in prompts], "positive_per_answer": values}
+
+    base = r(["p0", "p1", "p2", "p3"], [0.1, 0.5, 0.2, 0.9])
+    assert paired_interval(r(["p3", "p2", "p1", "p0"], [1.0, 0.3, 0.6, 0.2]), base) == pytest.approx((0.1, 0.1))
+    lo, hi = paired_interval(r(["p0", "p1", "p2", "p3", "extra"], [0.3, 0.3, 0.4, 0.9, 5.0]), base)  # +.2 -.2 +.2 0
+    assert -0.2 <= lo < 0.05 < hi <= 0.2  # the prompt only one run has is left out
+
+
 def test_the_128_token_concise_check_reads_the_token_count_of_its_own_run(monkeypatch):
     """The cache holds the 128-token concise run of an earlier default top_k (stored first) and of
     today's: the check compares today's run's answer tokens with the plain run's."""
