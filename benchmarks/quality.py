@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality.runs import (
     DEFAULT_TOP_K,
+    SCORER_IN_REWARD_UNITS,
     label,
     named,
     reusable,
@@ -101,10 +102,6 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
 # early-pruned best-of-N and the concise-length check at 128 tokens. In the order they run: an
 # interrupted pass has the rows that matter most. `reward` is the first head's reward function.
 SAMPLES = 16
-# The scorer steers by sum_h w_h (Q_h - mean_h) / std_h; the positive head's std of the final value
-# is 0.38 (the default scorer's normalisation), so w = 0.4 gives ~Q - mean: reward units, like the
-# reward it is added to in block mode with the reward in the loop.
-SCORER_IN_REWARD_UNITS = 0.4
 
 
 def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:

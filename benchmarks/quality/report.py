@@ -36,7 +36,7 @@ from benchmarks.quality.kl import (
     winner_rank,
     winners_kl,
 )
-from benchmarks.quality.runs import DEFAULT_TOP_K, top_k_words
+from benchmarks.quality.runs import DEFAULT_TOP_K, SCORER_IN_REWARD_UNITS, top_k_words
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 
 HERE = Path(__file__).resolve().parent.parent
@@ -296,8 +296,8 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
     for lab, issue in (("block K=4 M=8", "14"), ("block K=4 M=8 reward-ranked", "15"),
                        ("block K=4 sentence segments (max 24) reward-ranked", "15"),
                        ("block K=4 entropy segments (max 24) reward-ranked", "15"),
-                       (f"block K=4 M=8 reward-ranked [{HEAD}=0.4]", "14"),
-                       (f"block K=4 entropy segments (max 24) reward-ranked [{HEAD}=0.4]", "14")):
+                       (f"block K=4 M=8 reward-ranked [{HEAD}={SCORER_IN_REWARD_UNITS:g}]", "14"),
+                       (f"block K=4 entropy segments (max 24) reward-ranked [{HEAD}={SCORER_IN_REWARD_UNITS:g}]", "14")):
         b = _pick(rows, lab)
         if b and tr8:
             ok = b["reward"][HEAD] >= tr8["reward"][HEAD] and b["gen_per_answer"] <= tr8["gen_per_answer"] / 2

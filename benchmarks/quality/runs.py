@@ -9,6 +9,10 @@ from pathlib import Path
 from cdserve.control.request import ControlConfig
 
 HEAD = "positive"  # the head the benchmark steers first (the report's HEAD)
+# The scorer steers by sum_h w_h (Q_h - mean_h) / std_h; the positive head's std of the final value
+# is 0.38 (the default scorer's normalisation), so w = 0.4 gives ~Q - mean: reward units, like the
+# reward it is added to in block mode with the reward in the loop.
+SCORER_IN_REWARD_UNITS = 0.4
 DEFAULT_TOP_K = ControlConfig().top_k  # the server's: token runs of every head use it
 # The reward behind each head in runs stored before runs recorded theirs (`head_rewards`): the
 # default scorers up to 44ed424 (`concise` counted words, `specific` repeated words too).
