@@ -129,7 +129,10 @@ def family(run: dict) -> str:
     if mode == "token":
         return f"token ({top_k_words(run.get('top_k', DEFAULT_TOP_K))})"
     if mode == "block":
-        return f"block, reward in the loop ({run.get('segment', 'fixed')})" if run.get("rewards") else "block (scorer)"
+        if not run.get("rewards"):
+            return "block (scorer)"
+        by = "reward + scorer" if run["weights"] else "reward in the loop"  # weights {}: the reward alone
+        return f"block, {by} ({run.get('segment', 'fixed')})"
     if mode == "best_of_n":
         by = "reward" if run.get("rewards") else "scorer"
         return f"pruned best-of-N ({by})" if run.get("prune_every") else f"best_of_n ({by}, server)"
@@ -438,6 +441,8 @@ STYLE = {"true-reward best-of-N": ("black", "*", "-"), "scorer best-of-N (client
          "block (scorer)": ("tab:orange", "s", "-"), "block, reward in the loop (fixed)": ("tab:red", "s", ""),
          "block, reward in the loop (sentence)": ("tab:purple", "P", ""),
          "block, reward in the loop (entropy)": ("tab:pink", "X", ""),
+         "block, reward + scorer (fixed)": ("darkred", "s", ""),
+         "block, reward + scorer (entropy)": ("darkmagenta", "X", ""),
          "pruned best-of-N (scorer)": ("tab:olive", "v", "-"), "pruned best-of-N (reward)": ("tab:brown", "v", "-")}
 
 
@@ -448,11 +453,11 @@ def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: boo
     import matplotlib.pyplot as plt
 
     none = _pick(rows, "none")
-    fig, ax = plt.subplots(figsize=(7.2, 5.0))
+    fig, ax = plt.subplots(figsize=(9.6, 5.0))
     for fam, (color, marker, ls) in STYLE.items():
         pts = sorted((r[x] if r[x] is not None else r["kl_reported"], r["reward"][HEAD], r["reward_sem"][HEAD],
                       r[x] is None) for r in rows if r["family"] == fam
-                     and ("run" not in r or r["run"]["weights"] in ({HEAD: 1.0}, {})))
+                     and ("run" not in r or set(r["run"]["weights"]) <= {HEAD}))
         if not pts:
             continue
         xs, ys, es, bound = zip(*pts)
@@ -464,7 +469,7 @@ def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: boo
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"mean true {HEAD} reward (VADER compound)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside: no point hidden
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -291,3 +291,13 @@ def test_the_128_token_concise_check_reads_the_token_count_of_its_own_run(monkey
             row("token default strength top_k=100 max_tokens=128 [concise=1]", new)]
     [t] = [t for t in report.targets(rows, [plain, old, new]) if t["target"].startswith("concise at the server")]
     assert t["met"] is True and t["detail"].startswith("30.0 vs 100.0 answer tokens (0.30x)")
+
+
+def test_block_runs_ranked_by_the_reward_and_the_scorer_are_their_own_family_and_plotted():
+    from benchmarks.quality.report import STYLE, family
+
+    reward_only = {"mode": "block", "weights": {}, "rewards": {"vader_compound": 1.0}, "segment": "entropy"}
+    both = {**reward_only, "weights": {"positive": 0.4}}
+    assert family(reward_only) == "block, reward in the loop (entropy)"
+    assert family(both) == "block, reward + scorer (entropy)"  # not one line through both
+    assert family({**both, "segment": "fixed"}) in STYLE and family(both) in STYLE
