@@ -58,6 +58,7 @@ from benchmarks.quality.runs import (
     named,
     reusable,
     scorer_id,
+    spread,
     top_k_words,
     with_rewards,
 )
@@ -356,9 +357,7 @@ async def main_async(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(exist_ok=True)
     cache = {run_key(r): r for r in json.loads(out.read_text())["runs"]} if out.exists() and not args.fresh else {}
-    prompts = load_prompts("eval")
-    step = max(1, len(prompts) // args.prompts)
-    prompts = prompts[::step][: args.prompts]  # spread over the categories
+    prompts = spread(load_prompts("eval"), args.prompts)
     heads = args.heads.split(",")
     issue = issue_plan(heads[0], HEADS[heads[0]], args.quick) if args.issue_runs else []
     runs = plan(args.quick, heads) + (sweep_plan(args.sweep_strength) if "concise" in HEADS else []) + issue

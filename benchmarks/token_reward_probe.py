@@ -3,8 +3,8 @@ in-process probe (transformers on the base model, no server), to decide whether 
 
 cdserve's token mode steers each step's top-k tokens by the scorer's value of the prefix with
 that token. Here the value is the true reward of the answer text so far with the token,
-`w * reward(text + z)` (the block mode's "reward in the loop", one token long), optionally plus
-the scorer's combined value of `z`; steering, sampling and the KL are the server's own functions
+`w * reward(text + z)` (the block mode's "reward in the loop", one token long); steering,
+sampling and the KL are the server's own functions
 (`steer_top_k_values`, `top_k_kl`: KL of the distribution sampled from against the base model's
 whole-vocabulary distribution at the same temperature, summed over the answer's tokens), so the
 KL is measured as `benchmarks/quality.py` measures token mode's. Same held-out prompts as
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.quality.block_kl import mean_sem
+from benchmarks.quality.runs import spread
 from cdserve.control.steering import sampled_kl, steer_top_k_values, top_k_kl
 from prefix_scorers.prompts import load_prompts
 from prefix_scorers.rewards import score_texts
@@ -34,17 +36,9 @@ from prefix_scorers.rollouts import chat_prompt_ids
 HERE = Path(__file__).resolve().parent
 
 
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 def candidate_values(tok, answers: list[list[int]], cands: torch.Tensor, reward: str, weight: float) -> torch.Tensor:
     """weight * reward(answer text + candidate) for every row's candidates (N, k)."""
-    texts = [tok.decode(a + ([int(z)] if z >= 0 else []), skip_special_tokens=True)  # -1: no token
-             for a, row in zip(answers, cands) for z in row]
+    texts = [tok.decode(a + [int(z)], skip_special_tokens=True) for a, row in zip(answers, cands) for z in row]
     scores = score_texts(texts, [reward])[reward]
     return weight * torch.tensor(scores, dtype=torch.float32).view(cands.shape)
 
@@ -56,7 +50,8 @@ def generate(model, tok, prompts: list[str], *, strength: float, reward: str, we
     outside the top k stay candidates at their base logits (valued at the reward of the text
     without them, which they do not change) instead of being dropped, as token mode drops them."""
     gen = torch.Generator().manual_seed(seed)
-    ids, mask = left_pad([chat_prompt_ids(tok, p) for p in prompts], tok.pad_token_id)
+    batch = tok.pad({"input_ids": [chat_prompt_ids(tok, p) for p in prompts]}, padding_side="left", return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     n = len(prompts)
     answers: list[list[int]] = [[] for _ in range(n)]
     kl = [0.0] * n
@@ -70,7 +65,8 @@ def generate(model, tok, prompts: list[str], *, strength: float, reward: str, we
         value = candidate_values(tok, answers, cands, reward, weight) if strength else torch.zeros(cands.shape)
         ids_k, steered = steer_top_k_values(logits, cands, value, torch.full((n,), strength))
         if keep_tail:  # only differences matter: subtract the text's own reward from its candidates'
-            now = candidate_values(tok, answers, torch.full((n, 1), -1), reward, weight) if strength else 0.0
+            now = weight * torch.tensor(score_texts([tok.decode(a, skip_special_tokens=True) for a in answers],
+                                                    [reward])[reward])[:, None] if strength else 0.0
             steered = logits.scatter(1, ids_k, steered - strength * now)
             ids_k = torch.arange(logits.shape[-1]).expand(n, -1)
             step_kl = sampled_kl(steered, logits, t, torch.ones(n), truncate=False)
@@ -94,10 +90,6 @@ def generate(model, tok, prompts: list[str], *, strength: float, reward: str, we
         pos = pos[:, -1:] + 1
     return [{"prompt": p, "text": tok.decode(a, skip_special_tokens=True), "tokens": len(a), "kl": k}
             for p, a, k in zip(prompts, answers, kl)]
-
-
-def mean_sem(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), statistics.stdev(xs) / len(xs) ** 0.5
 
 
 def main() -> None:
@@ -124,8 +116,7 @@ def main() -> None:
     folder = resolve_model("smollm2", default_cache_dir())
     tok, model = load_tokenizer(folder), load_model(folder)
     eos = set(eos_token_ids(folder, tok))
-    prompts = load_prompts("eval")
-    prompts = [p["prompt"] for p in prompts[::max(1, len(prompts) // args.prompts)][: args.prompts]]
+    prompts = [p["prompt"] for p in spread(load_prompts("eval"), args.prompts)]
     rows = []
     for s in (float(x) for x in args.strengths.split(",")):
         t0 = time.perf_counter()

@@ -230,31 +230,33 @@ def add_judges(rows: list[dict], ppl: judges.Perplexity | None) -> None:
 
 
 # -- targets -------------------------------------------------------------------------------------
-def gain_share_interval(none: dict, best: dict, ranked: dict, resamples: int = 2000,
-                        seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of (ranked - none) / (best - none), the mean rewards of
-    three rows over the prompts they share, resampling prompts: how far the ranker's share of the
-    true-reward gain can move with another draw of as many prompts."""
-    per = [{a["prompt"]: v for a, v in zip(r["answers"], r["positive_per_answer"])} for r in (none, best, ranked)]
-    prompts = [p for p in per[0] if p in per[1] and p in per[2]]
-    rng, shares = random.Random(seed), []
+def _prompt_bootstrap(rows: list[dict], stat, resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of stat(mean reward of each row) over the prompts the rows
+    share, resampling prompts (the same picks for every row: paired); stat may return None to skip."""
+    per = [{a["prompt"]: v for a, v in zip(r["answers"], r["positive_per_answer"])} for r in rows]
+    prompts = [p for p in per[0] if all(p in d for d in per[1:])]
+    rng, values = random.Random(seed), []
     for _ in range(resamples):
         pick = [rng.choice(prompts) for _ in prompts]
-        n, b, r = (statistics.fmean(d[p] for p in pick) for d in per)
-        if b != n:
-            shares.append((r - n) / (b - n))
-    shares.sort()
-    return shares[int(0.025 * len(shares))], shares[int(0.975 * len(shares)) - 1]
+        v = stat(*(statistics.fmean(d[p] for p in pick) for d in per))
+        if v is not None:
+            values.append(v)
+    values.sort()
+    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+
+
+def gain_share_interval(none: dict, best: dict, ranked: dict, resamples: int = 2000,
+                        seed: int = 0) -> tuple[float, float]:
+    """95% interval of (ranked - none) / (best - none), the mean rewards of three rows: how far the
+    ranker's share of the true-reward gain can move with another draw of as many prompts."""
+    return _prompt_bootstrap([none, best, ranked], lambda n, b, r: (r - n) / (b - n) if b != n else None,
+                             resamples, seed)
 
 
 def paired_interval(a: dict, b: dict, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of a - b, the first head's reward of two rows
-    over the prompts they share (same prompts and seeds: paired), resampling prompts."""
-    per = [{x["prompt"]: v for x, v in zip(r["answers"], r["positive_per_answer"])} for r in (a, b)]
-    diffs = [per[0][p] - per[1][p] for p in per[0] if p in per[1]]
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choice(diffs) for _ in diffs) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    """95% interval of the mean of a - b, the first head's reward of two rows on the same prompts
+    and seeds (paired)."""
+    return _prompt_bootstrap([a, b], lambda x, y: x - y, resamples, seed)
 
 
 def _pick(rows: list[dict], label: str) -> dict | None:

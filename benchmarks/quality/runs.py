@@ -20,6 +20,11 @@ LEGACY_HEAD_REWARDS = {"positive": "vader_compound", "civil": "civility", "speci
                        "concise": "concise", "readable": "readable"}
 
 
+def spread(prompts: list, n: int) -> list:
+    """The benchmark's n held-out prompts: every len/n-th, spread over the categories."""
+    return prompts[::max(1, len(prompts) // n)][:n]
+
+
 def label(r: dict) -> str:
     suffix = "".join([f" max_tokens={r['max_tokens']}" if "max_tokens" in r else "",
                       " reward-ranked" if r.get("rewards") else "",
