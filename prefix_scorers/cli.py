@@ -155,7 +155,7 @@ def cmd_export(args) -> None:
     from prefix_scorers.export import check_loads, export_scorer
 
     src = Path(args.src) if args.src else _run_dir(args) / "train" / "scorer"
-    out = export_scorer(src, Path(args.out), dtype=args.dtype, max_mb=args.max_mb)
+    out = export_scorer(src, Path(args.out), dtype=args.dtype, max_mb=args.max_mb, std_floor=args.std_floor)
     print(check_loads(out, _base_dir(args)))
 
 
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default=str(DEFAULT_OUT))
         sp.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
         sp.add_argument("--max-mb", type=float, default=25.0)
+        sp.add_argument("--std-floor", type=float, help="raise the normaliser's std to at least this share of each "
+                        "head's reward std (export.py); default: as trained")
 
     sp = sub.add_parser("prompts", help="write the prompt set (train/eval JSONL)")
     common(sp, run=False)

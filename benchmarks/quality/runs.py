@@ -4,6 +4,7 @@ shared by the runner and the report."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from cdserve.control.request import ControlConfig
@@ -33,7 +34,8 @@ def label(r: dict) -> str:
         return (f"none x{r['samples_per_prompt']} samples" if "samples_per_prompt" in r else "none") + suffix
     if r["mode"] == "token":
         s = f"s={r['strength']:g}" if "strength" in r else "default strength"
-        return f"token {s}" + (f" top_k={r['top_k']}" if "top_k" in r else "") + suffix
+        tail = f" tail={r['tail']}" if "tail" in r else ""
+        return f"token {s}" + (f" top_k={r['top_k']}" if "top_k" in r else "") + tail + suffix
     if r["mode"] == "block":
         seg = r.get("segment", "fixed")
         size = f"M={r['block_size']}" if seg == "fixed" else f"{seg} segments (max {r['block_size']})"
@@ -49,9 +51,14 @@ def name(r: dict) -> str:
     return label(r)
 
 
-def top_k_words(top_k: int) -> str:
-    """How tables and plots name a token run's top_k."""
-    return f"top {top_k}" if top_k else "all tokens"
+def top_k_words(top_k: int, tail: str = "drop") -> str:
+    """How tables and plots name a token run's top_k (and its tail, when kept)."""
+    return (f"top {top_k}" + (", rest at base" if tail == "base" else "")) if top_k else "all tokens"
+
+
+def token_words(run: dict) -> str:
+    """A token run's top_k and tail in words (the server's defaults where the run sends none)."""
+    return top_k_words(run.get("top_k", DEFAULT_TOP_K), run.get("tail", "drop"))
 
 
 def scorer_label(r: dict) -> str:
@@ -111,8 +118,9 @@ def with_rewards(run: dict, head_rewards: dict[str, str]) -> dict:
 
 
 def scorer_id(path: str | Path) -> str:
-    """A scorer checkpoint's identity: the first 12 hex digits of its weights' sha256 (the same
-    weights under another path have the same id)."""
+    """A scorer checkpoint's identity: the first 12 hex digits of the sha256 of its weights and of
+    its config.json less provenance (the normaliser's statistics steer too: a renormalised export
+    of the same weights is another scorer); the same checkpoint under another path has the same id."""
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found: pass a scorer folder (config.json + model.safetensors)")
@@ -120,4 +128,8 @@ def scorer_id(path: str | Path) -> str:
     with weights.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    config = Path(path) / "config.json"
+    if config.is_file():
+        steering = {k: v for k, v in json.loads(config.read_text()).items() if k != "provenance"}
+        h.update(json.dumps(steering, sort_keys=True).encode())
     return h.hexdigest()[:12]

@@ -3,6 +3,8 @@ reused, runs picked by name, and a scorer's identity (no model, no server)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.quality.runs import name, named, reusable, scorer_id, uses_scorer, with_rewards
@@ -40,12 +42,18 @@ def test_runs_are_picked_by_their_report_names_in_the_order_given():
         named(runs, "token s=3 top_k=20")
 
 
-def test_a_scorer_is_identified_by_its_weights(tmp_path):
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    for folder, weights in ((a, b"one"), (b, b"one"), (c, b"two")):
+def test_a_scorer_is_identified_by_its_weights_and_normaliser(tmp_path):
+    a, b, c, d, e = (tmp_path / x for x in "abcde")
+    config = lambda std, note: json.dumps({"normalization": {"mean": [[0.0]], "std": [[std]]},
+                                           "provenance": {"note": note}})
+    for folder, weights, cfg in ((a, b"one", config(1.0, "x")), (b, b"one", config(1.0, "y")),
+                                 (c, b"two", config(1.0, "x")), (d, b"one", config(2.0, "x")), (e, b"one", None)):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(weights)
-    assert scorer_id(a) == scorer_id(b) != scorer_id(c)
+        if cfg:
+            (folder / "config.json").write_text(cfg)
+    assert scorer_id(a) == scorer_id(b)  # provenance does not steer
+    assert len({scorer_id(a), scorer_id(c), scorer_id(d), scorer_id(e)}) == 4  # a renormalised export does
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         scorer_id(tmp_path)
 

@@ -52,3 +52,12 @@ def test_positive_head_prefers_positive_words(smol):
     q = scorer.values_at(queries, torch.tensor([list(words.values())]))[0, 0]  # positive head
     good, bad = q[:2].min(), q[2:].max()
     assert good > bad, dict(zip(words, q.tolist()))
+
+
+def test_default_normaliser_keeps_each_heads_std_at_half_its_reward_std_or_more():
+    """Past the rollouts' last position every rollout is cut at one length, so concise's value had
+    almost no spread there (0.22 of its reward std) and steering on it blew up (README, "Reproducing
+    the default scorer": export --std-floor 0.5)."""
+    cfg = ScorerConfig.load(DEFAULT)
+    ratio = [s / r for row, r in zip(cfg.normalization.std, cfg.provenance.reward_std) for s in row]
+    assert min(ratio) >= 0.5 - 1e-9
