@@ -59,6 +59,7 @@ from benchmarks.quality.runs import (
     reusable,
     scorer_id,
     spread,
+    token_words,
     top_k_words,
     with_rewards,
 )
@@ -93,6 +94,9 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
         spec = QUICK if quick else FULL if i == 0 else REDUCED if head == "concise" else TOKEN_ONLY
         w = {head: 1.0}
         runs += [{"mode": "token", "weights": w, "strength": s, "top_k": k} for k in spec["top_ks"] for s in spec["token"]]
+        if i == 0 and not quick:  # the default top_k with the other tokens kept (control.tail keep)
+            runs += [{"mode": "token", "weights": w, "strength": s, "top_k": DEFAULT_TOP_K, "tail": "keep"}
+                     for s in spec["token"]]
         runs += [{"mode": "block", "weights": w, "block_size": 8, "num_candidates": k} for k in spec["block"]]
         runs += [{"mode": "best_of_n", "weights": w, "num_candidates": n} for n in spec["best_of_n"]]
     return runs
@@ -142,7 +146,7 @@ def sweep_plan(strength: float) -> list[dict]:
              "strength": strength, "top_k": DEFAULT_TOP_K, "sweep": True} for a in (0.75, 0.5, 0.25, 0.0)]
 
 
-CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "block_size", "num_candidates", "selection",
+CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "tail", "block_size", "num_candidates", "selection",
                   "rewards", "segment", "prune_every", "keep_fraction")
 REQUEST_FIELDS = ("samples_per_prompt", "max_tokens")  # `n` and max_tokens of the request, when not the default
 
@@ -273,8 +277,9 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     rows = (len(heads) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
     style = {"token (top 20)": ("tab:blue", "o"), "token (top 100)": ("tab:purple", "v"),
-             "token (all tokens)": ("tab:cyan", "D"), "block": ("tab:orange", "s"), "best_of_n": ("tab:green", "^")}
-    curve = lambda r: f"token ({top_k_words(r['top_k'])})" if r["mode"] == "token" else r["mode"]
+             "token (all tokens)": ("tab:cyan", "D"), f"token (top {DEFAULT_TOP_K}, tail kept)": ("tab:pink", "P"),
+             "block": ("tab:orange", "s"), "best_of_n": ("tab:green", "^")}
+    curve = lambda r: f"token ({token_words(r)})" if r["mode"] == "token" else r["mode"]
     for ax, head in zip(axes.flat, heads):
         for mode, (color, marker) in style.items():
             pts = sorted((r["kl"], r["reward"][head], r["reward_sem"][head]) for r in results

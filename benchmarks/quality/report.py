@@ -127,7 +127,7 @@ def family(run: dict) -> str:
     if "max_tokens" in run:
         return f"{mode} at {run['max_tokens']} tokens"
     if mode == "token":
-        return f"token ({top_k_words(run.get('top_k', DEFAULT_TOP_K))})"
+        return f"token ({top_k_words(run.get('top_k', DEFAULT_TOP_K), run.get('tail', 'drop'))})"
     if mode == "block":
         if not run.get("rewards"):
             return "block (scorer)"
@@ -439,7 +439,7 @@ def table(rows: list[dict]) -> str:
 STYLE = {"true-reward best-of-N": ("black", "*", "-"), "scorer best-of-N (client)": ("tab:green", "^", ":"),
          "best_of_n (scorer, server)": ("tab:green", "^", "-"), "best_of_n (reward, server)": ("black", "x", ""),
          "token (top 20)": ("tab:blue", "o", "-"), "token (top 100)": ("tab:gray", "v", "-"),
-         "token (all tokens)": ("tab:cyan", "D", "-"),
+         "token (all tokens)": ("tab:cyan", "D", "-"), f"token (top {DEFAULT_TOP_K}, tail kept)": ("tab:pink", "P", "--"),
          "block (scorer)": ("tab:orange", "s", "-"), "block, reward in the loop (fixed)": ("tab:red", "s", ""),
          "block, reward in the loop (sentence)": ("tab:purple", "P", ""),
          "block, reward in the loop (entropy)": ("tab:pink", "X", ""),

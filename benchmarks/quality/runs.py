@@ -53,7 +53,7 @@ def name(r: dict) -> str:
 
 def top_k_words(top_k: int, tail: str = "drop") -> str:
     """How tables and plots name a token run's top_k (and its tail, when kept)."""
-    return (f"top {top_k}" + (", rest at base" if tail == "base" else "")) if top_k else "all tokens"
+    return (f"top {top_k}" + (", tail kept" if tail == "keep" else "")) if top_k else "all tokens"
 
 
 def token_words(run: dict) -> str:

@@ -3,15 +3,17 @@ worker's logits_processor.py): each row's logits become
 
     logits'(z) = logits(z) + strength * sum_h w_h (Q_h(z) - mean_h[pos]) / std_h[pos]
 
-over its top_k tokens (-inf elsewhere; top_k 0: every token), Q_h being the head's ensemble mean
-+ risk * spread, and each row's KL(sampled || base), the control.kl term (README, "What
-control.kl measures"; steering.sampled_kl).
+over its top_k tokens (-inf elsewhere, or the base logits + strength * the top_k's base-weighted
+mean value where the row keeps its tail; top_k 0: every token), Q_h being the head's ensemble mean + risk * spread, and each row's KL(sampled ||
+base), the control.kl term (README, "What control.kl measures"; steering.sampled_kl).
 
 `steer_in_place` writes the steered rows into the batch's logits. Top-k rows never build their
 (N, V) steered rows: the row is filled with -inf and its k steered logits written, and the KL comes
 from the k candidates (steering.top_k_kl, one logsumexp over the vocabulary), about four passes
 over the vocabulary per row where the whole-vocabulary path (steer_rows, sampled_kl) makes some
-twenty. `steer_rows` is that whole-vocabulary definition, used for top_k 0 and as the reference.
+twenty. `steer_rows` is that whole-vocabulary definition, used for top_k 0, for the top-k rows
+that keep their tail (their sampled distribution spans the vocabulary, and top-p truncates it
+there), and as the reference.
 """
 
 from __future__ import annotations
@@ -49,12 +51,17 @@ class TokenRows:
     positions: list[int]  # index in the answer of the token being generated
     temperature: list[float]  # the sampler's; 0: greedy
     top_p: list[float]
+    keep_tail: list[bool] | None = None  # top-k rows: tokens outside the top k kept (steering.tail_value)
+
+    def tail(self, j: int) -> bool:
+        return bool(self.keep_tail and self.keep_tail[j])
 
     def subset(self, js: list[int]) -> TokenRows:
         pick = lambda xs: [xs[j] for j in js]
         return TokenRows(pick(self.index), self.queries[torch.tensor(js, device=self.queries.device)],
                          pick(self.weights), pick(self.strength), pick(self.top_k), pick(self.risk),
-                         pick(self.positions), pick(self.temperature), pick(self.top_p))
+                         pick(self.positions), pick(self.temperature), pick(self.top_p),
+                         pick(self.keep_tail) if self.keep_tail else None)
 
 
 @torch.inference_mode()
@@ -62,8 +69,8 @@ def steer_in_place(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) 
     """Steer rows.index of logits (B, V) in place; returns each row's KL(sampled || base) (N,)
     float32 at its temperature and top-p (greedy rows: 0 or inf, as sampled_kl)."""
     kl = torch.zeros(len(rows.index), device=logits.device)
-    part = [j for j, k in enumerate(rows.top_k) if k > 0]
-    full = [j for j, k in enumerate(rows.top_k) if k == 0]
+    part = [j for j, k in enumerate(rows.top_k) if k > 0 and not rows.tail(j)]
+    full = [j for j, k in enumerate(rows.top_k) if k == 0 or rows.tail(j)]
     for js, steer in ((part, _steer_top_k), (full, _steer_vocabulary)):
         if len(js) == len(rows.index):
             return steer(scorer, logits, rows)
@@ -108,7 +115,7 @@ def _steer_vocabulary(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRow
     steered = steer_rows(scorer, base, rows.queries,
                          torch.tensor(rows.weights, device=dev, dtype=rows.queries.dtype),
                          torch.tensor(rows.strength, device=dev, dtype=base.dtype), rows.top_k,
-                         torch.tensor(rows.positions, device=dev), rows.risk)
+                         torch.tensor(rows.positions, device=dev), rows.risk, rows.keep_tail)
     kl = sampled_kl(steered, base, torch.tensor(rows.temperature, device=dev), torch.tensor(rows.top_p, device=dev),
                     truncate=min(rows.top_p) < 1)
     logits.index_copy_(0, index, steered)
@@ -117,12 +124,13 @@ def _steer_vocabulary(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRow
 
 def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
                strength: torch.Tensor, top_k: list[int], positions: torch.Tensor,
-               risk: list[float] | None = None) -> torch.Tensor:
+               risk: list[float] | None = None, keep_tail: list[bool] | None = None) -> torch.Tensor:
     """Token mode's steered rows (N, V), the whole-vocabulary definition: logits + strength *
-    sum_h w_h Qnorm_h over each row's top_k (0: the whole vocabulary), -inf elsewhere, Q_h = mean
-    + risk * spread of the head's ensemble. base (N, V); queries (N, H*E, d_e); weights (N, H);
-    strength (N,); top_k and risk (None: 0) on the host (no device sync to split the rows);
-    positions (N,)."""
+    sum_h w_h Qnorm_h over each row's top_k (0: the whole vocabulary), -inf elsewhere (in rows with
+    keep_tail: the base logits + strength * steering.tail_value), Q_h = mean + risk * spread of the
+    head's ensemble. base (N, V);
+    queries (N, H*E, d_e); weights (N, H); strength (N,); top_k, risk and keep_tail (None: 0,
+    False) on the host (no device sync to split the rows); positions (N,)."""
     dev = base.device
     E = scorer.ensemble_size
     risk = risk or [0.0] * len(top_k)
@@ -143,7 +151,9 @@ def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, 
         t = torch.tensor(part, device=dev)
         cands, combined = top_k_values(scorer, base[t], queries[t], weights[t], [top_k[j] for j in part],
                                        mean[t], std[t], torch.tensor([risk[j] for j in part], device=dev))
-        steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t])
+        tail = [bool(keep_tail and keep_tail[j]) for j in part]
+        steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t],
+                                 torch.tensor(tail, device=dev) if any(tail) else None)
     return steered
 
 

@@ -19,12 +19,13 @@ from cdserve.errors import InvalidRequestError
 Mode = Literal["none", "token", "block", "best_of_n"]
 Selection = Literal["argmax", "sample"]
 Segment = Literal["fixed", "sentence", "entropy"]
+Tail = Literal["drop", "keep"]
 
 # Which explicitly given fields make sense in which mode (weights always do: they define the
 # combined value reported with every output).
 _FIELDS_BY_MODE: dict[str, set[str]] = {
     "none": {"weights", "risk"},
-    "token": {"weights", "strength", "top_k", "risk"},
+    "token": {"weights", "strength", "top_k", "tail", "risk"},
     "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment",
               "entropy_threshold", "risk"},
     "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards", "prune_every",
@@ -46,6 +47,10 @@ class ControlRequest(BaseModel):
                                    "block/best_of_n with selection=sample: softmax(strength * value).")
     top_k: int | None = Field(None, description="token mode: steer among the base model's top_k tokens "
                               "(0: the whole vocabulary).")
+    tail: Tail | None = Field(None, description="token mode, top_k > 0: the tokens outside the top_k are "
+                              "dropped (drop: never sampled, the controlled-decoding paper's top-k) or kept in "
+                              "their base proportions, valued at the top_k's expected value under the base model "
+                              "(keep: no KL spent on cutting them off).")
     block_size: int | None = Field(None, description="block mode: tokens per block (M).")
     num_candidates: int | None = Field(None, description="block/best_of_n: candidates per selection (K or N).")
     selection: Selection | None = Field(None, description="block/best_of_n: argmax, or sample by "
@@ -89,6 +94,8 @@ class ControlConfig(BaseModel):
     strength: float = Field(2.0, ge=0, description="Default strength.")
     top_k: int = Field(100, ge=0, description="Default top_k for token mode (100: as little KL as the whole "
                        "vocabulary for the same reward, at the cost of the top 20; benchmarks/RESULTS.md).")
+    tail: Tail = Field("drop", description="Default for token mode's tokens outside the top_k: drop them, "
+                       "or keep them in their base proportions (keep).")
     block_size: int = Field(8, ge=1, description="Default block size M.")
     num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
     selection: Selection = "argmax"
@@ -136,6 +143,7 @@ class ResolvedControl:
     block_size: int
     num_candidates: int
     selection: str
+    tail: str = "drop"  # token mode, top_k > 0: "keep" keeps the other tokens in their base proportions
     rewards: tuple[tuple[str, float], ...] = ()  # (reward name, weight) to rank candidates by
     segment: str = "fixed"
     prune_every: int = 0
@@ -151,7 +159,7 @@ class ResolvedControl:
     def extra_args(self) -> dict[str, Any]:
         """A plain dict (for vLLM's SamplingParams.extra_args)."""
         return {"mode": self.mode, "weights": list(self.weights), "strength": self.strength,
-                "top_k": self.top_k, "risk": self.risk}
+                "top_k": self.top_k, "tail": self.tail, "risk": self.risk}
 
 
 def parse_control(raw: Any) -> ControlRequest:
@@ -241,7 +249,7 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
     return ResolvedControl(mode=mode, weights=tuple(float(weights.get(h, 0.0)) for h in heads),
                            strength=strength, top_k=int(top_k), block_size=int(block_size),
                            num_candidates=int(num_candidates), selection=selection,
-                           rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
+                           tail=req.tail or config.tail, rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
                            segment=segment, entropy_threshold=entropy_threshold,
                            prune_every=int(prune_every) if mode == "best_of_n" else 0, keep_fraction=keep_fraction,
                            risk=risk)

@@ -2,7 +2,11 @@
 
 Token mode: logits'(z) = logits(z) + strength * sum_h w_h Qnorm_h(z) over the top-k tokens,
 -inf elsewhere. Sampling from softmax(logits') is sampling from p(z) exp(strength * Q(z))
-restricted to the top-k, the KL-regularised optimum of the controlled-decoding paper.
+restricted to the top-k, the KL-regularised optimum of the controlled-decoding paper. With the
+tail kept (control.tail "keep"), the tokens outside the top-k stay, each valued at the top-k's
+mean value under the base distribution (`tail_value`): the expected value of a next token from
+here, so they keep their share of the base mass instead of gaining it from every top-k token
+the steering pushes down, as a value of 0 (the position's mean) did (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -71,11 +75,25 @@ def combine_heads(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 
 
 def steer_top_k(logits: torch.Tensor, candidates: torch.Tensor, combined: torch.Tensor,
-                strength: torch.Tensor) -> torch.Tensor:
+                strength: torch.Tensor, keep_tail: torch.Tensor | None = None) -> torch.Tensor:
     """logits (N, V); candidates (N, k) with -1 for unused ranks; combined (N, k) values of the
-    candidates; strength (N,). Returns steered logits, -inf outside the candidates."""
+    candidates; strength (N,); keep_tail (N,) bool (None: no row). Returns steered logits, -inf
+    outside the candidates, or there the base logits + strength * tail_value in the rows that keep
+    their tail."""
     ids, steered = steer_top_k_values(logits, candidates, combined, strength)
-    return torch.full_like(logits, float("-inf")).scatter_(1, ids, steered)
+    out = torch.full_like(logits, float("-inf"))
+    if keep_tail is not None:
+        out = torch.where(keep_tail[:, None], logits + strength[:, None] * tail_value(logits, candidates, combined), out)
+    return out.scatter_(1, ids, steered)
+
+
+def tail_value(logits: torch.Tensor, candidates: torch.Tensor, combined: torch.Tensor) -> torch.Tensor:
+    """The value (N, 1) a kept tail's tokens are steered by: the top-k's values averaged under the
+    base distribution renormalised to the top k, the expected value of a next token from here."""
+    valid = candidates >= 0
+    picked = logits.gather(1, candidates.clamp(min=0)).float().masked_fill(~valid, float("-inf"))
+    w = torch.softmax(picked, dim=-1)
+    return (w * combined.float().masked_fill(~valid, 0.0)).sum(-1, keepdim=True).to(logits.dtype)
 
 
 def steer_top_k_values(logits: torch.Tensor, candidates: torch.Tensor, combined: torch.Tensor,

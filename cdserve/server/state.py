@@ -113,7 +113,7 @@ class ServerState:
                               uncertainty=cfg.ensemble_size > 1, ensemble_size=cfg.ensemble_size)
                    for h in cfg.heads],
             defaults={"mode": control.mode, "weights": weights, "strength": control.strength,
-                      "top_k": control.top_k, "block_size": control.block_size,
+                      "top_k": control.top_k, "tail": control.tail, "block_size": control.block_size,
                       "num_candidates": control.num_candidates, "selection": control.selection,
                       "risk": control.risk},
             ranges={"weights": p.Range(min=-control.max_abs_weight, max=control.max_abs_weight),

@@ -54,6 +54,7 @@ class TokenControl:
     entropy_threshold: float | None = None  # block segment "entropy": end before a token above it
     sentinel: int = -1  # ...by forcing this token, a stop token of the request, in its place
     risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
+    keep_tail: bool = False  # tokens outside the top_k kept in their base proportions (control.tail "keep")
 
 
 @dataclass(eq=False)
@@ -127,9 +128,12 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
         raise ValueError(f"cdserve.risk must be between -1 and 1, got {risk}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"cdserve.top_k must be an integer >= 0 (0: whole vocabulary), got {top_k!r}")
+    tail = spec.get("tail", "drop")
+    if tail not in ("drop", "keep"):
+        raise ValueError(f"cdserve.tail must be 'drop' or 'keep', got {tail!r}")
     return TokenControl(key=str(spec.get("key", "")), weights=tuple(float(w) for w in weights),
                         strength=float(strength), top_k=top_k, temperature=float(temperature),
-                        top_p=float(top_p), risk=float(risk))
+                        top_p=float(top_p), risk=float(risk), keep_tail=tail == "keep")
 
 
 def _entropy_segment(spec) -> tuple[float, int] | None:

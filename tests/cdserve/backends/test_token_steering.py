@@ -56,3 +56,51 @@ def test_steer_in_place_equals_the_whole_vocabulary_steering_and_its_kl(ensemble
     # strength 0 at top_p 1: the KL of top-k truncation alone, -log (base mass of the top 5)
     p = torch.softmax(base[5] / 0.9, -1)
     assert float(kl[5]) == pytest.approx(-float(p.topk(5).values.sum().log()), rel=1e-4)
+
+
+def test_rows_that_keep_their_tail_steer_the_top_k_and_keep_every_other_token_in_its_base_proportions():
+    """control.tail "keep": the top-k steered as before, the rest kept in their base proportions,
+    valued at the top-k's base-weighted mean value (top-p truncating the whole row), KL over the
+    whole vocabulary; strength 0 is plain decoding."""
+    scorer = random_scorer(V, None, DEFAULT_HEADS[:2], hidden_size=32, num_layers=1, seed=0)
+    g = torch.Generator().manual_seed(3)
+    #            top_k temperature top_p strength keep_tail
+    settings = [(5, 0.7, 1.0, 2.0, True),
+                (5, 0.7, 1.0, 2.0, False),  # the same row, tail dropped
+                (8, 1.0, 0.5, 1.5, True),  # top-p over the steered top 8 and the tail
+                (3, 0.0, 1.0, 2.0, True),  # greedy
+                (5, 0.9, 1.0, 0.0, True),  # strength 0: plain decoding, KL 0
+                (0, 0.7, 1.0, 2.0, True)]  # the whole vocabulary has no tail
+    logits = torch.randn(len(settings), V, generator=g) * 3
+    logits[1] = logits[0]
+    index = list(range(len(settings)))
+    queries = torch.randn(len(index), 2, 32, generator=g)
+    queries[1] = queries[0]
+    top_k, temperature, top_p, strength, keep_tail = (list(c) for c in zip(*settings))
+    weights = [(1.0, -0.5)] * len(index)
+    positions = [3] * len(index)
+    rows = TokenRows(index, queries, weights, strength, top_k, [0.0] * len(index), positions, temperature,
+                     top_p, keep_tail)
+
+    expected = steer_rows(scorer, logits, queries, torch.tensor(weights), torch.tensor(strength), top_k,
+                          torch.tensor(positions), None, keep_tail)
+    out = logits.clone()
+    kl = steer_in_place(scorer, out, rows)
+
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(kl, sampled_kl(expected, logits, torch.tensor(temperature), torch.tensor(top_p)))
+    top5 = logits[0].topk(5).indices
+    tail = torch.ones(V, dtype=torch.bool)
+    tail[top5] = False
+    # the tail is shifted by strength x the top 5's values averaged under the base distribution
+    mean, std = scorer.norm_stats(torch.tensor([3]))
+    with torch.no_grad():
+        raw = scorer.values_at(queries[:1], top5[None])  # (1, H, 5)
+    values = ((raw[0] - mean[0][:, None]) / std[0][:, None] * torch.tensor([1.0, -0.5])[:, None]).sum(0)
+    shift = 2.0 * float((torch.softmax(logits[0, top5], -1) * values).sum())
+    torch.testing.assert_close(out[0, tail], logits[0, tail] + shift)
+    assert torch.isinf(out[1, tail]).all()  # dropped: -inf
+    torch.testing.assert_close(out[0, top5], out[1, top5])  # the top 5 steered alike
+    assert 0 < float(kl[0]) < float(kl[1])  # the dropped tail's mass is KL the kept tail does not pay
+    torch.testing.assert_close(out[4], logits[4])
+    assert float(kl[4]) == pytest.approx(0.0, abs=1e-6)

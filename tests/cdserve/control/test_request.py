@@ -53,6 +53,8 @@ def test_defaults_fill_omitted_fields():
     ({"mode": "best_of_n", "block_size": 4}, "control.block_size"),
     ({"mode": "none", "strength": 2}, "control.strength"),
     ({"mode": "none", "top_k": 5}, "control.top_k"),
+    ({"mode": "token", "tail": "base"}, "control.tail"),
+    ({"mode": "block", "tail": "keep"}, "control.tail"),
     ({"mode": "block", "strength": 2}, "control.strength"),  # argmax ignores strength
     ("token", "control"),
 ])
@@ -70,6 +72,13 @@ def test_sample_selection_takes_strength():
 
 def test_top_k_zero_means_whole_vocabulary():
     assert resolve({"mode": "token", "top_k": 0}).top_k == 0
+
+
+def test_tail_defaults_to_the_servers_and_reaches_the_engines():
+    assert resolve({"mode": "token"}).tail == "drop"
+    c = resolve({"mode": "token", "tail": "keep"})
+    assert c.tail == "keep" and c.extra_args()["tail"] == "keep"
+    assert resolve_control({"mode": "token"}, ControlConfig(tail="keep"), HEADS).tail == "keep"
 
 
 def test_config_checks_limits_and_heads():

@@ -82,9 +82,10 @@ def single(engine, req: GenerationRequest) -> dict:
 # -- strength 0 is plain decoding --------------------------------------------------------------
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 7},
                                       {"temperature": 0.8, "top_p": 0.9, "seed": 11}])
-def test_strength_zero_top_k_zero_equals_plain_decoding(engine, sampling):
+@pytest.mark.parametrize("vocabulary", [{"top_k": 0}, {"top_k": 5, "tail": "keep"}])  # every token, unsteered
+def test_strength_zero_over_every_token_equals_plain_decoding(engine, sampling, vocabulary):
     plain = request(engine, PROMPTS[0], {"mode": "none"}, max_tokens=24, **sampling)
-    steered = request(engine, PROMPTS[0], {"mode": "token", "strength": 0.0, "top_k": 0,
+    steered = request(engine, PROMPTS[0], {"mode": "token", "strength": 0.0, **vocabulary,
                                            "weights": {"positive": 3.0, "specific": -2.0}}, max_tokens=24, **sampling)
     a, b = single(engine, plain), single(engine, steered)
     assert len(a["ids"]) > 0

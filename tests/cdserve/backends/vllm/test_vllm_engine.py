@@ -115,8 +115,9 @@ TOKEN = {"mode": "token", "strength": 2.0, "top_k": 20}
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.8, "seed": 3}])
-def test_strength_zero_is_plain_vllm(loop, vllm_engine, prompts, sampling):
-    zero = {"mode": "token", "strength": 0.0, "top_k": 0}
+@pytest.mark.parametrize("vocabulary", [{"top_k": 0}, {"top_k": 5, "tail": "keep"}])  # every token, unsteered
+def test_strength_zero_is_plain_vllm(loop, vllm_engine, prompts, sampling, vocabulary):
+    zero = {"mode": "token", "strength": 0.0, **vocabulary}
     for p in prompts[:2]:
         plain, steered = run_all(loop, vllm_engine, [request(vllm_engine, p, None, max_tokens=32, **sampling),
                                                      request(vllm_engine, p, zero, max_tokens=32, **sampling)])
@@ -129,7 +130,7 @@ def test_greedy_token_mode_matches_hf(loop, vllm_engine, hf_engine, prompts):
     """Same tokens for every prompt, plain and steered. Both run float32 on CPU; vLLM's kernels
     differ from transformers' in the last bits, which could flip a near-tie between two tokens; the
     prompts here have none, and the KL each backend measured while steering agrees too."""
-    for control in (None, TOKEN, {"mode": "token", "strength": 4.0, "top_k": 0}):
+    for control in (None, TOKEN, {"mode": "token", "strength": 4.0, "top_k": 0}, {**TOKEN, "tail": "keep"}):
         reqs_v = [request(vllm_engine, p, control, max_tokens=32, temperature=0.0) for p in prompts]
         reqs_h = [request(hf_engine, p, control, max_tokens=32, temperature=0.0) for p in prompts]
         got_v = [r[0] for r in run_all(loop, vllm_engine, reqs_v)]

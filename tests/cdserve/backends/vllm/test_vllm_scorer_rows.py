@@ -92,6 +92,7 @@ def test_forgotten_and_unfetched_results_stay_bounded(scorer):
     ({"mode": "token", "weights": [1.0, float("nan")], "strength": 1.0, "top_k": 5}, "finite"),
     ({"mode": "token", "weights": [1.0, 0.0], "strength": -1.0, "top_k": 5}, "strength"),
     ({"mode": "token", "weights": [1.0, 0.0], "strength": 1.0, "top_k": -2}, "top_k"),
+    ({"mode": "token", "weights": [1.0, 0.0], "strength": 1.0, "top_k": 5, "tail": "base"}, "tail"),
 ])
 def test_parse_control_names_the_bad_field(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -103,6 +104,9 @@ def test_parse_control_ignores_other_modes():
     assert parse_control({"cdserve": {"mode": "block"}}, 2, 0.0) is None
     c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 0, "key": "x"}}, 2, 0.7)
     assert c == TokenControl("x", (1.0, 0.0), 2.0, 0, 0.7)
+    c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 5, "tail": "keep"}}, 2, 0.7)
+    assert c.keep_tail and not parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2,
+                                                          "top_k": 5}}, 2, 0.7).keep_tail
 
 
 def test_measure_only_rows_keep_kl_without_scorer_state(scorer):

@@ -24,9 +24,10 @@ class _Tok:
         return {f"t{i}": i for i in range(V)}
 
 
-def ctrl(key: str, top_k: int, temperature: float, top_p: float = 1.0, strength: float = 2.0) -> TokenControl:
+def ctrl(key: str, top_k: int, temperature: float, top_p: float = 1.0, strength: float = 2.0,
+         keep_tail: bool = False) -> TokenControl:
     return TokenControl(key=key, weights=(1.0, -0.5), strength=strength, top_k=top_k, temperature=temperature,
-                        top_p=top_p)
+                        top_p=top_p, keep_tail=keep_tail)
 
 
 def test_apply_matches_the_whole_vocabulary_reference():
@@ -35,7 +36,8 @@ def test_apply_matches_the_whole_vocabulary_reference():
     g = torch.Generator().manual_seed(1)
     # batch index -> control (None: a request without control); top_k 0 takes the whole-vocabulary path
     controls = {0: ctrl("a", 5, 0.7), 1: None, 2: ctrl("b", 3, 0.0), 3: ctrl("c", 8, 1.0, top_p=0.5),
-                4: ctrl("d", 0, 0.7), 5: ctrl("e", 5, 0.0, strength=0.0), 6: None}
+                4: ctrl("d", 0, 0.7), 5: ctrl("e", 5, 0.0, strength=0.0), 6: None,
+                7: ctrl("f", 5, 0.7, keep_tail=True), 8: ctrl("g", 8, 1.0, top_p=0.5, keep_tail=True)}
     seqs = {i: ([int(t) for t in torch.randint(V, (3 + i,), generator=g)], []) for i in controls}
     for i, c in controls.items():
         proc.rows.add(i, c, *seqs[i])
@@ -50,7 +52,7 @@ def test_apply_matches_the_whole_vocabulary_reference():
             prompt, output = seqs[i]
             q = scorer(torch.tensor([prompt + output])).queries[:, -1]  # from scratch
             expected = steer_rows(scorer, base[i:i + 1], q, torch.tensor([c.weights]), torch.tensor([c.strength]),
-                                  [c.top_k], torch.tensor([len(output)]))
+                                  [c.top_k], torch.tensor([len(output)]), keep_tail=[c.keep_tail])
             torch.testing.assert_close(out[i:i + 1], expected, atol=1e-4, rtol=1e-4)
             kl = sampled_kl(expected, base[i:i + 1], torch.tensor([c.temperature]), torch.tensor([c.top_p]))
             row = proc.rows.by_index[i]
