@@ -11,9 +11,10 @@ base), the control.kl term (README, "What control.kl measures"; steering.sampled
 (N, V) steered rows: the row is filled with -inf and its k steered logits written, and the KL comes
 from the k candidates (steering.top_k_kl, one logsumexp over the vocabulary), about four passes
 over the vocabulary per row where the whole-vocabulary path (steer_rows, sampled_kl) makes some
-twenty. `steer_rows` is that whole-vocabulary definition, used for top_k 0, for the top-k rows
-that keep their tail (their sampled distribution spans the vocabulary, and top-p truncates it
-there), and as the reference.
+twenty. Rows that keep their tail take the same path: the tail is the base row shifted by one
+value, and its KL has a closed form (steering._kept_tail_kl); where top-p truncates such a row, or
+it is greedy, it takes `steer_rows`, the whole-vocabulary definition, used for top_k 0 and as the
+reference.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cdserve.control.steering import (
     steer_full,
     steer_top_k,
     steer_top_k_values,
+    tail_value,
     top_k_candidates,
     top_k_kl,
 )
@@ -69,17 +71,25 @@ def steer_in_place(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) 
     """Steer rows.index of logits (B, V) in place; returns each row's KL(sampled || base) (N,)
     float32 at its temperature and top-p (greedy rows: 0 or inf, as sampled_kl)."""
     kl = torch.zeros(len(rows.index), device=logits.device)
-    part = [j for j, k in enumerate(rows.top_k) if k > 0 and not rows.tail(j)]
-    full = [j for j, k in enumerate(rows.top_k) if k == 0 or rows.tail(j)]
-    for js, steer in ((part, _steer_top_k), (full, _steer_vocabulary)):
+    groups: dict[str, list[int]] = {"drop": [], "keep": [], "full": []}
+    for j, k in enumerate(rows.top_k):
+        # a kept tail that top-p truncates, or a greedy one, takes the whole-vocabulary definition
+        closed = rows.top_p[j] >= 1 and rows.temperature[j] > 0
+        groups["full" if k == 0 or (rows.tail(j) and not closed) else "keep" if rows.tail(j) else "drop"].append(j)
+    steers = {"drop": _steer_top_k, "keep": _steer_kept_tail, "full": _steer_vocabulary}
+    for name, js in groups.items():
         if len(js) == len(rows.index):
-            return steer(scorer, logits, rows)
+            return steers[name](scorer, logits, rows)
         if js:
-            kl[js] = steer(scorer, logits, rows.subset(js))
+            kl[js] = steers[name](scorer, logits, rows.subset(js))
     return kl
 
 
-def _steer_top_k(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+def _steer_kept_tail(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+    return _steer_top_k(scorer, logits, rows, keep_tail=True)
+
+
+def _steer_top_k(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows, keep_tail: bool = False) -> torch.Tensor:
     dev = logits.device
     index = torch.tensor(rows.index, device=dev)
     # Every read of base comes before the rows are written: when they are one run of the batch
@@ -92,13 +102,18 @@ def _steer_top_k(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows) ->
                                    torch.tensor(rows.risk, device=dev))  # (N, k) each
     strength = torch.tensor(rows.strength, device=dev, dtype=base.dtype)
     ids, steered = steer_top_k_values(base, cands, combined.to(base.dtype), strength)  # (N, k) each
+    shift = strength * tail_value(base, cands, combined.to(base.dtype))[:, 0] if keep_tail else None  # (N,)
     kl = top_k_kl(steered, cands, base, torch.tensor(rows.temperature, device=dev),
                   torch.tensor(rows.top_p, device=dev), truncate=min(rows.top_p) < 1,
-                  any_greedy=min(rows.temperature) <= 0)
+                  any_greedy=min(rows.temperature) <= 0, tail_shift=shift)
     if span:
-        logits[span].fill_(float("-inf")).scatter_(1, ids, steered)
+        rest = logits[span].add_(shift[:, None]) if keep_tail else logits[span].fill_(float("-inf"))
+        rest.scatter_(1, ids, steered)
     else:
-        logits.index_fill_(0, index, float("-inf"))
+        if keep_tail:
+            logits.index_copy_(0, index, base.add_(shift[:, None]))
+        else:
+            logits.index_fill_(0, index, float("-inf"))
         logits.index_put_((index[:, None].expand_as(ids), ids), steered)
     return kl
 

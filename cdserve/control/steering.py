@@ -147,14 +147,19 @@ def sampled_kl(sampled: torch.Tensor, base: torch.Tensor, temperature: torch.Ten
 
 
 def top_k_kl(steered: torch.Tensor, candidates: torch.Tensor, base: torch.Tensor, temperature: torch.Tensor,
-             top_p: torch.Tensor, truncate: bool | None = None, any_greedy: bool | None = None) -> torch.Tensor:
+             top_p: torch.Tensor, truncate: bool | None = None, any_greedy: bool | None = None,
+             tail_shift: torch.Tensor | None = None) -> torch.Tensor:
     """sampled_kl of steered rows that are -inf outside their top-k candidates, from the k
     candidates alone: pi lives on them, so KL(pi || p) = sum over the candidates of
     pi (log pi - log p), with log p = base / t - logsumexp(base / t). One pass over the vocabulary
     (the logsumexp) instead of the dozen of the (N, V) version, which dominated token mode's step
     at 64 rows. steered (N, k) logits of candidates (N, k) (-1: unused rank, its steered logit
     ignored); base (N, V); temperature, top_p (N,); truncate: any top_p < 1, any_greedy: any
-    temperature <= 0, where the caller knows it on the host (None: read from the device)."""
+    temperature <= 0, where the caller knows it on the host (None: read from the device).
+    tail_shift (N,): rows that keep their tail (control.tail keep), every other token at its base
+    logit + tail_shift; sampled (temperature > 0) and not top-p truncated (the caller's to check)."""
+    if tail_shift is not None:
+        return _kept_tail_kl(steered, candidates, base, temperature, tail_shift)
     valid = candidates >= 0
     steered = steered.float().masked_fill(~valid, float("-inf"))
     greedy = temperature <= 0
@@ -173,6 +178,30 @@ def top_k_kl(steered: torch.Tensor, candidates: torch.Tensor, base: torch.Tensor
     picked = torch.where(valid & (steered == top), ids, torch.full_like(ids, base.shape[-1])).min(-1).values
     point = torch.where(picked != base.argmax(-1), torch.full_like(kl, float("inf")), torch.zeros_like(kl))
     return torch.where(greedy, point, kl)
+
+
+def _kept_tail_kl(steered: torch.Tensor, candidates: torch.Tensor, base: torch.Tensor, temperature: torch.Tensor,
+                  tail_shift: torch.Tensor) -> torch.Tensor:
+    """top_k_kl of rows whose other tokens keep their base logits + tail_shift, in closed form from
+    the k candidates and one logsumexp: every tail token has the same log ratio d = shift / t -
+    log Z' + log Z to the base, so the tail adds pi(tail) * d, pi(tail) from the base's tail mass
+    1 - p(top k)."""
+    valid = candidates >= 0
+    ids = candidates.clamp(min=0)
+    t = temperature[:, None].float()
+    picked = base.gather(1, ids).float()
+    log_z = _logsumexp(base.float(), t, picked.amax(-1, keepdim=True))  # (N, 1)
+    log_p = (picked / t - log_z).masked_fill(~valid, float("-inf"))  # (N, k)
+    log_tail = (1 - log_p.exp().sum(-1, keepdim=True)).clamp(min=0).log() + log_z  # log sum_tail exp(base / t)
+    shift = tail_shift[:, None].float() / t
+    u = (steered.float() / t).masked_fill(~valid, float("-inf"))
+    log_z_steered = torch.logsumexp(torch.cat([u, log_tail + shift], dim=-1), dim=-1, keepdim=True)
+    log_pi = u - log_z_steered
+    pi = log_pi.exp()
+    kl = torch.where(pi > 0, pi * (log_pi - log_p), torch.zeros_like(pi)).sum(-1)
+    pi_tail = (log_tail + shift - log_z_steered).exp()[:, 0]
+    d = (shift - log_z_steered + log_z)[:, 0]
+    return kl + torch.where(pi_tail > 0, pi_tail * d, torch.zeros_like(kl))
 
 
 def _logsumexp(x: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

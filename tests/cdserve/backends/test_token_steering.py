@@ -104,3 +104,28 @@ def test_rows_that_keep_their_tail_steer_the_top_k_and_keep_every_other_token_in
     assert 0 < float(kl[0]) < float(kl[1])  # the dropped tail's mass is KL the kept tail does not pay
     torch.testing.assert_close(out[4], logits[4])
     assert float(kl[4]) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2, 3], [3, 0, 2, 5]])  # a run of the batch (its rows written in place), or not
+def test_kept_tail_rows_closed_form_kl_equals_the_whole_vocabulary_kl(index):
+    """Sampled rows that keep their tail take the top-k path: the tail shifted by one value, the KL
+    in closed form (steering._kept_tail_kl); unused ranks (top_k 3 beside 8) included."""
+    scorer = random_scorer(V, None, DEFAULT_HEADS[:2], hidden_size=32, num_layers=1, seed=1)
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(6, V, generator=g) * 3
+    queries = torch.randn(4, 2, 32, generator=g)
+    top_k, temperature, strength = [3, 8, 5, 8], [0.7, 1.0, 1.3, 0.5], [2.0, 1.0, 4.0, 0.5]
+    weights, positions = [(1.0, -0.5), (0.3, 2.0), (-1.0, 0.5), (2.0, 0.0)], [0, 3, 7, 40]
+    rows = TokenRows(index, queries, weights, strength, top_k, [0.0] * 4, positions, temperature, [1.0] * 4,
+                     [True] * 4)
+    base = logits[index]
+    expected = steer_rows(scorer, base, queries, torch.tensor(weights), torch.tensor(strength), top_k,
+                          torch.tensor(positions), None, [True] * 4)
+    out = logits.clone()
+    kl = steer_in_place(scorer, out, rows)
+    torch.testing.assert_close(out[index], expected, atol=1e-5, rtol=1e-5)
+    others = [i for i in range(6) if i not in index]
+    assert torch.equal(out[others], logits[others])
+    torch.testing.assert_close(kl, sampled_kl(expected, base, torch.tensor(temperature), torch.ones(4)),
+                               atol=1e-5, rtol=1e-4)
+    assert kl.gt(1e-3).all()
