@@ -4,8 +4,9 @@ worker's logits_processor.py): each row's logits become
     logits'(z) = logits(z) + strength * sum_h w_h (Q_h(z) - mean_h[pos]) / std_h[pos]
 
 over its top_k tokens (-inf elsewhere, or the base logits + strength * the top_k's base-weighted
-mean value where the row keeps its tail; top_k 0: every token), Q_h being the head's ensemble mean + risk * spread, and each row's KL(sampled ||
-base), the control.kl term (README, "What control.kl measures"; steering.sampled_kl).
+mean value where the row keeps its tail; top_k 0: every token), Q_h being the head's ensemble
+mean + risk * spread, and each row's KL(sampled || base), the control.kl term (README, "What
+control.kl measures"; steering.sampled_kl).
 
 `steer_in_place` writes the steered rows into the batch's logits. Top-k rows never build their
 (N, V) steered rows: the row is filled with -inf and its k steered logits written, and the KL comes
@@ -143,9 +144,9 @@ def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, 
     """Token mode's steered rows (N, V), the whole-vocabulary definition: logits + strength *
     sum_h w_h Qnorm_h over each row's top_k (0: the whole vocabulary), -inf elsewhere (in rows with
     keep_tail: the base logits + strength * steering.tail_value), Q_h = mean + risk * spread of the
-    head's ensemble. base (N, V);
-    queries (N, H*E, d_e); weights (N, H); strength (N,); top_k, risk and keep_tail (None: 0,
-    False) on the host (no device sync to split the rows); positions (N,)."""
+    head's ensemble. base (N, V); queries (N, H*E, d_e); weights (N, H); strength (N,); top_k,
+    risk and keep_tail (None: 0, False) on the host (no device sync to split the rows);
+    positions (N,)."""
     dev = base.device
     E = scorer.ensemble_size
     risk = risk or [0.0] * len(top_k)

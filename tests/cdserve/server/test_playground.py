@@ -189,15 +189,16 @@ def test_page_loads_without_console_errors_and_sliders_match_scorers(open_page, 
         assert float(box.input_value()) == defaults[field]
         assert float(box.get_attribute("min")) == ranges[field]["min"]
         assert float(box.get_attribute("max")) == ranges[field]["max"]
+    assert page.input_value("#tail") == defaults["tail"]
     assert page.locator("#scorer-warning").is_visible() == (not info["trained"])
 
     # Only the fields a mode uses are shown.
     def visible() -> set[str]:
-        return {f for f in ("strength", "top_k", "block_size", "num_candidates", "selection")
+        return {f for f in ("strength", "top_k", "tail", "block_size", "num_candidates", "selection")
                 if page.locator(f"#{f}").is_visible()}
 
     page.select_option("#mode", "token")
-    assert visible() == {"strength", "top_k"}
+    assert visible() == {"strength", "top_k", "tail"}
     page.select_option("#mode", "block")
     page.select_option("#selection", "argmax")
     assert visible() == {"block_size", "num_candidates", "selection"}
@@ -218,6 +219,7 @@ def test_slider_then_run_streams_two_answers_with_values_and_kl(open_page, serve
     page.fill("#max_tokens", "12")
     page.fill("#seed", "7")
     page.select_option("#mode", "token")
+    page.select_option("#tail", "keep")
     # Move the slider as a user would: focus it and step it with the keyboard.
     slider = page.locator("#w-positive")
     start = float(slider.input_value())
@@ -237,6 +239,7 @@ def test_slider_then_run_streams_two_answers_with_values_and_kl(open_page, serve
     assert plain_body["control"] == {"mode": "none", "weights": {"positive": moved}}
     assert steered_body["control"]["mode"] == "token"
     assert steered_body["control"]["weights"] == {"positive": moved}
+    assert steered_body["control"]["tail"] == "keep"
     answers = {a["mode"]: a for a in page.evaluate("window.__answers")}
     assert set(answers) == {"none", "token"}
 
@@ -351,7 +354,7 @@ def test_copied_curl_command_returns_200_with_the_same_control(open_page, server
     assert sent == {k: v for k, v in steered.items() if k != "stream"}
     assert sent["messages"][0]["content"] == prompt
     assert sent["control"] == {"mode": "token", "weights": {"positive": 1.0, "concise": 0.5},
-                               "strength": 4, "top_k": 10}
+                               "strength": 4, "top_k": 10, "tail": "drop"}
     choice = json.loads(response)["choices"][0]
     assert choice["control"]["mode"] == "token"
     assert set(choice["control"]["values"]) == {h["name"] for h in scorer_info(server)["heads"]}

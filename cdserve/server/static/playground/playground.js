@@ -154,6 +154,7 @@ function buildControls(scorer) {
   const d = scorer.defaults;
   $("mode").value = d.mode && d.mode !== "none" ? d.mode : "token";
   $("selection").value = d.selection || "argmax";
+  $("tail").value = d.tail || "drop";
   for (const field of ["strength", "top_k", "block_size", "num_candidates"]) {
     setRange($(field), scorer.ranges[field]);
     $(field).value = d[field];
