@@ -92,8 +92,8 @@ class ControlConfig(BaseModel):
     weights: dict[str, float] = Field(default_factory=dict,
                                       description="Default head weights (empty: 1.0 on the first head).")
     strength: float = Field(2.0, ge=0, description="Default strength.")
-    top_k: int = Field(100, ge=0, description="Default top_k for token mode (100: as little KL as the whole "
-                       "vocabulary for the same reward, at the cost of the top 20; benchmarks/RESULTS.md).")
+    top_k: int = Field(100, ge=0, description="Default top_k for token mode (100: far less KL than the top 20 "
+                       "at about its cost; with tail keep, the whole vocabulary's KL; benchmarks/RESULTS.md).")
     tail: Tail = Field("drop", description="Default for token mode's tokens outside the top_k: drop them, "
                        "or keep them in their base proportions (keep).")
     block_size: int = Field(8, ge=1, description="Default block size M.")
@@ -249,7 +249,8 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
     return ResolvedControl(mode=mode, weights=tuple(float(weights.get(h, 0.0)) for h in heads),
                            strength=strength, top_k=int(top_k), block_size=int(block_size),
                            num_candidates=int(num_candidates), selection=selection,
-                           tail=req.tail or config.tail, rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
+                           tail=req.tail or config.tail,
+                           rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
                            segment=segment, entropy_threshold=entropy_threshold,
                            prune_every=int(prune_every) if mode == "best_of_n" else 0, keep_fraction=keep_fraction,
                            risk=risk)

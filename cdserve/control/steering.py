@@ -83,7 +83,8 @@ def steer_top_k(logits: torch.Tensor, candidates: torch.Tensor, combined: torch.
     ids, steered = steer_top_k_values(logits, candidates, combined, strength)
     out = torch.full_like(logits, float("-inf"))
     if keep_tail is not None:
-        out = torch.where(keep_tail[:, None], logits + strength[:, None] * tail_value(logits, candidates, combined), out)
+        tail = logits + strength[:, None] * tail_value(logits, candidates, combined)
+        out = torch.where(keep_tail[:, None], tail, out)
     return out.scatter_(1, ids, steered)
 
 
