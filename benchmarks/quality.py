@@ -277,7 +277,7 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     rows = (len(heads) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
     style = {"token (top 20)": ("tab:blue", "o"), "token (top 100)": ("tab:purple", "v"),
-             "token (all tokens)": ("tab:cyan", "D"), f"token (top {DEFAULT_TOP_K}, tail kept)": ("tab:pink", "P"),
+             "token (all tokens)": ("tab:cyan", "D"), f"token ({top_k_words(DEFAULT_TOP_K, 'keep')})": ("tab:pink", "P"),
              "block": ("tab:orange", "s"), "best_of_n": ("tab:green", "^")}
     curve = lambda r: f"token ({token_words(r)})" if r["mode"] == "token" else r["mode"]
     for ax, head in zip(axes.flat, heads):

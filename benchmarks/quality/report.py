@@ -36,7 +36,7 @@ from benchmarks.quality.kl import (
     winner_rank,
     winners_kl,
 )
-from benchmarks.quality.runs import DEFAULT_TOP_K, SCORER_IN_REWARD_UNITS, top_k_words
+from benchmarks.quality.runs import DEFAULT_TOP_K, SCORER_IN_REWARD_UNITS, token_words, top_k_words
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 
 HERE = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def family(run: dict) -> str:
     if "max_tokens" in run:
         return f"{mode} at {run['max_tokens']} tokens"
     if mode == "token":
-        return f"token ({top_k_words(run.get('top_k', DEFAULT_TOP_K), run.get('tail', 'drop'))})"
+        return f"token ({token_words(run, DEFAULT_TOP_K)})"
     if mode == "block":
         if not run.get("rewards"):
             return "block (scorer)"
@@ -439,7 +439,7 @@ def table(rows: list[dict]) -> str:
 STYLE = {"true-reward best-of-N": ("black", "*", "-"), "scorer best-of-N (client)": ("tab:green", "^", ":"),
          "best_of_n (scorer, server)": ("tab:green", "^", "-"), "best_of_n (reward, server)": ("black", "x", ""),
          "token (top 20)": ("tab:blue", "o", "-"), "token (top 100)": ("tab:gray", "v", "-"),
-         "token (all tokens)": ("tab:cyan", "D", "-"), f"token (top {DEFAULT_TOP_K}, tail kept)": ("tab:pink", "P", "--"),
+         "token (all tokens)": ("tab:cyan", "D", "-"), f"token ({top_k_words(DEFAULT_TOP_K, 'keep')})": ("tab:pink", "P", "--"),
          "block (scorer)": ("tab:orange", "s", "-"), "block, reward in the loop (fixed)": ("tab:red", "s", ""),
          "block, reward in the loop (sentence)": ("tab:purple", "P", ""),
          "block, reward in the loop (entropy)": ("tab:pink", "X", ""),

@@ -56,9 +56,9 @@ def top_k_words(top_k: int, tail: str = "drop") -> str:
     return (f"top {top_k}" + (", tail kept" if tail == "keep" else "")) if top_k else "all tokens"
 
 
-def token_words(run: dict) -> str:
+def token_words(run: dict, default_top_k: int = DEFAULT_TOP_K) -> str:
     """A token run's top_k and tail in words (the server's defaults where the run sends none)."""
-    return top_k_words(run.get("top_k", DEFAULT_TOP_K), run.get("tail", "drop"))
+    return top_k_words(run.get("top_k", default_top_k), run.get("tail", "drop"))
 
 
 def scorer_label(r: dict) -> str:
