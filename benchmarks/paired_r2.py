@@ -1,5 +1,8 @@
 """Held-out R^2 of the final value for several scorers on the same rollouts, with a paired
-bootstrap of each scorer's difference to the first (resampling rollouts; 95% percentile interval).
+bootstrap of each scorer's difference to the first (resampling rollouts; 95% percentile interval);
+where the run has several rollouts per prompt, the same for the scorer as a ranker
+(prefix_scorers/ranking.py: scorer-ranked best-of-n's share of true-reward best-of-n's gain,
+resampling prompts).
 
     python benchmarks/paired_r2.py --run-dir HELD_OUT_RUN SCORER_A SCORER_B ...
 
@@ -17,19 +20,14 @@ import torch
 
 from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
 from prefix_scorers.checkpoint import load_scorer
-from prefix_scorers.train import batches, collate, load_examples, taken_values
+from prefix_scorers.ranking import per_prompt_picks, share_of_gain
+from prefix_scorers.train import TrainConfig, load_examples, position_values
 
 
-@torch.no_grad()
 def final_values(scorer, examples, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, H) values after each rollout's last token and (N, H) true rewards, in example order."""
-    preds, trues = [], []
-    for group in batches(examples, 16, 0, shuffle=False):  # a fixed order: the same rollouts line up
-        b = collate(group, pad_id, "cpu", with_next=False)
-        v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)
-        preds.append(scorer.head_values(v[b.last], dim=-1).float().numpy())
-        trues.append(b.rewards.numpy())
-    return np.concatenate(preds), np.concatenate(trues)
+    values, rewards = position_values(scorer, examples, TrainConfig(batch_size=16), pad_id)
+    return values[None].numpy(), rewards[None].numpy()
 
 
 def r2(p: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -66,6 +64,19 @@ def main() -> None:
             lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
             out["diff_vs_first"][path] = {h: [round(float(a), 4), round(float(b), 4)]
                                           for h, a, b in zip(heads, lo, hi)}
+    ids = [e.prompt_id for e in examples]
+    if max(ids.count(p) for p in set(ids)) >= 2:  # the ranker, paired over prompts
+        picks = {path: per_prompt_picks(torch.from_numpy(p), torch.from_numpy(t), ids) for path, (p, t) in values.items()}
+        pidx = torch.from_numpy(rng.integers(0, len(picks[first][0]), size=(args.boot, len(picks[first][0]))))
+        out["ranker_share"], out["ranker_diff_vs_first"] = {}, {}
+        for path, pk in picks.items():
+            out["ranker_share"][path] = {h: round(float(v), 4) for h, v in zip(heads, share_of_gain(*pk))}
+            if path != first:
+                d = torch.stack([share_of_gain(*(x[i] for x in pk)) - share_of_gain(*(x[i] for x in picks[first]))
+                                 for i in pidx]).numpy()
+                lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
+                out["ranker_diff_vs_first"][path] = {h: [round(float(a), 4), round(float(b), 4)]
+                                                     for h, a, b in zip(heads, lo, hi)}
     print(json.dumps(out, indent=1))
 
 

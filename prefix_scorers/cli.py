@@ -7,7 +7,7 @@
     prefix-scorers label                     # score with every head's reward -> RUN/labels.jsonl
     prefix-scorers train --objective fudge   # train all heads              -> RUN/train/scorer
     prefix-scorers export --out DIR          # bfloat16 checkpoint, checked to load
-    prefix-scorers evaluate --scorer DIR     # held-out R^2 and token signal (token_signal.py) on RUN's rollouts
+    prefix-scorers evaluate --scorer DIR     # held-out R^2, ranker (ranking.py), token signal (token_signal.py) on RUN's rollouts
     prefix-scorers all ...                   # every stage in order (what built prefix_scorers/default)
     prefix-scorers rewards                   # list the registered rewards
 
@@ -163,6 +163,7 @@ def cmd_evaluate(args) -> None:
     from prefix_scorers.base_model import load_model, load_tokenizer
     from prefix_scorers.checkpoint import load_scorer
     from prefix_scorers.prompts import read_jsonl
+    from prefix_scorers.ranking import held_out_ranking
     from prefix_scorers.token_signal import token_signal
     from prefix_scorers.train import TrainConfig, load_examples, value_r2
 
@@ -180,8 +181,13 @@ def cmd_evaluate(args) -> None:
     rows = {("final" if p is None else f"at{p}"): v for p, v in value_r2(scorer, examples, cfg, pad).items()}
     per_head = lambda v, n=4: dict(zip(scorer.config.head_names, [round(x, n) for x in v.tolist()]))
     signal = token_signal(scorer, examples, cfg.batch_size, pad, cfg.device)
+    ranking = held_out_ranking(scorer, examples, cfg, pad)
+    ranker = {} if ranking is None else {"ranker": {
+        "prompts": int(ranking["prompts"]), "share_of_gain": per_head(ranking["share_of_gain"]),
+        "scorer_picks": per_head(ranking["picked"]), "true_picks": per_head(ranking["best"]),
+        "all_rollouts": per_head(ranking["mean"])}}
     print(json.dumps({"scorer": args.scorer, "rollouts": len(examples), "prompts": len({e.prompt_id for e in examples}),
-                      "r2": {k: per_head(v) for k, v in rows.items()},
+                      "r2": {k: per_head(v) for k, v in rows.items()}, **ranker,
                       "token_signal": {k: per_head(v, 5) for k, v in signal.items()}}, indent=2))
 
 
@@ -327,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     export_args(sp)
     sp.set_defaults(fn=cmd_export)
-    sp = sub.add_parser("evaluate", help="held-out R^2 of a scorer's values and its token signal (token_signal.py) against RUN's labels")
+    sp = sub.add_parser("evaluate", help="held-out R^2 of a scorer's values, its ranking of finished answers (ranking.py) and its token signal (token_signal.py) against RUN's labels")
     common(sp)
     sp.add_argument("--scorer", required=True, help="scorer checkpoint directory")
     sp.add_argument("--prompts", help="only the rollouts of these prompts (JSONL), e.g. the eval split")

@@ -66,6 +66,7 @@ from prefix_scorers.dense_targets import DENSE_SOURCES, with_dense_targets
 from prefix_scorers.labels import load_labels
 from prefix_scorers.model import PrefixScorer
 from prefix_scorers.prompts import read_jsonl
+from prefix_scorers.ranking import held_out_ranking
 from prefix_scorers.targets import LOSSES, TARGETS, prefix_targets, value_loss
 from prefix_scorers.warm_start import init_from_checkpoint
 
@@ -392,6 +393,20 @@ def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pa
 def value_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
              positions: tuple[int | None, ...] = (None, *R2_POSITIONS)) -> dict[int | None, torch.Tensor]:
     """`final_r2` at several positions (None: the last token) from one pass over the examples."""
+    preds, trues = position_values(scorer, examples, cfg, pad_id, positions)
+    out = {}
+    for p in positions:
+        pr, t = preds[p], trues[p]
+        out[p] = (1 - ((pr - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)) if len(t) \
+            else torch.full((scorer.num_heads,), float("nan"))
+    return out
+
+
+@torch.no_grad()
+def position_values(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
+                    positions: tuple[int | None, ...] = (None,)) -> tuple[dict, dict]:
+    """Per position (None: the last token), the head values (n, H) of the rollouts that reach it and
+    their final rewards (n, H), in the examples' order."""
     preds = {p: [] for p in positions}
     trues = {p: [] for p in positions}
     for group in batches(examples, cfg.batch_size, 0, shuffle=False):
@@ -401,12 +416,7 @@ def value_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pa
             at = b.last if p is None else b.taken & (b.gen_pos == p - 1)  # one (or no) position per row
             preds[p].append(scorer.head_values(v[at], dim=-1).float().cpu())
             trues[p].append(b.rewards[at.any(1)].cpu())
-    out = {}
-    for p in positions:
-        pr, t = torch.cat(preds[p]), torch.cat(trues[p])
-        out[p] = (1 - ((pr - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)) if len(t) \
-            else torch.full((scorer.num_heads,), float("nan"))
-    return out
+    return {p: torch.cat(v) for p, v in preds.items()}, {p: torch.cat(v) for p, v in trues.items()}
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -572,6 +582,10 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
             for p, r_p in early.items():
                 if math.isfinite(r_p[i].item()):
                     metrics[f"eval_r2_at{p}_{h.name}"] = round(r_p[i].item(), 4)
+        ranking = held_out_ranking(scorer, eval_ex, cfg, pad)  # ranking.py: with >= 2 rollouts per prompt
+        if ranking is not None:
+            for i, h in enumerate(heads):
+                metrics[f"eval_ranker_share_{h.name}"] = round(float(ranking["share_of_gain"][i]), 4)
         if all(e.topk_ids for e in eval_ex):  # the held-out token signal (token_signal.py)
             from prefix_scorers.token_signal import token_signal
 

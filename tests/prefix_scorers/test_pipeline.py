@@ -113,6 +113,13 @@ def test_cli_soft_target_bce_loss_held_out_run(run_dir, tiny_model_dir, tmp_path
     eff = {h.name: prov["metrics"][f"eval_token_efficiency_{h.name}"] for h in DEFAULT_HEADS}
     assert report["token_signal"]["efficiency"] == pytest.approx(eff, abs=1e-3)
     assert all(v > 0 for v in report["token_signal"]["tilt_variance"].values())
+    # the scorer as a ranker (ranking.py; 2 rollouts per held-out prompt), also in the training metrics
+    share = {h.name: prov["metrics"][f"eval_ranker_share_{h.name}"] for h in DEFAULT_HEADS}
+    assert report["ranker"]["prompts"] == 3
+    assert report["ranker"]["share_of_gain"] == pytest.approx(share, abs=1e-3)
+    for h in DEFAULT_HEADS:  # a pick lies between the mean and the best reward
+        lo, hi = report["ranker"]["all_rollouts"][h.name], report["ranker"]["true_picks"][h.name]
+        assert lo - 1e-4 <= hi and 2 * lo - hi - 1e-4 <= report["ranker"]["scorer_picks"][h.name] <= hi + 1e-4
     # the same held-out rollouts picked by prompt from the full run
     write_jsonl([{"id": pid} for pid in held_prompts], tmp_path / "held-prompts.jsonl")
     main(["evaluate", "--run-dir", str(run_dir), *base, "--scorer", str(trained), "--prompts",
