@@ -20,7 +20,7 @@ import torch
 
 from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
 from prefix_scorers.checkpoint import load_scorer
-from prefix_scorers.ranking import per_prompt_picks, share_of_gain
+from prefix_scorers.ranking import per_prompt_picks, rankable, share_of_gain
 from prefix_scorers.train import TrainConfig, load_examples, position_values
 
 
@@ -64,9 +64,11 @@ def main() -> None:
             lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
             out["diff_vs_first"][path] = {h: [round(float(a), 4), round(float(b), 4)]
                                           for h, a, b in zip(heads, lo, hi)}
-    ids = [e.prompt_id for e in examples]
-    if max(ids.count(p) for p in set(ids)) >= 2:  # the ranker, paired over prompts
-        picks = {path: per_prompt_picks(torch.from_numpy(p), torch.from_numpy(t), ids) for path, (p, t) in values.items()}
+    ix = rankable(examples)  # the ranker, paired over prompts: plain rollouts, >= 2 per prompt
+    if ix:
+        ids = [examples[i].prompt_id for i in ix]
+        picks = {path: per_prompt_picks(torch.from_numpy(p[ix]), torch.from_numpy(t[ix]), ids)
+                 for path, (p, t) in values.items()}
         pidx = torch.from_numpy(rng.integers(0, len(picks[first][0]), size=(args.boot, len(picks[first][0]))))
         out["ranker_share"], out["ranker_diff_vs_first"] = {}, {}
         for path, pk in picks.items():

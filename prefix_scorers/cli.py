@@ -165,7 +165,13 @@ def cmd_evaluate(args) -> None:
     from prefix_scorers.prompts import read_jsonl
     from prefix_scorers.ranking import held_out_ranking
     from prefix_scorers.token_signal import token_signal
-    from prefix_scorers.train import TrainConfig, load_examples, value_r2
+    from prefix_scorers.train import (
+        R2_POSITIONS,
+        TrainConfig,
+        load_examples,
+        position_values,
+        r2_by_position,
+    )
 
     base_dir = _base_dir(args)
     tokenizer = load_tokenizer(base_dir)
@@ -178,10 +184,12 @@ def cmd_evaluate(args) -> None:
         examples = [e for e in examples if e.prompt_id in ids]
     cfg = TrainConfig(batch_size=args.train_batch_size, device=args.device)
     pad = tokenizer.pad_token_id
-    rows = {("final" if p is None else f"at{p}"): v for p, v in value_r2(scorer, examples, cfg, pad).items()}
+    preds, trues = position_values(scorer, examples, cfg, pad, (None, *R2_POSITIONS))
+    r2 = r2_by_position(preds, trues, scorer.num_heads)
+    rows = {("final" if p is None else f"at{p}"): v for p, v in r2.items()}
     per_head = lambda v, n=4: dict(zip(scorer.config.head_names, [round(x, n) for x in v.tolist()]))
     signal = token_signal(scorer, examples, cfg.batch_size, pad, cfg.device)
-    ranking = held_out_ranking(scorer, examples, cfg, pad)
+    ranking = held_out_ranking(examples, preds[None], trues[None])
     ranker = {} if ranking is None else {"ranker": {
         "prompts": int(ranking["prompts"]), "share_of_gain": per_head(ranking["share_of_gain"]),
         "scorer_picks": per_head(ranking["picked"]), "true_picks": per_head(ranking["best"]),

@@ -14,7 +14,7 @@ different lengths (measured on the quality benchmark's samples: the same picks).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -51,17 +51,17 @@ def ranker_share(values: torch.Tensor, rewards: torch.Tensor, prompt_ids: list[s
             "mean": mean.mean(0), "prompts": torch.tensor(len(picked))}
 
 
-def held_out_ranking(scorer, examples, cfg, pad_id: int) -> dict[str, torch.Tensor] | None:
-    """`ranker_share` of a scorer's final values on the plain rollouts of `examples` (train.Example);
-    None when no prompt has two of them."""
-    from prefix_scorers.train import position_values
+def rankable(examples) -> list[int]:
+    """Indices of the plain rollouts (train.Example with no roll-in: not a branch, not rolled in) of
+    the prompts that have at least two of them."""
+    counts = Counter(e.prompt_id for e in examples if e.roll_in == 0)
+    return [i for i, e in enumerate(examples) if e.roll_in == 0 and counts[e.prompt_id] >= 2]
 
-    plain = [e for e in examples if e.roll_in == 0]
-    counts = defaultdict(int)
-    for e in plain:
-        counts[e.prompt_id] += 1
-    plain = [e for e in plain if counts[e.prompt_id] >= 2]
-    if not plain:
+
+def held_out_ranking(examples, values: torch.Tensor, rewards: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """`ranker_share` over the rankable rollouts of `examples`, given every example's final values and
+    rewards (N, H) in the same order (train.position_values' position None); None when there are none."""
+    ix = rankable(examples)
+    if not ix:
         return None
-    values, rewards = position_values(scorer, plain, cfg, pad_id)  # keyed by position; None: the last
-    return ranker_share(values[None], rewards[None], [e.prompt_id for e in plain])
+    return ranker_share(values[ix], rewards[ix], [examples[i].prompt_id for i in ix])

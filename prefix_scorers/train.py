@@ -393,12 +393,17 @@ def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pa
 def value_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
              positions: tuple[int | None, ...] = (None, *R2_POSITIONS)) -> dict[int | None, torch.Tensor]:
     """`final_r2` at several positions (None: the last token) from one pass over the examples."""
-    preds, trues = position_values(scorer, examples, cfg, pad_id, positions)
+    return r2_by_position(*position_values(scorer, examples, cfg, pad_id, positions), scorer.num_heads)
+
+
+def r2_by_position(preds: dict, trues: dict, num_heads: int) -> dict[int | None, torch.Tensor]:
+    """`position_values`' values and rewards -> R^2 per head at each position (NaN where no rollout
+    reaches it)."""
     out = {}
-    for p in positions:
-        pr, t = preds[p], trues[p]
+    for p, pr in preds.items():
+        t = trues[p]
         out[p] = (1 - ((pr - t) ** 2).mean(0) / t.var(0, unbiased=False).clamp(min=1e-8)) if len(t) \
-            else torch.full((scorer.num_heads,), float("nan"))
+            else torch.full((num_heads,), float("nan"))
     return out
 
 
@@ -406,9 +411,9 @@ def value_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pa
 def position_values(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
                     positions: tuple[int | None, ...] = (None,)) -> tuple[dict, dict]:
     """Per position (None: the last token), the head values (n, H) of the rollouts that reach it and
-    their final rewards (n, H), in the examples' order."""
-    preds = {p: [] for p in positions}
-    trues = {p: [] for p in positions}
+    their final rewards (n, H), in the examples' order (`batches` groups them by length)."""
+    index = {id(e): i for i, e in enumerate(examples)}
+    preds, trues, rows = ({p: [] for p in positions} for _ in range(3))
     for group in batches(examples, cfg.batch_size, 0, shuffle=False):
         b = collate(group, pad_id, cfg.device, with_next=False)
         v = taken_values(scorer, scorer(b.input_ids, valid=b.valid).queries, b.input_ids)
@@ -416,7 +421,10 @@ def position_values(scorer: PrefixScorer, examples: list[Example], cfg: TrainCon
             at = b.last if p is None else b.taken & (b.gen_pos == p - 1)  # one (or no) position per row
             preds[p].append(scorer.head_values(v[at], dim=-1).float().cpu())
             trues[p].append(b.rewards[at.any(1)].cpu())
-    return {p: torch.cat(v) for p, v in preds.items()}, {p: torch.cat(v) for p, v in trues.items()}
+            rows[p].append(torch.tensor([index[id(e)] for e in group], dtype=torch.long)[at.any(1).cpu()])
+    order = {p: torch.cat(r).argsort() for p, r in rows.items()}
+    return ({p: torch.cat(v)[order[p]] for p, v in preds.items()},
+            {p: torch.cat(v)[order[p]] for p, v in trues.items()})
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -574,7 +582,8 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
         # Both objectives are judged on the FUDGE loss too: the squared error to the true reward.
         ev, per_head = evaluate(scorer, eval_ex, cfg, pad, inv_var, objective="fudge", ranges=ranges, loss="mse")
         metrics["eval_fudge_loss"] = round(ev, 4)
-        early = value_r2(scorer, eval_ex, cfg, pad)
+        preds, trues = position_values(scorer, eval_ex, cfg, pad, (None, *R2_POSITIONS))
+        early = r2_by_position(preds, trues, len(heads))
         r2 = early.pop(None)
         for i, (h, mse, r) in enumerate(zip(heads, per_head.tolist(), r2.tolist())):
             metrics[f"eval_mse_{h.name}"] = round(mse, 5)
@@ -582,7 +591,7 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
             for p, r_p in early.items():
                 if math.isfinite(r_p[i].item()):
                     metrics[f"eval_r2_at{p}_{h.name}"] = round(r_p[i].item(), 4)
-        ranking = held_out_ranking(scorer, eval_ex, cfg, pad)  # ranking.py: with >= 2 rollouts per prompt
+        ranking = held_out_ranking(eval_ex, preds[None], trues[None])  # ranking.py: >= 2 rollouts per prompt
         if ranking is not None:
             for i, h in enumerate(heads):
                 metrics[f"eval_ranker_share_{h.name}"] = round(float(ranking["share_of_gain"][i]), 4)

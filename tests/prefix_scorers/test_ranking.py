@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prefix_scorers.checkpoint import DEFAULT_HEADS, random_scorer
-from prefix_scorers.ranking import held_out_ranking, ranker_share
+from prefix_scorers.ranking import held_out_ranking, rankable, ranker_share
 from prefix_scorers.train import Example, TrainConfig, position_values
 
 
@@ -57,10 +57,23 @@ def _examples():
 def test_held_out_ranking_ranks_the_plain_rollouts_by_their_final_values():
     scorer = random_scorer(V, None, DEFAULT_HEADS, hidden_size=16, num_layers=1).eval()
     ex, cfg = _examples(), TrainConfig(batch_size=4)
-    got = held_out_ranking(scorer, ex, cfg, 0)
-    plain = ex[:4]  # p2 keeps one plain rollout: it does not count
-    values, rewards = position_values(scorer, plain, cfg, 0)  # {None: the final values}
-    want = ranker_share(values[None], rewards[None], ["p0", "p0", "p1", "p1"])
+    assert rankable(ex) == [0, 1, 2, 3]  # p2 keeps one plain rollout (r5 rolled in): it does not count
+    values, rewards = position_values(scorer, ex, cfg, 0)  # {None: the final values}
+    got = held_out_ranking(ex, values[None], rewards[None])
+    plain_values, plain_rewards = position_values(scorer, ex[:4], cfg, 0)
+    want = ranker_share(plain_values[None], plain_rewards[None], ["p0", "p0", "p1", "p1"])
     assert int(got["prompts"]) == 2
     assert torch.allclose(got["share_of_gain"], want["share_of_gain"])
-    assert held_out_ranking(scorer, ex[4:], cfg, 0) is None
+    assert held_out_ranking(ex[4:], values[None][4:], rewards[None][4:]) is None
+
+
+def test_position_values_come_back_in_the_examples_order():
+    # `batches` groups rollouts by length; the values must still line up with the examples (and their
+    # prompt ids): each example alone gives the same final value and reward as in the batch
+    scorer = random_scorer(V, None, DEFAULT_HEADS, hidden_size=16, num_layers=1).eval()
+    ex, cfg = _examples(), TrainConfig(batch_size=4)
+    values, rewards = position_values(scorer, ex, cfg, 0)
+    for i, e in enumerate(ex):
+        one_v, one_r = position_values(scorer, [e], cfg, 0)
+        assert torch.allclose(values[None][i], one_v[None][0], atol=1e-5)
+        assert torch.equal(rewards[None][i], one_r[None][0])
