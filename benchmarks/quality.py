@@ -133,6 +133,9 @@ def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
          "block_size": 24, "segment": "entropy"},
         {"mode": "best_of_n", "weights": w, "num_candidates": 16},
         {"mode": "best_of_n", "weights": {}, "rewards": rw, "num_candidates": 8},
+        # block K=4 by the scorer alone at other block sizes (the half-compute target fixes K, not M)
+        {"mode": "block", "weights": w, "num_candidates": 4, "block_size": 4, "segment": "fixed"},
+        {"mode": "block", "weights": w, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
     ]
     if quick:
         runs = [r for r in runs if r.get("num_candidates", 1) <= 8 and "max_tokens" not in r]
@@ -310,7 +313,8 @@ def plot_sweep(results: list[dict], path: Path) -> None:
     if not sweep:
         return
     alone = [r for r in results if r["mode"] == "token" and r["weights"] == {"positive": 1.0}
-             and r["top_k"] == sweep[0]["top_k"] and r["strength"] == sweep[0]["strength"]]
+             and r["top_k"] == sweep[0]["top_k"] and r["strength"] == sweep[0]["strength"]
+             and r.get("tail", "drop") == sweep[0].get("tail", "drop")]  # not the tail-kept run of the same k
     sweep = sorted([{**r, "weights": {"positive": 1.0, "concise": 0.0}} for r in alone] + sweep,
                    key=lambda r: -r["weights"]["positive"])
     base = next(r for r in results if r["mode"] == "none")

@@ -298,7 +298,8 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
             share >= 0.9, f"gain {srv8['reward'][HEAD] - base:.3f} of {tr8['reward'][HEAD] - base:.3f} ({share:.0%}; "
             f"95% bootstrap interval over prompts {lo:.0%} to {hi:.0%})"
             + ("" if srv8["label"] == "best_of_n N=8" else "; client-side from the samples' scorer values (no server run)"))
-    for lab, issue in (("block K=4 M=8", "14"), ("block K=4 M=8 reward-ranked", "15"),
+    for lab, issue in (("block K=4 M=8", "14"), ("block K=4 M=4", "14"), ("block K=4 entropy segments (max 24)", "14"),
+                       ("block K=4 M=8 reward-ranked", "15"),
                        ("block K=4 sentence segments (max 24) reward-ranked", "15"),
                        ("block K=4 entropy segments (max 24) reward-ranked", "15"),
                        (f"block K=4 M=8 reward-ranked [{HEAD}={SCORER_IN_REWARD_UNITS:g}]", "14"),
