@@ -59,6 +59,7 @@ from benchmarks.quality.runs import (
     reusable,
     scorer_id,
     spread,
+    sweep_points,
     token_words,
     top_k_words,
     with_rewards,
@@ -309,14 +310,9 @@ def plot_sweep(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = [r for r in results if r.get("sweep")]
+    sweep = sweep_points(results)
     if not sweep:
         return
-    alone = [r for r in results if r["mode"] == "token" and r["weights"] == {"positive": 1.0}
-             and r["top_k"] == sweep[0]["top_k"] and r["strength"] == sweep[0]["strength"]
-             and r.get("tail", "drop") == sweep[0].get("tail", "drop")]  # not the tail-kept run of the same k
-    sweep = sorted([{**r, "weights": {"positive": 1.0, "concise": 0.0}} for r in alone] + sweep,
-                   key=lambda r: -r["weights"]["positive"])
     base = next(r for r in results if r["mode"] == "none")
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     xs = [r["reward"]["concise"] for r in sweep]

@@ -133,3 +133,16 @@ def scorer_id(path: str | Path) -> str:
         steering = {k: v for k, v in json.loads(config.read_text()).items() if k != "provenance"}
         h.update(json.dumps(steering, sort_keys=True).encode())
     return h.hexdigest()[:12]
+
+
+def sweep_points(results: list[dict]) -> list[dict]:
+    """The weights sweep's runs, positive's weight falling, with (1, 0): the token run steering
+    positive alone at the sweep's top_k, tail and strength (not the tail-kept run of the same k)."""
+    sweep = [r for r in results if r.get("sweep")]
+    if not sweep:
+        return []
+    alone = [r for r in results if r["mode"] == "token" and r["weights"] == {"positive": 1.0}
+             and r["top_k"] == sweep[0]["top_k"] and r["strength"] == sweep[0]["strength"]
+             and r.get("tail", "drop") == sweep[0].get("tail", "drop")]
+    return sorted([{**r, "weights": {"positive": 1.0, "concise": 0.0}} for r in alone] + sweep,
+                  key=lambda r: -r["weights"]["positive"])

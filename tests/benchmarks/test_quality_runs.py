@@ -7,7 +7,15 @@ import json
 
 import pytest
 
-from benchmarks.quality.runs import name, named, reusable, scorer_id, uses_scorer, with_rewards
+from benchmarks.quality.runs import (
+    name,
+    named,
+    reusable,
+    scorer_id,
+    sweep_points,
+    uses_scorer,
+    with_rewards,
+)
 
 TOKEN = {"mode": "token", "weights": {"positive": 1.0}, "strength": 1.0, "top_k": 20}
 PLAIN = {"mode": "none", "weights": {"positive": 1.0}}
@@ -87,3 +95,18 @@ def test_a_run_stored_with_another_reward_behind_a_head_is_rescored():
     assert new["head_rewards"] == heads and with_rewards(new, heads) is new
     legacy = {"positive": "vader_compound", "concise": "concise"}
     assert with_rewards(run, legacy) is run  # the reward it was stored with: kept
+
+
+def test_sweep_points_take_one_run_per_weight_not_the_tail_kept_one():
+    def token(w, tail=None, **extra):
+        run = {"mode": "token", "weights": w, "top_k": 100, "strength": 2.0, **({"tail": tail} if tail else {})}
+        return {**run, **extra}
+
+    results = [{"mode": "none", "weights": {"positive": 1.0}},
+               token({"positive": 1.0}, reward=1), token({"positive": 1.0}, tail="keep", reward=2),
+               token({"positive": 1.0}, strength=4.0), token({"positive": 1.0}, top_k=20),
+               token({"positive": 0.5, "concise": 0.5}, sweep=True), token({"positive": 0.0, "concise": 1.0}, sweep=True)]
+    points = sweep_points(results)
+    assert [p["weights"]["positive"] for p in points] == [1.0, 0.5, 0.0]
+    assert points[0]["reward"] == 1  # the dropped-tail run of the same top_k and strength
+    assert sweep_points(results[:5]) == []  # no sweep runs: nothing to draw
