@@ -380,22 +380,6 @@ def evaluate(scorer, examples: list[Example], cfg: TrainConfig, pad_id: int, inv
     return total / max(n, 1), per_head / max(n, 1)
 
 
-@torch.no_grad()
-def final_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
-             position: int | None = None) -> torch.Tensor:
-    """R^2 per head of the value at the last token (the whole response) against the true reward;
-    with `position`, of the value after that many generated tokens (rollouts at least that long;
-    NaN where there are none)."""
-    return value_r2(scorer, examples, cfg, pad_id, (position,))[position]
-
-
-@torch.no_grad()
-def value_r2(scorer: PrefixScorer, examples: list[Example], cfg: TrainConfig, pad_id: int,
-             positions: tuple[int | None, ...] = (None, *R2_POSITIONS)) -> dict[int | None, torch.Tensor]:
-    """`final_r2` at several positions (None: the last token) from one pass over the examples."""
-    return r2_by_position(*position_values(scorer, examples, cfg, pad_id, positions), scorer.num_heads)
-
-
 def r2_by_position(preds: dict, trues: dict, num_heads: int) -> dict[int | None, torch.Tensor]:
     """`position_values`' values and rewards -> R^2 per head at each position (NaN where no rollout
     reaches it)."""

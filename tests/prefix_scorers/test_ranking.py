@@ -1,5 +1,5 @@
 """The scorer as a ranker on held-out rollouts (prefix_scorers/ranking.py): hand-computed cases and
-the values it ranks by (the final values `value_r2` scores)."""
+the values it ranks by (the final values `r2_by_position` scores)."""
 
 from __future__ import annotations
 
