@@ -23,13 +23,13 @@ from prefix_scorers.rewards import score_texts
 REWARD = {h.name: h.reward for h in DEFAULT_HEADS}[HEAD]
 
 
-def scored(run: dict, reward: str = REWARD) -> dict:
+def scored(run: dict) -> dict:
     """The run as report.py's paired_interval reads it: answers and the head's reward per answer."""
     answers = run["samples"]
-    return {"answers": answers, f"{HEAD}_per_answer": score_texts([a["text"] for a in answers], [reward])[reward]}
+    return {"answers": answers, f"{HEAD}_per_answer": score_texts([a["text"] for a in answers], [REWARD])[REWARD]}
 
 
-def compare(old: dict, new: dict, reward: str = REWARD) -> list[dict]:
+def compare(old: dict, new: dict) -> list[dict]:
     """One row per run name both caches hold with samples over the same prompts."""
     before = {name(r): r for r in old["runs"] if r.get("samples")}
     rows = []
@@ -37,9 +37,9 @@ def compare(old: dict, new: dict, reward: str = REWARD) -> list[dict]:
         key = name(run)
         if key not in before or not run.get("samples"):
             continue
-        a, b = scored(before[key], reward), scored(run, reward)
-        if [x["prompt"] for x in a["answers"]] != [x["prompt"] for x in b["answers"]]:
+        if [x["prompt"] for x in before[key]["samples"]] != [x["prompt"] for x in run["samples"]]:
             continue  # another prompt set: nothing to pair
+        a, b = scored(before[key]), scored(run)
         lo, hi = paired_interval(b, a)
         rows.append({"run": key, "old": statistics.fmean(a[f"{HEAD}_per_answer"]),
                      "new": statistics.fmean(b[f"{HEAD}_per_answer"]), "diff_95": (lo, hi),
