@@ -7,6 +7,8 @@ resampling prompts).
     python benchmarks/paired_r2.py --run-dir HELD_OUT_RUN SCORER_A SCORER_B ...
 
 HELD_OUT_RUN holds rollouts.jsonl and labels.jsonl of prompts none of the scorers trained on.
+`--head NAME=REWARD` measures every scorer's head NAME against REWARD (labelled in the run), so a
+scorer trained when that head had another reward is compared on the same truth.
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ def main() -> None:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--base-model", default="smollm2")
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--head", action="append", default=[], metavar="NAME=REWARD",
+                    help="measure head NAME against REWARD for every scorer (repeatable)")
     args = ap.parse_args()
+    override = dict(h.split("=", 1) for h in args.head)
     base = resolve_model(args.base_model, default_cache_dir())
     tok = load_tokenizer(base)
     emb = load_model(base).get_input_embeddings().weight.detach().float()
@@ -49,7 +54,11 @@ def main() -> None:
     for path in args.scorers:
         scorer = load_scorer(Path(path), tok, emb).eval()
         heads = scorer.config.head_names
-        examples = load_examples(run / "rollouts.jsonl", run / "labels.jsonl", scorer.config.heads)
+        unknown = set(override) - set(heads)
+        if unknown:
+            raise SystemExit(f"--head names {sorted(unknown)}, not a head of {path} (heads: {heads})")
+        specs = [h.model_copy(update={"reward": override.get(h.name, h.reward)}) for h in scorer.config.heads]
+        examples = load_examples(run / "rollouts.jsonl", run / "labels.jsonl", specs)
         values[path] = final_values(scorer, examples, tok.pad_token_id)
     first = args.scorers[0]
     truth = values[first][1]

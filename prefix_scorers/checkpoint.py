@@ -86,9 +86,10 @@ def load_scorer(directory: str | Path, tokenizer=None, base_embedding: torch.Ten
 DEFAULT_HEADS = [  # formulas: prefix_scorers/rewards/builtin.py
     HeadSpec(name="positive", description="Positive sentiment: VADER compound score in [-1, 1].",
              reward="vader_compound", reward_range=(-1.0, 1.0)),
-    HeadSpec(name="specific", description="Specific wording: distinct numbers and rare real English words "
-             "(wordfreq Zipf frequency in (0, 4)) per word (3+ letters, or numbers); a repeat counts once.",
-             reward="specificity_distinct", reward_range=(0.0, 1.0)),
+    HeadSpec(name="specific", description="Specific English wording: distinct rare English words (wordfreq "
+             "Zipf frequency in (0, 4), not far more frequent in another language) and numbers (at most one per "
+             "two English words) per word (3+ letters, or numbers); a repeat counts once.",
+             reward="specificity_english", reward_range=(0.0, 1.0)),
     HeadSpec(name="concise", description="Shorter answers score higher: max(0, 1 - tokens / 128).",
              reward="concise_tokens", reward_range=(0.0, 1.0)),
     HeadSpec(name="readable", description="Flesch reading ease, clipped to [0, 100], divided by 100.",

@@ -139,6 +139,7 @@ def cmd_train(args) -> None:
                       ensemble_prior=args.ensemble_prior, target=args.target, soft_eta=args.soft_eta,
                       loss=args.loss, dense_source=args.dense_source, dense_lambda=args.dense_lambda,
                       eval_every=args.eval_every, init_from=args.init_from,
+                      retarget=tuple(args.retarget_head),
                       final_weight=args.final_weight, state_weight=args.state_weight)
     held = Path(args.eval_run_dir) if getattr(args, "eval_run_dir", None) else None
     held_ids = {p["id"] for p in read_jsonl(Path(args.eval_prompts))} if getattr(args, "eval_prompts", None) else None
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--init-from", help="continue training a trained scorer checkpoint (e.g. RUN/train/scorer): "
                         "its weights replace the copied layers and fresh heads; architecture and heads must "
                         "match (same --num-layers, --head); the optimiser and its warmup start afresh")
+        sp.add_argument("--retarget-head", action="append", default=[], metavar="NAME",
+                        help="with --init-from: head NAME continues on this run's reward for it although the "
+                        "checkpoint trained it on another of the same range (a corrected reward); repeatable")
         sp.add_argument("--ensemble", type=int, default=1, help="value projections per head, each trained on "
                         "its own bootstrap resample of the rollouts; >1 makes the scorer report a spread")
         sp.add_argument("--ensemble-prior", type=float, default=1.0, help="scale of the members' random "

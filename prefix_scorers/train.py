@@ -109,6 +109,7 @@ class TrainConfig:
     device: str = "cpu"
     base_model: str = "smollm2"
     init_from: str | None = None  # continue from this trained checkpoint's weights (warm_start.py)
+    retarget: tuple[str, ...] = ()  # heads that continue from init_from on another reward (same range)
     heads: list[dict] = field(default_factory=lambda: [h.model_dump() for h in DEFAULT_HEADS])
 
     def __post_init__(self):
@@ -462,7 +463,7 @@ def train(rollouts_path: Path, labels_path: Path, out_dir: Path, cfg: TrainConfi
     scorer = init_from_base(base, tokenizer, heads, num_layers=cfg.num_layers, seed=cfg.seed,
                             base_name=Path(base_dir).name, ensemble=ensemble)
     del base
-    init = init_from_checkpoint(scorer, cfg.init_from) if cfg.init_from else None
+    init = init_from_checkpoint(scorer, cfg.init_from, tuple(cfg.retarget)) if cfg.init_from else None
 
     examples = load_examples(rollouts_path, labels_path, heads)
     if eval_rollouts is not None:

@@ -5,7 +5,10 @@ then replaces every trained tensor with the checkpoint's: the copied layers, the
 each head's value projection and bias, matched by head name (the checkpoint may list its heads in
 another order). What must agree, each checked with an error that names the difference: the
 architecture (depth, widths, RoPE), the heads (same names, each trained on the same reward over
-the same range), the ensemble size, and the tokenizer and embedding fingerprints. The optimiser
+the same range), the ensemble size, and the tokenizer and embedding fingerprints. A head named in
+`retarget` may continue on another reward of the same range (`train --retarget-head NAME`): the
+way to move a head to a corrected reward (`specificity_english` after steering gamed
+`specificity_distinct`) without forgetting what the rest of it learned; the record names it. The optimiser
 starts fresh (the checkpoint folder has no optimiser state), so the run has its usual warmup and
 cosine decay; the normalisation statistics are recomputed after training.
 
@@ -27,7 +30,7 @@ from prefix_scorers.model import PrefixScorer
 _HEAD_TENSORS = ("head_proj", "head_bias")  # head-major rows: member e of head h is row h*E + e
 
 
-def init_from_checkpoint(scorer: PrefixScorer, directory: str | Path) -> dict:
+def init_from_checkpoint(scorer: PrefixScorer, directory: str | Path, retarget: tuple[str, ...] = ()) -> dict:
     """Copy a trained checkpoint's weights into `scorer` (in place) after checking that both are
     the same model; returns a short record of the source for provenance."""
     directory = Path(directory)
@@ -36,7 +39,7 @@ def init_from_checkpoint(scorer: PrefixScorer, directory: str | Path) -> dict:
                                 "folder such as RUN/train/scorer")
     src = ScorerConfig.load(directory)
     want = scorer.config
-    _check_same_model(src, want, directory)
+    _check_same_model(src, want, directory, retarget)
     state = load_file(str(directory / "model.safetensors"))
     E = want.ensemble_size
     order = [src.head_names.index(h.name) * E + e for h in want.heads for e in range(E)]
@@ -57,10 +60,12 @@ def init_from_checkpoint(scorer: PrefixScorer, directory: str | Path) -> dict:
     prov = src.provenance
     return {"path": str(directory), "dtype": str(next(iter(state.values())).dtype).removeprefix("torch."),
             "trained": prov.trained, "objective": prov.objective, "data_size": prov.data_size,
-            "epochs": prov.metrics.get("epochs"), "train_seconds": prov.metrics.get("train_seconds")}
+            "epochs": prov.metrics.get("epochs"), "train_seconds": prov.metrics.get("train_seconds"),
+            **({"retargeted": {h.name: {"from": src.heads[src.head_names.index(h.name)].reward, "to": h.reward}
+                               for h in want.heads if h.name in retarget}} if retarget else {})}
 
 
-def _check_same_model(src: ScorerConfig, want: ScorerConfig, directory: Path) -> None:
+def _check_same_model(src: ScorerConfig, want: ScorerConfig, directory: Path, retarget: tuple[str, ...] = ()) -> None:
     a, b = src.architecture.model_dump(), want.architecture.model_dump()
     diff = {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
     if diff:
@@ -75,12 +80,16 @@ def _check_same_model(src: ScorerConfig, want: ScorerConfig, directory: Path) ->
                          f"{sorted(ours)} (missing in the checkpoint: {sorted(set(ours) - set(theirs))}, "
                          f"not trained here: {sorted(set(theirs) - set(ours))}); pass the checkpoint's heads "
                          "with --head name=reward, or train from scratch")
+    unknown = sorted(set(retarget) - set(ours))
+    if unknown:
+        raise ValueError(f"--retarget-head {unknown}: not a head of this run ({sorted(ours)})")
     for name, h in ours.items():
         t = theirs[name]
-        if (t.reward, tuple(t.reward_range)) != (h.reward, tuple(h.reward_range)):
+        if tuple(t.reward_range) != tuple(h.reward_range) or (t.reward != h.reward and name not in retarget):
             raise ValueError(f"--init-from {directory}: head {name!r} was trained on reward {t.reward!r} "
                              f"(range {tuple(t.reward_range)}), this run's is {h.reward!r} "
-                             f"(range {tuple(h.reward_range)}): a head continues only on its own reward")
+                             f"(range {tuple(h.reward_range)}): a head continues only on its own reward, or "
+                             "on another of the same range with --retarget-head " + name)
     if src.ensemble_size != want.ensemble_size:
         raise ValueError(f"--init-from {directory}: the checkpoint has {src.ensemble_size} value projection(s) "
                          f"per head, this run {want.ensemble_size} (--ensemble)")

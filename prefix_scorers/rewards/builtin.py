@@ -3,7 +3,8 @@
 | reward           | head      | range    | formula                                                        |
 |------------------|-----------|----------|----------------------------------------------------------------|
 | `vader_compound` | positive  | [-1, 1]  | VADER compound sentiment score of the text                     |
-| `specificity_distinct` | specific | [0, 1] | distinct numbers and rare real words / words (below)       |
+| `specificity_english` | specific | [0, 1] | distinct rare English words and (capped) numbers / words (below) |
+| `specificity_distinct` | -     | [0, 1]   | distinct numbers and rare real words / words (below)           |
 | `concise_tokens` | concise   | [0, 1]   | max(0, 1 - tokens / 128), tokens of SmolLM2's tokenizer         |
 | `readable`       | readable  | [0, 1]   | clip(Flesch reading ease, 0, 100) / 100                         |
 | `civility`       | -         | [0, 1]   | 1 - P(offensive) from alt-profanity-check's linear SVM          |
@@ -17,8 +18,13 @@ both: `concise` counts whitespace-separated words, so "A-B-A-B-A..." or a run of
 0.077 vs 0.005 at strength 4). Their successors measure what a user wants: `concise_tokens`
 counts the tokens an answer costs (SmolLM2's tokenizer, the embedded base model's; another
 base model's tokenizer splits text nearly alike, and the count is the same for every mode
-compared), and `specificity_distinct` counts each specific word once. The old two stay
-registered, unchanged, for requests and results that name them.
+compared), and `specificity_distinct` counts each specific word once. Steering hacked that
+one too (strength 4: answers of bare numbers, "11 26 2020 24", and Spanish loops, "esos esos",
+whose words are rare in English; repetition 0.057 vs 0.005): `specificity_english`, the `specific`
+head's reward since 38e9118's successor, counts a word only if it is English (its English Zipf
+frequency is at most `FOREIGN_MARGIN` below its frequency in any of `OTHER_LANGUAGES`) and counts
+distinct numbers only up to `NUMBERS_PER_WORD` per English word, so a number needs prose around it.
+The older rewards stay registered, unchanged, for requests and results that name them.
 
 Flesch reading ease = 206.835 - 1.015 * words/sentences - 84.6 * syllables/words, with words and
 sentences counted by textstat (`lexicon_count`, `sentence_count`) and syllables by the en_US
@@ -50,6 +56,12 @@ from prefix_scorers.rewards.registry import register_reward
 CONCISE_WORDS = 50  # an answer of this many words (or more) scores 0 on `concise`
 CONCISE_TOKENS = 128  # `concise_tokens`: an answer of this many tokens (or more) scores 0
 RARE_ZIPF = 4.0  # `specificity`: words rarer than this Zipf frequency count as specific
+# `specificity_english`: a word more than this much (Zipf: log10, so 100x) more frequent in another
+# language than in English is foreign ("esos" 1.7 in English, 5.5 in Spanish; "della" 3.4 / 6.9);
+# English words shared with others stay English ("espresso" 3.4 / 4.6, "ambiance" 2.7 / 4.6)
+OTHER_LANGUAGES = ("es", "fr", "de", "it", "pt", "nl")
+FOREIGN_MARGIN = 2.0
+NUMBERS_PER_WORD = 0.5  # distinct numbers count up to half the English words ("180 degrees", not "11 26 2020")
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _SPECIFIC_TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)*")
 
@@ -128,11 +140,11 @@ def readable(texts: Sequence[str]) -> list[float]:
     return [min(100.0, max(0.0, flesch_reading_ease(t))) / 100.0 for t in texts]
 
 
-@lru_cache(maxsize=200_000)
-def _zipf(word: str) -> float:
+@lru_cache(maxsize=400_000)
+def _zipf(word: str, lang: str = "en") -> float:
     from wordfreq import zipf_frequency
 
-    return zipf_frequency(word, "en")
+    return zipf_frequency(word, lang)
 
 
 def is_specific(word: str) -> bool:
@@ -150,6 +162,24 @@ def specificity(text: str, distinct: bool = False) -> float:
     return len(specific) / len(words) if words else 0.0
 
 
+def is_english(word: str) -> bool:
+    """A word wordfreq knows in English that is not far more frequent in another language."""
+    en = _zipf(word.lower())
+    return en > 0.0 and all(_zipf(word.lower(), lang) - en <= FOREIGN_MARGIN for lang in OTHER_LANGUAGES)
+
+
+def specificity_english(text: str) -> float:
+    """(distinct rare English words + min(distinct numbers, NUMBERS_PER_WORD x English words)) / words,
+    words as in `specificity` (3+ letters, or numbers); foreign words and non-words count as words."""
+    words = [w for w in _SPECIFIC_TOKEN.findall(text) if w[0].isdigit() or len(w) >= 3]
+    if not words:
+        return 0.0
+    english = [w for w in words if not w[0].isdigit() and is_english(w)]
+    rare = {w.lower() for w in english if _zipf(w.lower()) < RARE_ZIPF}
+    numbers = {w for w in words if w[0].isdigit()}
+    return (len(rare) + min(len(numbers), int(NUMBERS_PER_WORD * len(english)))) / len(words)
+
+
 @register_reward("specificity", description=f"Specific wording: share of words that are numbers or rare "
                  f"(wordfreq Zipf frequency < {RARE_ZIPF:g}).", reward_range=(0.0, 1.0))
 def specificity_reward(texts: Sequence[str]) -> list[float]:
@@ -161,3 +191,11 @@ def specificity_reward(texts: Sequence[str]) -> list[float]:
                  reward_range=(0.0, 1.0))
 def specificity_distinct_reward(texts: Sequence[str]) -> list[float]:
     return [specificity(t, distinct=True) for t in texts]
+
+
+@register_reward("specificity_english", description="Specific English wording: distinct rare English words "
+                 f"(wordfreq Zipf < {RARE_ZIPF:g}, not far more frequent in {'/'.join(OTHER_LANGUAGES)}) and "
+                 f"distinct numbers (at most {NUMBERS_PER_WORD:g} per English word) per word.",
+                 reward_range=(0.0, 1.0))
+def specificity_english_reward(texts: Sequence[str]) -> list[float]:
+    return [specificity_english(t) for t in texts]

@@ -71,6 +71,28 @@ def test_init_from_refuses_another_depth_or_other_heads(base, tmp_path):
         init_from_checkpoint(init_from_base(model, tok, other_reward, num_layers=1, seed=0), ckpt)
 
 
+def test_a_retargeted_head_continues_on_a_corrected_reward_of_the_same_range(base, tmp_path):
+    """`--retarget-head specific` moves the head to another reward (as `specificity_english`
+    replaced `specificity_distinct`) keeping its weights; another range, or a head not named, is
+    still refused."""
+    model, tok = base
+    trained, ckpt = _trained(base, tmp_path)
+    i = [h.name for h in DEFAULT_HEADS].index("specific")
+    moved = [h.model_copy(update={"reward": "specificity"}) if h.name == "specific" else h for h in DEFAULT_HEADS]
+    with pytest.raises(ValueError, match=r"head 'specific' .*--retarget-head specific"):
+        init_from_checkpoint(init_from_base(model, tok, moved, num_layers=1, seed=0), ckpt)
+    fresh = init_from_base(model, tok, moved, num_layers=1, seed=0)
+    record = init_from_checkpoint(fresh, ckpt, retarget=("specific",))
+    assert torch.equal(fresh.head_proj[i], trained.head_proj[i]) and fresh.head_bias[i] == trained.head_bias[i]
+    assert record["retargeted"] == {"specific": {"from": DEFAULT_HEADS[i].reward, "to": "specificity"}}
+    ranged = [h.model_copy(update={"reward": "vader_compound", "reward_range": (-1.0, 1.0)})
+              if h.name == "specific" else h for h in DEFAULT_HEADS]
+    with pytest.raises(ValueError, match=r"range \(0.0, 1.0\)\), this run's is 'vader_compound' \(range \(-1.0, 1.0\)"):
+        init_from_checkpoint(init_from_base(model, tok, ranged, num_layers=1, seed=0), ckpt, retarget=("specific",))
+    with pytest.raises(ValueError, match=r"--retarget-head \['happy'\]"):
+        init_from_checkpoint(init_from_base(model, tok, moved, num_layers=1, seed=0), ckpt, retarget=("happy",))
+
+
 def _tiny_run(run, tok, n=8):
     """Labelled rollouts written directly: 4 prompts x 2 answers of a few tokens."""
     rows, labels = [], []

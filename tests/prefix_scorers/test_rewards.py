@@ -26,7 +26,8 @@ HARD = ("The mitochondrial electron transport chain facilitates oxidative phosph
 def test_builtin_rewards_are_registered_with_ranges():
     names = {r.name: r.reward_range for r in list_rewards()}
     assert names["vader_compound"] == (-1.0, 1.0)
-    for name in ("civility", "concise", "concise_tokens", "readable", "specificity", "specificity_distinct"):
+    for name in ("civility", "concise", "concise_tokens", "readable", "specificity", "specificity_distinct",
+                 "specificity_english"):
         assert names[name] == (0.0, 1.0)
 
 
@@ -68,6 +69,35 @@ def test_specificity_distinct_does_not_pay_for_repeats():
     assert old[1] > old[0]  # repeating a number raised the old share
     assert new[0] == pytest.approx(3 / 6) and new[1] == pytest.approx(4 / 10) and new[2] == 0.0
     assert new[1] < new[0]
+
+
+def test_specificity_english_does_not_pay_for_bare_numbers_or_foreign_words():
+    """Steering the `specific` head at strength 4 (default 38e9118b6e72) found two ways to score on
+    `specificity_distinct` without being specific: answers of bare numbers, and Spanish, whose
+    words are rare in English. `specificity_english` pays for neither; English answers score as before."""
+    recipe = "Bake it for 30 minutes at 180 degrees with cardamom."
+    numbers = "11 26 2020 24 24 24"
+    spanish = "La scoala de este dia en el lado de esos esos esos"
+    english_loanwords = "An espresso with ambiance and chlorophyll."
+    old = get_reward("specificity_distinct")([recipe, numbers, spanish, english_loanwords])
+    new = get_reward("specificity_english")([recipe, numbers, spanish, english_loanwords, "", "42"])
+    assert old[1] > 0.5 and old[2] > 0.3  # the hacks paid under the old reward
+    # recipe: words Bake, for, 30, minutes, 180, degrees, with, cardamom (8); English words 6, so up
+    # to 3 numbers count: 30, 180, and the rare words bake and cardamom
+    assert new[0] == pytest.approx(4 / 8) and new[0] == pytest.approx(old[0])
+    assert new[1] == 0.0  # no English words: no number counts
+    assert new[2] == 0.0  # este, dia, lado, esos: far more frequent in Spanish than in English
+    assert new[3] == pytest.approx(old[3]) and new[3] > 0.5  # loanwords stay English
+    assert new[4:] == [0.0, 0.0]
+
+
+def test_specificity_english_caps_numbers_by_the_prose_around_them():
+    from prefix_scorers.rewards.builtin import NUMBERS_PER_WORD, specificity_english
+
+    text = "Research shows 2008 2009 2010 2011"  # 2 English words: at most one number counts
+    assert int(NUMBERS_PER_WORD * 2) == 1
+    assert specificity_english(text) == pytest.approx(1 / 6)
+    assert specificity_english("Research shows 2008 figures") == pytest.approx(1 / 4)
 
 
 def test_readable_prefers_plain_text():
