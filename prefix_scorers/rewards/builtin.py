@@ -21,7 +21,7 @@ base model's tokenizer splits text nearly alike, and the count is the same for e
 compared), and `specificity_distinct` counts each specific word once. Steering hacked that
 one too (strength 4: answers of bare numbers, "11 26 2020 24", and Spanish loops, "esos esos",
 whose words are rare in English; repetition 0.057 vs 0.005): `specificity_english`, the `specific`
-head's reward since 38e9118's successor, counts a word only if it is English (its English Zipf
+head's reward since scorer 3d045851311a, counts a word only if it is English (its English Zipf
 frequency is at most `FOREIGN_MARGIN` below its frequency in any of `OTHER_LANGUAGES`) and counts
 distinct numbers only up to `NUMBERS_PER_WORD` per English word, so a number needs prose around it.
 The older rewards stay registered, unchanged, for requests and results that name them.
