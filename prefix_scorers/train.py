@@ -113,6 +113,9 @@ class TrainConfig:
     heads: list[dict] = field(default_factory=lambda: [h.model_dump() for h in DEFAULT_HEADS])
 
     def __post_init__(self):
+        if self.retarget and not self.init_from:
+            raise ValueError(f"retarget {list(self.retarget)} (--retarget-head) moves a head of the --init-from "
+                             "checkpoint to another reward: pass --init-from too, or drop --retarget-head")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.target not in (*TARGETS, "dense"):

@@ -91,6 +91,8 @@ def test_a_retargeted_head_continues_on_a_corrected_reward_of_the_same_range(bas
         init_from_checkpoint(init_from_base(model, tok, ranged, num_layers=1, seed=0), ckpt, retarget=("specific",))
     with pytest.raises(ValueError, match=r"--retarget-head \['happy'\]"):
         init_from_checkpoint(init_from_base(model, tok, moved, num_layers=1, seed=0), ckpt, retarget=("happy",))
+    with pytest.raises(ValueError, match="pass --init-from too"):
+        TrainConfig(retarget=("specific",))
 
 
 def _tiny_run(run, tok, n=8):
