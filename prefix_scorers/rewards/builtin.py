@@ -154,8 +154,13 @@ def is_specific(word: str) -> bool:
     return 0.0 < _zipf(word.lower()) < RARE_ZIPF
 
 
+def _specific_words(text: str) -> list[str]:
+    """The words the specificity rewards count: runs of 3+ letters, and numbers."""
+    return [w for w in _SPECIFIC_TOKEN.findall(text) if w[0].isdigit() or len(w) >= 3]
+
+
 def specificity(text: str, distinct: bool = False) -> float:
-    words = [w for w in _SPECIFIC_TOKEN.findall(text) if w[0].isdigit() or len(w) >= 3]
+    words = _specific_words(text)
     specific = [w for w in words if is_specific(w)]
     if distinct:  # each specific word (case-folded) counts once: repeating one does not pay
         specific = list({w.lower() for w in specific})
@@ -164,18 +169,19 @@ def specificity(text: str, distinct: bool = False) -> float:
 
 def is_english(word: str) -> bool:
     """A word wordfreq knows in English that is not far more frequent in another language."""
-    en = _zipf(word.lower())
-    return en > 0.0 and all(_zipf(word.lower(), lang) - en <= FOREIGN_MARGIN for lang in OTHER_LANGUAGES)
+    word = word.lower()
+    en = _zipf(word)
+    return en > 0.0 and all(_zipf(word, lang) - en <= FOREIGN_MARGIN for lang in OTHER_LANGUAGES)
 
 
 def specificity_english(text: str) -> float:
     """(distinct rare English words + min(distinct numbers, NUMBERS_PER_WORD x English words)) / words,
     words as in `specificity` (3+ letters, or numbers); foreign words and non-words count as words."""
-    words = [w for w in _SPECIFIC_TOKEN.findall(text) if w[0].isdigit() or len(w) >= 3]
+    words = _specific_words(text)
     if not words:
         return 0.0
     english = [w for w in words if not w[0].isdigit() and is_english(w)]
-    rare = {w.lower() for w in english if _zipf(w.lower()) < RARE_ZIPF}
+    rare = {w.lower() for w in english if is_specific(w)}
     numbers = {w for w in words if w[0].isdigit()}
     return (len(rare) + min(len(numbers), int(NUMBERS_PER_WORD * len(english)))) / len(words)
 

@@ -82,8 +82,8 @@ def test_specificity_english_does_not_pay_for_bare_numbers_or_foreign_words():
     old = get_reward("specificity_distinct")([recipe, numbers, spanish, english_loanwords])
     new = get_reward("specificity_english")([recipe, numbers, spanish, english_loanwords, "", "42"])
     assert old[1] > 0.5 and old[2] > 0.3  # the hacks paid under the old reward
-    # recipe: words Bake, for, 30, minutes, 180, degrees, with, cardamom (8); English words 6, so up
-    # to 3 numbers count: 30, 180, and the rare words bake and cardamom
+    # recipe: words Bake, for, 30, minutes, 180, degrees, with, cardamom (8); 6 English words, so up
+    # to 3 numbers count (30 and 180), plus the rare words bake and cardamom
     assert new[0] == pytest.approx(4 / 8) and new[0] == pytest.approx(old[0])
     assert new[1] == 0.0  # no English words: no number counts
     assert new[2] == 0.0  # este, dia, lado, esos: far more frequent in Spanish than in English
