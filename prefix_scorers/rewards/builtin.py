@@ -3,7 +3,8 @@
 | reward           | head      | range    | formula                                                        |
 |------------------|-----------|----------|----------------------------------------------------------------|
 | `vader_compound` | positive  | [-1, 1]  | VADER compound sentiment score of the text                     |
-| `specificity_english` | specific | [0, 1] | distinct rare English words and (capped) numbers / words (below) |
+| `specificity_prose` | specific | [0, 1]   | as `specificity_english`, emoji count as words, at least 12 words (below) |
+| `specificity_english` | -       | [0, 1]   | distinct rare English words and (capped) numbers / words (below) |
 | `specificity_distinct` | -     | [0, 1]   | distinct numbers and rare real words / words (below)           |
 | `concise_tokens` | concise   | [0, 1]   | max(0, 1 - tokens / 128), tokens of SmolLM2's tokenizer         |
 | `readable`       | readable  | [0, 1]   | clip(Flesch reading ease, 0, 100) / 100                         |
@@ -20,10 +21,16 @@ counts the tokens an answer costs (SmolLM2's tokenizer, the embedded base model'
 base model's tokenizer splits text nearly alike, and the count is the same for every mode
 compared), and `specificity_distinct` counts each specific word once. Steering hacked that
 one too (strength 4: answers of bare numbers, "11 26 2020 24", and Spanish loops, "esos esos",
-whose words are rare in English; repetition 0.057 vs 0.005): `specificity_english`, the `specific`
-head's reward since scorer 3d045851311a, counts a word only if it is English (its English Zipf
+whose words are rare in English; repetition 0.057 vs 0.005): `specificity_english` (the `specific`
+head's reward in scorer 3d045851311a) counts a word only if it is English (its English Zipf
 frequency is at most `FOREIGN_MARGIN` below its frequency in any of `OTHER_LANGUAGES`) and counts
 distinct numbers only up to `NUMBERS_PER_WORD` per English word, so a number needs prose around it.
+Steering hacked its denominator in turn (strength 4, 48 prompts): a word followed by a run of
+emoji ("Deafens! 📌📌📌...") scored 1.0, emoji not being words, and so did one-word answers
+("Unreal."). `specificity_prose`, the `specific` head's reward since then, counts each emoji (and
+any other Unicode "Symbol, other" character) as a word and divides by at least `MIN_PROSE_WORDS`,
+as if a shorter answer were padded with plain words: "Unreal." scores 1/12. On 376 plain held-out
+answers it agrees with `specificity_english` (correlation 0.90, mean 0.094 vs 0.101).
 The older rewards stay registered, unchanged, for requests and results that name them.
 
 Flesch reading ease = 206.835 - 1.015 * words/sentences - 84.6 * syllables/words, with words and
@@ -48,6 +55,7 @@ ships with the wordfreq package: nothing is downloaded. An empty text scores 0.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -62,6 +70,7 @@ RARE_ZIPF = 4.0  # `specificity`: words rarer than this Zipf frequency count as 
 OTHER_LANGUAGES = ("es", "fr", "de", "it", "pt", "nl")
 FOREIGN_MARGIN = 2.0
 NUMBERS_PER_WORD = 0.5  # distinct numbers count up to half the English words ("180 degrees", not "11 26 2020")
+MIN_PROSE_WORDS = 12  # `specificity_prose` divides by at least this many words (5% of plain answers are shorter)
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _SPECIFIC_TOKEN = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?|\d+(?:[.,]\d+)*")
 
@@ -186,6 +195,18 @@ def specificity_english(text: str) -> float:
     return (len(rare) + min(len(numbers), int(NUMBERS_PER_WORD * len(english)))) / len(words)
 
 
+def specificity_prose(text: str) -> float:
+    """`specificity_english` with each emoji (Unicode category So) counted as a word and at least
+    `MIN_PROSE_WORDS` words in the denominator: neither padding nor brevity pays."""
+    words = _specific_words(text)
+    symbols = sum(unicodedata.category(c) == "So" for c in text)
+    english = [w for w in words if not w[0].isdigit() and is_english(w)]
+    rare = {w.lower() for w in english if is_specific(w)}
+    numbers = {w for w in words if w[0].isdigit()}
+    specific = len(rare) + min(len(numbers), int(NUMBERS_PER_WORD * len(english)))
+    return specific / max(len(words) + symbols, MIN_PROSE_WORDS)
+
+
 @register_reward("specificity", description=f"Specific wording: share of words that are numbers or rare "
                  f"(wordfreq Zipf frequency < {RARE_ZIPF:g}).", reward_range=(0.0, 1.0))
 def specificity_reward(texts: Sequence[str]) -> list[float]:
@@ -205,3 +226,10 @@ def specificity_distinct_reward(texts: Sequence[str]) -> list[float]:
                  reward_range=(0.0, 1.0))
 def specificity_english_reward(texts: Sequence[str]) -> list[float]:
     return [specificity_english(t) for t in texts]
+
+
+@register_reward("specificity_prose", description="Specific English prose: `specificity_english` with each emoji "
+                 f"counted as a word and at least {MIN_PROSE_WORDS} words in the denominator.",
+                 reward_range=(0.0, 1.0))
+def specificity_prose_reward(texts: Sequence[str]) -> list[float]:
+    return [specificity_prose(t) for t in texts]

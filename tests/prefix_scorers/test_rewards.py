@@ -27,7 +27,7 @@ def test_builtin_rewards_are_registered_with_ranges():
     names = {r.name: r.reward_range for r in list_rewards()}
     assert names["vader_compound"] == (-1.0, 1.0)
     for name in ("civility", "concise", "concise_tokens", "readable", "specificity", "specificity_distinct",
-                 "specificity_english"):
+                 "specificity_english", "specificity_prose"):
         assert names[name] == (0.0, 1.0)
 
 
@@ -98,6 +98,24 @@ def test_specificity_english_caps_numbers_by_the_prose_around_them():
     assert int(NUMBERS_PER_WORD * 2) == 1
     assert specificity_english(text) == pytest.approx(1 / 6)
     assert specificity_english("Research shows 2008 figures") == pytest.approx(1 / 4)
+
+
+def test_specificity_prose_does_not_pay_for_emoji_padding_or_one_word_answers():
+    """Steering `specific` (specificity_english) at strength 4 (default 3d045851311a) answered with a
+    word and a run of emoji, or one rare word: both scored 1.0. `specificity_prose` counts each emoji
+    as a word and divides by at least MIN_PROSE_WORDS; prose of that length scores as before."""
+    from prefix_scorers.rewards.builtin import MIN_PROSE_WORDS
+
+    padded, one_word = "Deafens! " + "\U0001F4CC" * 14, "Unreal."
+    prose = "The ancient dragon guarded a hoard of 300 sapphires deep inside the volcanic caldera beneath the mountains."
+    old = get_reward("specificity_english")([padded, one_word, prose])
+    new = get_reward("specificity_prose")([padded, one_word, prose, "", "\U0001F4CC" * 20])
+    assert old[:2] == [1.0, 1.0]  # the hacks paid under the old reward
+    assert MIN_PROSE_WORDS == 12
+    assert new[0] == pytest.approx(1 / 15)  # Deafens + 14 emoji
+    assert new[1] == pytest.approx(1 / 12)  # one word, scored as if padded to twelve
+    assert len(prose.split()) > MIN_PROSE_WORDS and new[2] == pytest.approx(old[2]) and new[2] > 0.2
+    assert new[3:] == [0.0, 0.0]
 
 
 def test_readable_prefers_plain_text():
