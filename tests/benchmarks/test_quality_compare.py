@@ -37,11 +37,12 @@ def test_runs_one_cache_lacks_or_over_other_prompts_are_skipped():
 
 def test_another_head_is_scored_with_its_own_reward():
     """`--head specific` pairs the runs on `specific`'s reward, not on the first head's."""
+    from benchmarks.quality.compare import REWARDS
     from prefix_scorers.rewards import get_reward
 
     vague, specific = "It was a very nice and good day.", "We hiked 12 miles past glaciers, moraines and fjords."
     old, new = {"runs": [token_run([vague] * 3)]}, {"runs": [token_run([specific] * 3)]}
     by_positive, by_specific = compare(old, new)[0], compare(old, new, "specific")[0]
-    reward = get_reward("specificity_prose")
+    reward = get_reward(REWARDS["specific"])
     assert by_specific["new"] == pytest.approx(reward([specific])[0]) and by_specific["new"] > by_specific["old"]
     assert by_positive["new"] < by_positive["old"]  # the same answers lose on sentiment
