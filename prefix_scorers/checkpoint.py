@@ -88,8 +88,8 @@ DEFAULT_HEADS = [  # formulas: prefix_scorers/rewards/builtin.py
              reward="vader_compound", reward_range=(-1.0, 1.0)),
     HeadSpec(name="specific", description="Specific English wording: distinct rare English words (wordfreq "
              "Zipf frequency in (0, 4), not far more frequent in another language) and numbers (at most one per "
-             "two English words) per word (3+ letters, or numbers); a repeat counts once.",
-             reward="specificity_english", reward_range=(0.0, 1.0)),
+             "two English words) per word (3+ letters, numbers, or emoji; at least 12 words); a repeat counts once.",
+             reward="specificity_prose", reward_range=(0.0, 1.0)),
     HeadSpec(name="concise", description="Shorter answers score higher: max(0, 1 - tokens / 128).",
              reward="concise_tokens", reward_range=(0.0, 1.0)),
     HeadSpec(name="readable", description="Flesch reading ease, clipped to [0, 100], divided by 100.",
