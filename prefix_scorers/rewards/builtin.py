@@ -187,12 +187,15 @@ def specificity_english(text: str) -> float:
     """(distinct rare English words + min(distinct numbers, NUMBERS_PER_WORD x English words)) / words,
     words as in `specificity` (3+ letters, or numbers); foreign words and non-words count as words."""
     words = _specific_words(text)
-    if not words:
-        return 0.0
+    return _english_specific(words) / len(words) if words else 0.0
+
+
+def _english_specific(words: list[str]) -> int:
+    """Distinct rare English words plus distinct numbers, at most NUMBERS_PER_WORD per English word."""
     english = [w for w in words if not w[0].isdigit() and is_english(w)]
     rare = {w.lower() for w in english if is_specific(w)}
     numbers = {w for w in words if w[0].isdigit()}
-    return (len(rare) + min(len(numbers), int(NUMBERS_PER_WORD * len(english)))) / len(words)
+    return len(rare) + min(len(numbers), int(NUMBERS_PER_WORD * len(english)))
 
 
 def specificity_prose(text: str) -> float:
@@ -200,11 +203,7 @@ def specificity_prose(text: str) -> float:
     `MIN_PROSE_WORDS` words in the denominator: neither padding nor brevity pays."""
     words = _specific_words(text)
     symbols = sum(unicodedata.category(c) == "So" for c in text)
-    english = [w for w in words if not w[0].isdigit() and is_english(w)]
-    rare = {w.lower() for w in english if is_specific(w)}
-    numbers = {w for w in words if w[0].isdigit()}
-    specific = len(rare) + min(len(numbers), int(NUMBERS_PER_WORD * len(english)))
-    return specific / max(len(words) + symbols, MIN_PROSE_WORDS)
+    return _english_specific(words) / max(len(words) + symbols, MIN_PROSE_WORDS)
 
 
 @register_reward("specificity", description=f"Specific wording: share of words that are numbers or rare "
