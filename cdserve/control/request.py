@@ -25,7 +25,7 @@ Tail = Literal["drop", "keep"]
 # combined value reported with every output).
 _FIELDS_BY_MODE: dict[str, set[str]] = {
     "none": {"weights", "risk"},
-    "token": {"weights", "strength", "top_k", "tail", "risk"},
+    "token": {"weights", "strength", "top_k", "tail", "risk", "plausibility"},
     "block": {"weights", "strength", "block_size", "num_candidates", "selection", "rewards", "segment",
               "entropy_threshold", "risk"},
     "best_of_n": {"weights", "strength", "num_candidates", "selection", "rewards", "prune_every",
@@ -51,6 +51,11 @@ class ControlRequest(BaseModel):
                               "dropped (drop: never sampled, the controlled-decoding paper's top-k) or kept in "
                               "their base proportions, valued at the top_k's expected value under the base model "
                               "(keep: no KL spent on cutting them off).")
+    plausibility: float | None = Field(
+        None, description="token mode, 0 to <1: a token whose base probability (temperature 1) is below "
+        "plausibility x the most likely token's may be lowered by steering but never raised above the expected "
+        "value of a base sample: strong steering cannot spell made-up words out of tokens the base model finds "
+        "implausible. 0: off.")
     block_size: int | None = Field(None, description="block mode: tokens per block (M).")
     num_candidates: int | None = Field(None, description="block/best_of_n: candidates per selection (K or N).")
     selection: Selection | None = Field(None, description="block/best_of_n: argmax, or sample by "
@@ -96,6 +101,8 @@ class ControlConfig(BaseModel):
                        "at about its cost; with tail keep, the whole vocabulary's KL; benchmarks/RESULTS.md).")
     tail: Tail = Field("drop", description="Default for token mode's tokens outside the top_k: drop them, "
                        "or keep them in their base proportions (keep).")
+    plausibility: float = Field(0.0, ge=0, lt=1, description="Default plausibility of token mode (0: steering may "
+                                "raise any top_k token; benchmarks/RESULTS.md measures 0.02 to 0.1).")
     block_size: int = Field(8, ge=1, description="Default block size M.")
     num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
     selection: Selection = "argmax"
@@ -150,6 +157,7 @@ class ResolvedControl:
     keep_fraction: float = 0.5
     entropy_threshold: float = 3.0  # segment "entropy": nats, base model at temperature 1
     risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
+    plausibility: float = 0.0  # token mode: steering.hold_implausible
 
     @property
     def candidates(self) -> int:
@@ -159,7 +167,7 @@ class ResolvedControl:
     def extra_args(self) -> dict[str, Any]:
         """A plain dict (for vLLM's SamplingParams.extra_args)."""
         return {"mode": self.mode, "weights": list(self.weights), "strength": self.strength,
-                "top_k": self.top_k, "tail": self.tail, "risk": self.risk}
+                "top_k": self.top_k, "tail": self.tail, "risk": self.risk, "plausibility": self.plausibility}
 
 
 def parse_control(raw: Any) -> ControlRequest:
@@ -232,6 +240,11 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
         raise InvalidRequestError("control.keep_fraction", f"must be in (0, 1], got {keep_fraction}")
     risk = _finite("control.risk", req.risk if req.risk is not None else config.risk)
     _within("control.risk", risk, -1.0, 1.0, " (negative avoids uncertain values, positive seeks them)")
+    plausibility = _finite("control.plausibility",
+                           req.plausibility if req.plausibility is not None else config.plausibility)
+    if not 0 <= plausibility < 1:
+        raise InvalidRequestError("control.plausibility", f"must be in [0, 1) (a share of the most likely token's "
+                                  f"probability; 0: off), got {plausibility}")
     segment = req.segment or (config.segment if mode == "block" else "fixed")
     if mode == "best_of_n" and prune_every == 0:
         segment = "fixed"  # best_of_n's segment ends are pruning points: none without prune_every
@@ -253,4 +266,4 @@ def resolve_control(raw: Any, config: ControlConfig, heads: list[str],
                            rewards=tuple((n, float(w)) for n, w in sorted((req.rewards or {}).items())),
                            segment=segment, entropy_threshold=entropy_threshold,
                            prune_every=int(prune_every) if mode == "best_of_n" else 0, keep_fraction=keep_fraction,
-                           risk=risk)
+                           risk=risk, plausibility=plausibility)

@@ -306,6 +306,7 @@ def _control_union(limits: Limits) -> Any:
         "keep_fraction": Annotated[float, Field(gt=0, le=1)],
         "entropy_threshold": Annotated[float, Field(gt=0)],
         "risk": Annotated[float, Field(ge=-1, le=1)],
+        "plausibility": Annotated[float, Field(ge=0, lt=1)],
     }
 
     def field(name: str) -> tuple[Any, Any]:

@@ -84,7 +84,8 @@ def _token_rows(rows: list[Row], index: list[int], queries: torch.Tensor) -> Tok
                      strength=[c.strength for c in ctrls], top_k=[c.top_k for c in ctrls],
                      risk=[c.risk for c in ctrls], positions=[r.gen_position for r in rows],
                      temperature=[r.ctl.sampling.temperature for r in rows],
-                     top_p=[r.ctl.sampling.top_p for r in rows], keep_tail=[c.tail == "keep" for c in ctrls])
+                     top_p=[r.ctl.sampling.top_p for r in rows], keep_tail=[c.tail == "keep" for c in ctrls],
+                     plausibility=[c.plausibility for c in ctrls])
 
 
 def _sampling_tensors(rows: list[Row], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

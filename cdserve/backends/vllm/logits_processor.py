@@ -139,7 +139,8 @@ class ScorerLogitsProcessor(LogitsProcessor):
                          top_k=[r.control.top_k for r in rows], risk=[r.control.risk for r in rows],
                          positions=[len(r.output) for r in rows],  # index of the new token
                          temperature=[r.control.temperature for r in rows], top_p=[r.control.top_p for r in rows],
-                         keep_tail=[r.control.keep_tail for r in rows])
+                         keep_tail=[r.control.keep_tail for r in rows],
+                         plausibility=[r.control.plausibility for r in rows])
 
     @staticmethod
     def _keep_kl(rows: list[tuple[int, Row]], kl: torch.Tensor) -> None:

@@ -55,6 +55,7 @@ class TokenControl:
     sentinel: int = -1  # ...by forcing this token, a stop token of the request, in its place
     risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
     keep_tail: bool = False  # tokens outside the top_k kept in their base proportions (control.tail "keep")
+    plausibility: float = 0.0  # steering.hold_implausible (control.plausibility)
 
 
 @dataclass(eq=False)
@@ -119,13 +120,17 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
     if not isinstance(weights, (list, tuple)) or len(weights) != num_heads:
         raise ValueError(f"cdserve.weights must list one weight per scorer head ({num_heads}), got {weights!r}")
     strength, top_k, risk = spec.get("strength"), spec.get("top_k"), spec.get("risk", 0.0)
-    values = [*weights, strength, risk]
+    plausibility = spec.get("plausibility", 0.0)
+    values = [*weights, strength, risk, plausibility]
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-        raise ValueError(f"cdserve.weights, cdserve.strength and cdserve.risk must be finite numbers, got {values!r}")
+        raise ValueError("cdserve.weights, cdserve.strength, cdserve.risk and cdserve.plausibility must be finite "
+                         f"numbers, got {values!r}")
     if strength < 0:
         raise ValueError(f"cdserve.strength must be >= 0, got {strength}")
     if not -1 <= risk <= 1:
         raise ValueError(f"cdserve.risk must be between -1 and 1, got {risk}")
+    if not 0 <= plausibility < 1:
+        raise ValueError(f"cdserve.plausibility must be in [0, 1), got {plausibility}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"cdserve.top_k must be an integer >= 0 (0: whole vocabulary), got {top_k!r}")
     tail = spec.get("tail", "drop")
@@ -133,7 +138,8 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
         raise ValueError(f"cdserve.tail must be 'drop' or 'keep', got {tail!r}")
     return TokenControl(key=str(spec.get("key", "")), weights=tuple(float(w) for w in weights),
                         strength=float(strength), top_k=top_k, temperature=float(temperature),
-                        top_p=float(top_p), risk=float(risk), keep_tail=tail == "keep")
+                        top_p=float(top_p), risk=float(risk), keep_tail=tail == "keep",
+                        plausibility=float(plausibility))
 
 
 def _entropy_segment(spec) -> tuple[float, int] | None:

@@ -129,3 +129,43 @@ def test_kept_tail_rows_closed_form_kl_equals_the_whole_vocabulary_kl(index):
     torch.testing.assert_close(kl, sampled_kl(expected, base, torch.tensor(temperature), torch.ones(4)),
                                atol=1e-5, rtol=1e-4)
     assert kl.gt(1e-3).all()
+
+
+def test_plausibility_holds_rare_tokens_alike_on_every_path_and_zero_changes_nothing():
+    """control.plausibility on top-k rows (tail dropped or kept, the kept tail in closed form) and
+    whole-vocabulary rows: steer_in_place equals steer_rows, tokens under the floor end no higher
+    than the base-expected value lets them, and plausibility 0 is the unheld steering."""
+    scorer = random_scorer(V, None, DEFAULT_HEADS[:2], hidden_size=32, num_layers=1, seed=5)
+    g = torch.Generator().manual_seed(6)
+    #            top_k temperature top_p strength keep_tail plausibility
+    settings = [(20, 0.7, 1.0, 4.0, False, 0.1),
+                (20, 0.7, 1.0, 4.0, True, 0.1),  # kept tail: the top-k path, KL in closed form
+                (0, 0.7, 1.0, 4.0, False, 0.1),  # the whole vocabulary
+                (20, 0.7, 1.0, 4.0, False, 0.0)]  # row 0 unheld
+    logits = torch.randn(len(settings), V, generator=g) * 3
+    logits[1:] = logits[0]
+    index = list(range(len(settings)))
+    queries = torch.randn(1, 2, 32, generator=g).expand(len(settings), -1, -1).contiguous()
+    top_k, temperature, top_p, strength, keep_tail, plausibility = (list(c) for c in zip(*settings))
+    weights, positions = [(1.0, -0.5)] * len(index), [3] * len(index)
+    rows = TokenRows(index, queries, weights, strength, top_k, [0.0] * len(index), positions, temperature, top_p,
+                     keep_tail, plausibility)
+    expected = steer_rows(scorer, logits, queries, torch.tensor(weights), torch.tensor(strength), top_k,
+                          torch.tensor(positions), None, keep_tail, plausibility)
+    out = logits.clone()
+    kl = steer_in_place(scorer, out, rows)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl, sampled_kl(expected, logits, torch.tensor(temperature), torch.tensor(top_p)),
+                               atol=1e-5, rtol=1e-4)
+
+    rare = torch.softmax(logits[0], -1) < 0.1 * torch.softmax(logits[0], -1).max()
+    top20 = torch.zeros(V, dtype=torch.bool)
+    top20[logits[0].topk(20).indices] = True
+    raised = (out[3] - logits[3]) > (out[0] - logits[0]) + 1e-5  # where the hold cut a value
+    assert raised[rare & top20].any() and not raised[~rare].any()
+    unheld = TokenRows(index, queries, weights, strength, top_k, [0.0] * len(index), positions, temperature, top_p,
+                       keep_tail, [0.0] * len(index))
+    torch.testing.assert_close(steer_in_place(scorer, logits.clone(), unheld),
+                               steer_in_place(scorer, logits.clone(), TokenRows(
+                                   index, queries, weights, strength, top_k, [0.0] * len(index), positions,
+                                   temperature, top_p, keep_tail)))

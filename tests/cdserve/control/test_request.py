@@ -56,6 +56,9 @@ def test_defaults_fill_omitted_fields():
     ({"mode": "token", "tail": "base"}, "control.tail"),
     ({"mode": "block", "tail": "keep"}, "control.tail"),
     ({"mode": "block", "strength": 2}, "control.strength"),  # argmax ignores strength
+    ({"mode": "token", "plausibility": 1.0}, "control.plausibility"),
+    ({"mode": "token", "plausibility": -0.1}, "control.plausibility"),
+    ({"mode": "block", "plausibility": 0.05}, "control.plausibility"),  # token mode's alone
     ("token", "control"),
 ])
 def test_invalid_control_names_the_parameter(raw, param):
@@ -79,6 +82,15 @@ def test_tail_defaults_to_the_servers_and_reaches_the_engines():
     c = resolve({"mode": "token", "tail": "keep"})
     assert c.tail == "keep" and c.extra_args()["tail"] == "keep"
     assert resolve_control({"mode": "token"}, ControlConfig(tail="keep"), HEADS).tail == "keep"
+
+
+def test_plausibility_defaults_to_the_servers_and_reaches_the_engines():
+    assert resolve({"mode": "token"}).plausibility == 0.0
+    c = resolve({"mode": "token", "plausibility": 0.05})
+    assert c.plausibility == 0.05 and c.extra_args()["plausibility"] == 0.05
+    assert resolve_control({"mode": "token"}, ControlConfig(plausibility=0.1), HEADS).plausibility == 0.1
+    with pytest.raises(ValueError, match="plausibility"):
+        ControlConfig(plausibility=1.0)
 
 
 def test_config_checks_limits_and_heads():

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from cdserve.control.steering import (
     apply_top_p,
     combine_heads,
+    hold_implausible,
     select_candidate,
     steer_full,
     steer_top_k,
@@ -112,3 +114,23 @@ def test_top_k_by_chunk_maxima_equals_torch_topk_on_a_whole_vocabulary():
         assert torch.equal(top_k_indices(logits, k), logits.topk(k, dim=-1).indices), k
     odd = torch.randn(2, 1000, generator=g)  # not a whole number of chunks: topk directly
     assert torch.equal(top_k_indices(odd, 7), odd.topk(7, dim=-1).indices)
+
+
+def test_hold_implausible_keeps_rare_tokens_from_rising_above_a_typical_next_token():
+    """control.plausibility: a candidate under plausibility x the top token's base probability keeps
+    min(its value, the base-expected value); plausible ones, and every one at plausibility 0, keep theirs."""
+    logits = torch.tensor([[2.0, 1.0, -3.0, -6.0, 0.0]])
+    cands = torch.tensor([[0, 1, 4, 2, 3]])  # best first; tokens 2 and 3 are under 5% of token 0's probability
+    combined = torch.tensor([[0.0, 1.0, -2.0, 3.0, -4.0]])  # token 2 valued highest, token 3 lowest
+    expected = float((torch.softmax(logits[0, [0, 1, 4, 2, 3]], -1) * combined[0]).sum())
+    held = hold_implausible(logits, cands, combined, torch.tensor([0.05]))
+    assert held[0, :3].tolist() == combined[0, :3].tolist()
+    assert float(held[0, 3]) == pytest.approx(expected)  # 3.0 cut to the expected value
+    assert float(held[0, 4]) == -4.0  # lowering is allowed
+    torch.testing.assert_close(hold_implausible(logits, cands, combined, torch.tensor([0.0])), combined)
+    # the whole vocabulary (candidates None) agrees with the top-k form when the k are every token
+    order = cands[0].argsort()
+    full = hold_implausible(logits, None, combined[:, order], torch.tensor([0.05]))
+    torch.testing.assert_close(full, held[:, order])
+    # the floor is a share of the top token's probability: exp(-3 - 2) = 0.0067 of it
+    assert hold_implausible(logits, cands, combined, torch.tensor([0.006]))[0, 3] == 3.0

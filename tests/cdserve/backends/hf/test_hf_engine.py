@@ -133,6 +133,31 @@ def test_token_mode_samples_the_steered_distribution(engine, reference):
     assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected)
 
 
+def test_plausibility_reaches_the_steering_and_its_reported_kl(engine, reference):
+    """control.plausibility: the first step's reported KL is that of the held steering, top-k
+    tokens under plausibility x the top token's probability valued at most the base-expected value."""
+    model, scorer = reference
+    ids = prompt_ids(engine, PROMPTS[1])
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        q = scorer.score(torch.tensor([ids]))[0, -1]  # (H, V); identity normalisation
+    combined = q[0]  # positive alone
+    top = logits.topk(20).indices
+    base = torch.softmax(logits[top], 0)
+    held = torch.where(base >= 0.2 * base.max(), combined[top], combined[top].clamp(max=float((base * combined[top]).sum())))
+
+    def kl(values):  # KL(steered || base) at temperature 1 over the vocabulary: the top 20 only
+        steered = torch.log_softmax(logits[top] + 4.0 * values, 0)
+        return float((steered.exp() * (steered - torch.log_softmax(logits, 0)[top])).sum())
+
+    assert abs(kl(held) - kl(combined[top])) > 1e-3, "the test needs a token the hold changes"
+    for plausibility, values in ((0.2, held), (0.0, combined[top])):
+        control = {"mode": "token", "weights": {"positive": 1.0}, "strength": 4.0, "top_k": 20,
+                   "plausibility": plausibility}
+        got = single(engine, request(engine, PROMPTS[1], control, max_tokens=1, temperature=1.0, seed=0))
+        assert got["control"].kl == pytest.approx(kl(values), rel=1e-3, abs=1e-4)
+
+
 def test_scaling_weights_equals_scaling_strength(engine):
     a = request(engine, PROMPTS[2], {"mode": "token", "weights": {"positive": 2.0, "readable": 1.0},
                                      "strength": 1.0}, max_tokens=20, temperature=1.0, seed=5)

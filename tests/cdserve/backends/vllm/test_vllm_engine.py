@@ -130,7 +130,8 @@ def test_greedy_token_mode_matches_hf(loop, vllm_engine, hf_engine, prompts):
     """Same tokens for every prompt, plain and steered. Both run float32 on CPU; vLLM's kernels
     differ from transformers' in the last bits, which could flip a near-tie between two tokens; the
     prompts here have none, and the KL each backend measured while steering agrees too."""
-    for control in (None, TOKEN, {"mode": "token", "strength": 4.0, "top_k": 0}, {**TOKEN, "tail": "keep"}):
+    for control in (None, TOKEN, {"mode": "token", "strength": 4.0, "top_k": 0}, {**TOKEN, "tail": "keep"},
+                    {**TOKEN, "strength": 4.0, "plausibility": 0.9}):
         reqs_v = [request(vllm_engine, p, control, max_tokens=32, temperature=0.0) for p in prompts]
         reqs_h = [request(hf_engine, p, control, max_tokens=32, temperature=0.0) for p in prompts]
         got_v = [r[0] for r in run_all(loop, vllm_engine, reqs_v)]

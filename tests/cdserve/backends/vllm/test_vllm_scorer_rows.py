@@ -93,6 +93,7 @@ def test_forgotten_and_unfetched_results_stay_bounded(scorer):
     ({"mode": "token", "weights": [1.0, 0.0], "strength": -1.0, "top_k": 5}, "strength"),
     ({"mode": "token", "weights": [1.0, 0.0], "strength": 1.0, "top_k": -2}, "top_k"),
     ({"mode": "token", "weights": [1.0, 0.0], "strength": 1.0, "top_k": 5, "tail": "base"}, "tail"),
+    ({"mode": "token", "weights": [1.0, 0.0], "strength": 1.0, "top_k": 5, "plausibility": 1.0}, "plausibility"),
 ])
 def test_parse_control_names_the_bad_field(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -107,6 +108,9 @@ def test_parse_control_ignores_other_modes():
     c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 5, "tail": "keep"}}, 2, 0.7)
     assert c.keep_tail and not parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2,
                                                           "top_k": 5}}, 2, 0.7).keep_tail
+    c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 5, "plausibility": 0.05}},
+                      2, 0.7)
+    assert c.plausibility == 0.05
 
 
 def test_measure_only_rows_keep_kl_without_scorer_state(scorer):
