@@ -84,6 +84,7 @@ FULL = {"token": [0.5, 1.0, 2.0, 4.0], "top_ks": TOP_K_CHOICES, "block": [2, 4],
 REDUCED = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": [4]}
 TOKEN_ONLY = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": []}
 QUICK = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [4], "best_of_n": [4]}
+PLAUSIBILITY = (0.05, 0.1)  # control.plausibility of each head's strongest token run (the default is 0)
 
 
 def plan(quick: bool, heads: list[str]) -> list[dict]:
@@ -98,6 +99,9 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
         if i == 0 and not quick:  # the default top_k with the other tokens kept (control.tail keep)
             runs += [{"mode": "token", "weights": w, "strength": s, "top_k": DEFAULT_TOP_K, "tail": "keep"}
                      for s in spec["token"]]
+        if not quick:  # the strongest steering with control.plausibility: the fluency lever
+            runs += [{"mode": "token", "weights": w, "strength": max(spec["token"]), "top_k": DEFAULT_TOP_K,
+                      "plausibility": p} for p in PLAUSIBILITY]
         runs += [{"mode": "block", "weights": w, "block_size": 8, "num_candidates": k} for k in spec["block"]]
         runs += [{"mode": "best_of_n", "weights": w, "num_candidates": n} for n in spec["best_of_n"]]
     return runs
@@ -150,8 +154,8 @@ def sweep_plan(strength: float) -> list[dict]:
              "strength": strength, "top_k": DEFAULT_TOP_K, "sweep": True} for a in (0.75, 0.5, 0.25, 0.0)]
 
 
-CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "tail", "block_size", "num_candidates", "selection",
-                  "rewards", "segment", "prune_every", "keep_fraction")
+CONTROL_FIELDS = ("mode", "weights", "strength", "top_k", "tail", "plausibility", "block_size", "num_candidates",
+                  "selection", "rewards", "segment", "prune_every", "keep_fraction")
 REQUEST_FIELDS = ("samples_per_prompt", "max_tokens")  # `n` and max_tokens of the request, when not the default
 
 

@@ -441,6 +441,8 @@ STYLE = {"true-reward best-of-N": ("black", "*", "-"), "scorer best-of-N (client
          "best_of_n (scorer, server)": ("tab:green", "^", "-"), "best_of_n (reward, server)": ("black", "x", ""),
          "token (top 20)": ("tab:blue", "o", "-"), "token (top 100)": ("tab:gray", "v", "-"),
          "token (all tokens)": ("tab:cyan", "D", "-"), f"token ({top_k_words(DEFAULT_TOP_K, 'keep')})": ("tab:pink", "P", "--"),
+         f"token ({top_k_words(DEFAULT_TOP_K)}, plausibility 0.05)": ("tab:gray", "v", ""),
+         f"token ({top_k_words(DEFAULT_TOP_K)}, plausibility 0.1)": ("dimgray", "1", ""),
          "block (scorer)": ("tab:orange", "s", "-"), "block, reward in the loop (fixed)": ("tab:red", "s", ""),
          "block, reward in the loop (sentence)": ("tab:purple", "P", ""),
          "block, reward in the loop (entropy)": ("tab:pink", "X", ""),

@@ -35,7 +35,8 @@ def label(r: dict) -> str:
     if r["mode"] == "token":
         s = f"s={r['strength']:g}" if "strength" in r else "default strength"
         tail = f" tail={r['tail']}" if "tail" in r else ""
-        return f"token {s}" + (f" top_k={r['top_k']}" if "top_k" in r else "") + tail + suffix
+        held = f" plausibility={r['plausibility']:g}" if r.get("plausibility") else ""
+        return f"token {s}" + (f" top_k={r['top_k']}" if "top_k" in r else "") + tail + held + suffix
     if r["mode"] == "block":
         seg = r.get("segment", "fixed")
         size = f"M={r['block_size']}" if seg == "fixed" else f"{seg} segments (max {r['block_size']})"
@@ -57,8 +58,10 @@ def top_k_words(top_k: int, tail: str = "drop") -> str:
 
 
 def token_words(run: dict, default_top_k: int = DEFAULT_TOP_K) -> str:
-    """A token run's top_k and tail in words (the server's defaults where the run sends none)."""
-    return top_k_words(run.get("top_k", default_top_k), run.get("tail", "drop"))
+    """A token run's top_k, tail and plausibility in words (the server's defaults where the run
+    sends none)."""
+    held = f", plausibility {run['plausibility']:g}" if run.get("plausibility") else ""
+    return top_k_words(run.get("top_k", default_top_k), run.get("tail", "drop")) + held
 
 
 def scorer_label(r: dict) -> str:

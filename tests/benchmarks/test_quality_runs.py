@@ -110,3 +110,14 @@ def test_sweep_points_take_one_run_per_weight_not_the_tail_kept_one():
     assert [p["weights"]["positive"] for p in points] == [1.0, 0.5, 0.0]
     assert points[0]["reward"] == 1  # the dropped-tail run of the same top_k and strength
     assert sweep_points(results[:5]) == []  # no sweep runs: nothing to draw
+
+
+def test_a_run_with_plausibility_is_its_own_run_and_family():
+    from benchmarks.quality import report
+    from benchmarks.quality.runs import token_words
+
+    held = {**TOKEN, "weights": {"specific": 1.0}, "strength": 4.0, "plausibility": 0.05}
+    assert name(held) == "token s=4 top_k=20 plausibility=0.05 [specific=1]"
+    assert token_words(held) == "top 20, plausibility 0.05"
+    assert report.family(held) != report.family({**held, "plausibility": 0.0}) == report.family(TOKEN)
+    assert named([TOKEN, held], name(held)) == [held]

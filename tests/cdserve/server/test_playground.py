@@ -184,7 +184,7 @@ def test_page_loads_without_console_errors_and_sliders_match_scorers(open_page, 
         row = page.locator(f".head:has(#w-{head['name']})")
         assert head["description"] in row.inner_text()
     defaults, ranges = info["defaults"], info["ranges"]
-    for field in ("strength", "top_k", "block_size", "num_candidates"):
+    for field in ("strength", "top_k", "plausibility", "block_size", "num_candidates"):
         box = page.locator(f"#{field}")
         assert float(box.input_value()) == defaults[field]
         assert float(box.get_attribute("min")) == ranges[field]["min"]
@@ -194,11 +194,11 @@ def test_page_loads_without_console_errors_and_sliders_match_scorers(open_page, 
 
     # Only the fields a mode uses are shown.
     def visible() -> set[str]:
-        return {f for f in ("strength", "top_k", "tail", "block_size", "num_candidates", "selection")
+        return {f for f in ("strength", "top_k", "tail", "plausibility", "block_size", "num_candidates", "selection")
                 if page.locator(f"#{f}").is_visible()}
 
     page.select_option("#mode", "token")
-    assert visible() == {"strength", "top_k", "tail"}
+    assert visible() == {"strength", "top_k", "tail", "plausibility"}
     page.select_option("#mode", "block")
     page.select_option("#selection", "argmax")
     assert visible() == {"block_size", "num_candidates", "selection"}
@@ -338,6 +338,7 @@ def test_copied_curl_command_returns_200_with_the_same_control(open_page, server
     page.fill("#wn-concise", "0.5")
     page.fill("#strength", "4")
     page.fill("#top_k", "10")
+    page.fill("#plausibility", "0.05")
     p.run_and_wait()
     page.check("input[name=copy-as][value=curl]")
     page.click("#copy")
@@ -354,7 +355,7 @@ def test_copied_curl_command_returns_200_with_the_same_control(open_page, server
     assert sent == {k: v for k, v in steered.items() if k != "stream"}
     assert sent["messages"][0]["content"] == prompt
     assert sent["control"] == {"mode": "token", "weights": {"positive": 1.0, "concise": 0.5},
-                               "strength": 4, "top_k": 10, "tail": "drop"}
+                               "strength": 4, "top_k": 10, "tail": "drop", "plausibility": 0.05}
     choice = json.loads(response)["choices"][0]
     assert choice["control"]["mode"] == "token"
     assert set(choice["control"]["values"]) == {h["name"] for h in scorer_info(server)["heads"]}

@@ -155,7 +155,7 @@ function buildControls(scorer) {
   $("mode").value = d.mode && d.mode !== "none" ? d.mode : "token";
   $("selection").value = d.selection || "argmax";
   $("tail").value = d.tail || "drop";
-  for (const field of ["strength", "top_k", "block_size", "num_candidates"]) {
+  for (const field of ["strength", "top_k", "plausibility", "block_size", "num_candidates"]) {
     setRange($(field), scorer.ranges[field]);
     $(field).value = d[field];
   }
