@@ -47,10 +47,13 @@ MODES = {
 
 def mode_control(mode: str) -> dict:
     """A mode's control; `token@K` is token mode at top_k K (0: the whole vocabulary), `token@K:keep`
-    the same with the tokens outside the top K kept (control.tail)."""
+    the same with the tokens outside the top K kept (control.tail), `token@K:TAIL:P` with
+    control.plausibility P as well."""
     name, _, setting = mode.partition("@")
-    top_k, _, tail = setting.partition(":")
-    return {**MODES[name], **({"top_k": int(top_k)} if top_k else {}), **({"tail": tail} if tail else {})}
+    top_k, _, rest = setting.partition(":")
+    tail, _, plausibility = rest.partition(":")
+    return {**MODES[name], **({"top_k": int(top_k)} if top_k else {}), **({"tail": tail} if tail else {}),
+            **({"plausibility": float(plausibility)} if plausibility else {})}
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
@@ -195,7 +198,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     ap.add_argument("--concurrency", default="1,8", help="comma-separated levels")
-    ap.add_argument("--modes", default=None, help="comma-separated; token@K: token mode at top_k K (token@K:keep: its tail kept); 'generate' is the static-batch "
+    ap.add_argument("--modes", default=None, help="comma-separated; token@K: token mode at top_k K (token@K:keep: its tail kept; token@K:drop:P: control.plausibility P); 'generate' is the static-batch "
                     "transformers baseline (hf only); default: generate,none,token,block,best_of_n on hf")
     ap.add_argument("--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)")
     ap.add_argument("--max-tokens", type=int, default=48)
