@@ -102,7 +102,7 @@ class ControlConfig(BaseModel):
     tail: Tail = Field("drop", description="Default for token mode's tokens outside the top_k: drop them, "
                        "or keep them in their base proportions (keep).")
     plausibility: float = Field(0.0, ge=0, lt=1, description="Default plausibility of token mode (0: steering may "
-                                "raise any top_k token; benchmarks/RESULTS.md measures 0.02 to 0.1).")
+                                "raise any top_k token; benchmarks/RESULTS.md measures 0.05 and 0.1).")
     block_size: int = Field(8, ge=1, description="Default block size M.")
     num_candidates: int = Field(4, ge=1, description="Default K (block) / N (best_of_n).")
     selection: Selection = "argmax"
