@@ -57,6 +57,7 @@ class TokenRows:
     top_p: list[float]
     keep_tail: list[bool] | None = None  # top-k rows: tokens outside the top k kept (steering.tail_value)
     plausibility: list[float] | None = None  # steering.hold_implausible (None: 0, no hold)
+    unheld: tuple[int, ...] = ()  # token ids the hold never applies to: the model's end-of-sequence ids
 
     def tail(self, j: int) -> bool:
         return bool(self.keep_tail and self.keep_tail[j])
@@ -67,7 +68,7 @@ class TokenRows:
                          pick(self.weights), pick(self.strength), pick(self.top_k), pick(self.risk),
                          pick(self.positions), pick(self.temperature), pick(self.top_p),
                          pick(self.keep_tail) if self.keep_tail else None,
-                         pick(self.plausibility) if self.plausibility else None)
+                         pick(self.plausibility) if self.plausibility else None, self.unheld)
 
 
 @torch.inference_mode()
@@ -105,7 +106,8 @@ def _steer_top_k(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRows, ke
     cands, combined = top_k_values(scorer, base, rows.queries, weights, rows.top_k, mean, std,
                                    torch.tensor(rows.risk, device=dev))  # (N, k) each
     if rows.plausibility and any(rows.plausibility):
-        combined = hold_implausible(base, cands, combined, torch.tensor(rows.plausibility, device=dev))
+        combined = hold_implausible(base, cands, combined, torch.tensor(rows.plausibility, device=dev),
+                                    torch.tensor(rows.unheld, device=dev, dtype=torch.long))
     strength = torch.tensor(rows.strength, device=dev, dtype=base.dtype)
     ids, steered = steer_top_k_values(base, cands, combined.to(base.dtype), strength)  # (N, k) each
     shift = strength * tail_value(base, cands, combined.to(base.dtype))[:, 0] if keep_tail else None  # (N,)
@@ -136,7 +138,8 @@ def _steer_vocabulary(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRow
     steered = steer_rows(scorer, base, rows.queries,
                          torch.tensor(rows.weights, device=dev, dtype=rows.queries.dtype),
                          torch.tensor(rows.strength, device=dev, dtype=base.dtype), rows.top_k,
-                         torch.tensor(rows.positions, device=dev), rows.risk, rows.keep_tail, rows.plausibility)
+                         torch.tensor(rows.positions, device=dev), rows.risk, rows.keep_tail, rows.plausibility,
+                         rows.unheld)
     kl = sampled_kl(steered, base, torch.tensor(rows.temperature, device=dev), torch.tensor(rows.top_p, device=dev),
                     truncate=min(rows.top_p) < 1)
     logits.index_copy_(0, index, steered)
@@ -146,17 +149,19 @@ def _steer_vocabulary(scorer: PrefixScorer, logits: torch.Tensor, rows: TokenRow
 def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, weights: torch.Tensor,
                strength: torch.Tensor, top_k: list[int], positions: torch.Tensor,
                risk: list[float] | None = None, keep_tail: list[bool] | None = None,
-               plausibility: list[float] | None = None) -> torch.Tensor:
+               plausibility: list[float] | None = None, unheld: tuple[int, ...] = ()) -> torch.Tensor:
     """Token mode's steered rows (N, V), the whole-vocabulary definition: logits + strength *
     sum_h w_h Qnorm_h over each row's top_k (0: the whole vocabulary), -inf elsewhere (in rows with
     keep_tail: the base logits + strength * steering.tail_value), Q_h = mean + risk * spread of the
     head's ensemble, held by steering.hold_implausible where a row asks for plausibility. base (N, V);
     queries (N, H*E, d_e); weights (N, H); strength (N,); top_k, risk, keep_tail and plausibility
-    (None: 0, False, 0) on the host (no device sync to split the rows); positions (N,)."""
+    (None: 0, False, 0) on the host (no device sync to split the rows); positions (N,); unheld:
+    token ids the hold never applies to."""
     dev = base.device
     E = scorer.ensemble_size
     risk = risk or [0.0] * len(top_k)
     plausibility = plausibility or [0.0] * len(top_k)
+    never = torch.tensor(unheld, device=dev, dtype=torch.long)
     mean, std = scorer.norm_stats(positions)  # (N, H)
     steered = base.clone()
     full = [j for j, k in enumerate(top_k) if k == 0]
@@ -170,14 +175,16 @@ def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, 
         else:  # the ensemble mean: members mixed before the vocabulary, one (d_e, V) product
             combined = scorer.combined_values(queries[f], mean[f], std[f], weights[f])
         if any(plausibility[j] for j in full):
-            combined = hold_implausible(base[f], None, combined, torch.tensor([plausibility[j] for j in full], device=dev))
+            combined = hold_implausible(base[f], None, combined,
+                                        torch.tensor([plausibility[j] for j in full], device=dev), never)
         steered[f] = steer_full(base[f], combined.to(base.dtype), strength[f])
     if part:
         t = torch.tensor(part, device=dev)
         cands, combined = top_k_values(scorer, base[t], queries[t], weights[t], [top_k[j] for j in part],
                                        mean[t], std[t], torch.tensor([risk[j] for j in part], device=dev))
         if any(plausibility[j] for j in part):
-            combined = hold_implausible(base[t], cands, combined, torch.tensor([plausibility[j] for j in part], device=dev))
+            combined = hold_implausible(base[t], cands, combined,
+                                        torch.tensor([plausibility[j] for j in part], device=dev), never)
         tail = [bool(keep_tail and keep_tail[j]) for j in part]
         steered[t] = steer_top_k(base[t], cands, combined.to(base.dtype), strength[t],
                                  torch.tensor(tail, device=dev) if any(tail) else None)

@@ -98,14 +98,16 @@ def tail_value(logits: torch.Tensor, candidates: torch.Tensor, combined: torch.T
 
 
 def hold_implausible(logits: torch.Tensor, candidates: torch.Tensor | None, combined: torch.Tensor,
-                     plausibility: torch.Tensor) -> torch.Tensor:
+                     plausibility: torch.Tensor, unheld: torch.Tensor | None = None) -> torch.Tensor:
     """control.plausibility: a candidate whose base probability (temperature 1) is below
     plausibility x the most likely token's keeps at most the candidates' expected value under the
     base distribution (tail_value), so steering may lower it but never raise it above a typical
     next token. Strong steering otherwise spells made-up words and number runs out of tokens the
     base model gives under 1% (benchmarks/RESULTS.md). logits (N, V); candidates (N, k) with -1
     for unused ranks, or None for every token (then combined is (N, V)); combined (N, k) or (N, V);
-    plausibility (N,) in [0, 1), 0: no hold. Returns the held values, combined's shape and dtype."""
+    plausibility (N,) in [0, 1), 0: no hold; unheld (U,): token ids never held, the model's
+    end-of-sequence tokens (ending an answer spells no word: holding them cost `concise` a third of
+    its gain). Returns the held values, combined's shape and dtype."""
     if candidates is None:
         picked = logits.float()
         expected = (torch.softmax(picked, -1) * combined.float()).sum(-1, keepdim=True)
@@ -113,8 +115,12 @@ def hold_implausible(logits: torch.Tensor, candidates: torch.Tensor | None, comb
         picked = logits.gather(1, candidates.clamp(min=0)).float()
         expected = tail_value(logits, candidates, combined).float()
     floor = picked.amax(-1, keepdim=True) + torch.log(plausibility.float())[:, None]  # log 0 = -inf: no hold
+    plausible = picked >= floor
+    if unheld is not None and unheld.numel():
+        ids = torch.arange(logits.shape[-1], device=logits.device)[None] if candidates is None else candidates
+        plausible |= torch.isin(ids, unheld)
     held = torch.minimum(combined.float(), expected)
-    return torch.where(picked >= floor, combined.float(), held).to(combined.dtype)
+    return torch.where(plausible, combined.float(), held).to(combined.dtype)
 
 
 def steer_top_k_values(logits: torch.Tensor, candidates: torch.Tensor, combined: torch.Tensor,

@@ -84,7 +84,7 @@ class EngineCore:
         ends = segment_ends(batch.rows, logits)  # (B,) block candidates that end before this token
         scorer_start = time.perf_counter()
         queries = batch.scorer_step(tokens, valid)  # (Bc, H*E, d_e) scorer, controlled rows only
-        kl = steer_and_measure(scorer, batch.rows, batch.controlled, logits, queries)  # token rows in place; (B,)
+        kl = steer_and_measure(scorer, batch.rows, batch.controlled, logits, queries, self.eos)  # token rows in place; (B,)
         scorer_seconds = time.perf_counter() - scorer_start
         batch.unread_last(ends)  # an ended candidate's input token is read again by the next block
         tokens = sample_rows(batch.rows, logits)  # (B,)

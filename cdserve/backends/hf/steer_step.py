@@ -33,17 +33,18 @@ def segment_ends(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
 
 
 def steer_and_measure(scorer: PrefixScorer, rows: list[Row], controlled: list[int], logits: torch.Tensor,
-                      queries: torch.Tensor | None) -> torch.Tensor:
+                      queries: torch.Tensor | None, eos: frozenset[int] | set[int] = frozenset()) -> torch.Tensor:
     """Token-mode rows of logits (B, V) steered in place and the per-token KL(sampled || base)
     (B,) of those and of rows that truncate by top_p (elsewhere 0): the control.kl contract
     (steering.sampled_kl). Pruned best-of-N reports log N alone, on both engines.
-    controlled: batch index of each scorer row, whose queries (Bc, H*E, d_e) value its next token."""
+    controlled: batch index of each scorer row, whose queries (Bc, H*E, d_e) value its next token;
+    eos: the model's end-of-sequence ids, never held by control.plausibility."""
     kl = torch.zeros(len(rows), device=logits.device)
     pick = [] if queries is None else [(b, s) for s, b in enumerate(controlled)
                                        if rows[b].ctl.control.mode == "token" and not rows[b].waiting]
     if pick:
         token_rows = _token_rows([rows[b] for b, _ in pick], [b for b, _ in pick],
-                                 queries[torch.tensor([s for _, s in pick], device=logits.device)])
+                                 queries[torch.tensor([s for _, s in pick], device=logits.device)], eos)
         kl[token_rows.index] = steer_in_place(scorer, logits, token_rows)
     idx = [i for i, r in enumerate(rows) if not r.waiting and r.ctl.control.mode != "token"
            and r.ctl.sampling.top_p < 1.0 and not r.ctl.pruning]
@@ -78,14 +79,14 @@ def taken_values(scorer: PrefixScorer, controlled: list[int], tokens: torch.Tens
     return {b: vals[s] for s, b in enumerate(controlled)}
 
 
-def _token_rows(rows: list[Row], index: list[int], queries: torch.Tensor) -> TokenRows:
+def _token_rows(rows: list[Row], index: list[int], queries: torch.Tensor, eos: frozenset[int] | set[int]) -> TokenRows:
     ctrls = [r.ctl.control for r in rows]
     return TokenRows(index=index, queries=queries, weights=[c.weights for c in ctrls],
                      strength=[c.strength for c in ctrls], top_k=[c.top_k for c in ctrls],
                      risk=[c.risk for c in ctrls], positions=[r.gen_position for r in rows],
                      temperature=[r.ctl.sampling.temperature for r in rows],
                      top_p=[r.ctl.sampling.top_p for r in rows], keep_tail=[c.tail == "keep" for c in ctrls],
-                     plausibility=[c.plausibility for c in ctrls])
+                     plausibility=[c.plausibility for c in ctrls], unheld=tuple(sorted(eos)))
 
 
 def _sampling_tensors(rows: list[Row], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,10 +69,11 @@ def vllm_environment(config: VLLMConfig, on_cpu: bool) -> None:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
-def token_extra_args(control: ResolvedControl, key: str, scorer_dir: Path) -> dict:
+def token_extra_args(control: ResolvedControl, key: str, scorer_dir: Path, eos: frozenset[int] | set[int] = frozenset()) -> dict:
     """`SamplingParams.extra_args` of a token-mode choice: its control, its key for the KL store,
-    and the scorer it was resolved against (validate_params reads the head count from it)."""
-    return {"cdserve": {**control.extra_args(), "key": key, SCORER_KEY: str(scorer_dir)}}
+    the scorer it was resolved against (validate_params reads the head count from it) and the
+    model's end-of-sequence ids (never held by control.plausibility)."""
+    return {"cdserve": {**control.extra_args(), "key": key, SCORER_KEY: str(scorer_dir), "unheld": sorted(eos)}}
 
 
 class VLLMEngine:
@@ -244,7 +245,7 @@ class VLLMEngine:
         sp, ctrl = request.sampling, request.control
         extra = None
         if ctrl.mode == "token":
-            extra = token_extra_args(ctrl, self._key(request, choice), self.scorer_dir)
+            extra = token_extra_args(ctrl, self._key(request, choice), self.scorer_dir, self.eos_token_ids)
         elif sp.top_p < 1.0:  # the worker measures top-p truncation's KL (the control.kl contract)
             extra = {"cdserve": {"mode": ctrl.mode, "key": self._key(request, choice), "measure": True}}
         seed = None if sp.seed is None else (sp.seed + choice) % 2**63

@@ -140,7 +140,8 @@ class ScorerLogitsProcessor(LogitsProcessor):
                          positions=[len(r.output) for r in rows],  # index of the new token
                          temperature=[r.control.temperature for r in rows], top_p=[r.control.top_p for r in rows],
                          keep_tail=[r.control.keep_tail for r in rows],
-                         plausibility=[r.control.plausibility for r in rows])
+                         plausibility=[r.control.plausibility for r in rows],
+                         unheld=tuple(sorted({t for r in rows for t in r.control.unheld})))  # one model: its eos ids
 
     @staticmethod
     def _keep_kl(rows: list[tuple[int, Row]], kl: torch.Tensor) -> None:

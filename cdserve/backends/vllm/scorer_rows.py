@@ -56,6 +56,7 @@ class TokenControl:
     risk: float = 0.0  # each head valued at its ensemble's mean + risk * spread
     keep_tail: bool = False  # tokens outside the top_k kept in their base proportions (control.tail "keep")
     plausibility: float = 0.0  # steering.hold_implausible (control.plausibility)
+    unheld: tuple[int, ...] = ()  # ...never applied to these ids, the model's end-of-sequence tokens
 
 
 @dataclass(eq=False)
@@ -139,7 +140,7 @@ def parse_control(extra_args: dict | None, num_heads: int, temperature: float,
     return TokenControl(key=str(spec.get("key", "")), weights=tuple(float(w) for w in weights),
                         strength=float(strength), top_k=top_k, temperature=float(temperature),
                         top_p=float(top_p), risk=float(risk), keep_tail=tail == "keep",
-                        plausibility=float(plausibility))
+                        plausibility=float(plausibility), unheld=tuple(int(t) for t in spec.get("unheld", ())))
 
 
 def _entropy_segment(spec) -> tuple[float, int] | None:

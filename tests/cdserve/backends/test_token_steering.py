@@ -169,3 +169,15 @@ def test_plausibility_holds_rare_tokens_alike_on_every_path_and_zero_changes_not
                                steer_in_place(scorer, logits.clone(), TokenRows(
                                    index, queries, weights, strength, top_k, [0.0] * len(index), positions,
                                    temperature, top_p, keep_tail)))
+
+    # the model's end-of-sequence ids are never held: ending an answer spells no word
+    eos = int(torch.nonzero(raised & rare & top20)[0])
+    rows_eos = TokenRows(index, queries, weights, strength, top_k, [0.0] * len(index), positions, temperature,
+                         top_p, keep_tail, plausibility, unheld=(eos,))
+    out_eos = logits.clone()
+    steer_in_place(scorer, out_eos, rows_eos)
+    torch.testing.assert_close(out_eos, steer_rows(scorer, logits, queries, torch.tensor(weights),
+                                                   torch.tensor(strength), top_k, torch.tensor(positions), None,
+                                                   keep_tail, plausibility, (eos,)), atol=1e-5, rtol=1e-5)
+    for j in (0, 2):  # top-k and whole-vocabulary rows: eos steered as unheld
+        assert float(out_eos[j, eos] - logits[j, eos]) == pytest.approx(float(out[3, eos] - logits[3, eos]), abs=1e-4)

@@ -134,3 +134,7 @@ def test_hold_implausible_keeps_rare_tokens_from_rising_above_a_typical_next_tok
     torch.testing.assert_close(full, held[:, order])
     # the floor is a share of the top token's probability: exp(-3 - 2) = 0.0067 of it
     assert hold_implausible(logits, cands, combined, torch.tensor([0.006]))[0, 3] == 3.0
+    # unheld ids (the end-of-sequence tokens) keep their value however rare, on both forms
+    unheld = torch.tensor([2])
+    assert hold_implausible(logits, cands, combined, torch.tensor([0.05]), unheld)[0, 3] == 3.0
+    assert hold_implausible(logits, None, combined[:, order], torch.tensor([0.05]), unheld)[0, 2] == 3.0

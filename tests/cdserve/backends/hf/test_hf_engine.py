@@ -144,6 +144,7 @@ def test_plausibility_reaches_the_steering_and_its_reported_kl(engine, reference
     combined = q[0]  # positive alone
     top = logits.topk(20).indices
     base = torch.softmax(logits[top], 0)
+    assert not torch.isin(top, torch.tensor(sorted(engine.core.eos))).any()  # never held: not in play here
     held = torch.where(base >= 0.2 * base.max(), combined[top], combined[top].clamp(max=float((base * combined[top]).sum())))
 
     def kl(values):  # KL(steered || base) at temperature 1 over the vocabulary: the top 20 only
@@ -156,6 +157,17 @@ def test_plausibility_reaches_the_steering_and_its_reported_kl(engine, reference
                    "plausibility": plausibility}
         got = single(engine, request(engine, PROMPTS[1], control, max_tokens=1, temperature=1.0, seed=0))
         assert got["control"].kl == pytest.approx(kl(values), rel=1e-3, abs=1e-4)
+
+
+def test_the_models_end_of_sequence_ids_reach_the_token_step_unheld(engine, monkeypatch):
+    """control.plausibility never holds the end-of-sequence ids (steering.hold_implausible): the
+    engine hands them to the shared token step."""
+    from cdserve.backends.hf import steer_step
+
+    seen, steer = [], steer_step.steer_in_place
+    monkeypatch.setattr(steer_step, "steer_in_place", lambda s, lg, rows: seen.append(rows.unheld) or steer(s, lg, rows))
+    single(engine, request(engine, PROMPTS[1], {"mode": "token", "plausibility": 0.05}, max_tokens=2, temperature=0.0))
+    assert seen and all(u == tuple(sorted(engine.core.eos)) and u for u in seen)
 
 
 def test_scaling_weights_equals_scaling_strength(engine):

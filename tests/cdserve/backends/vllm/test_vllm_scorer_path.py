@@ -58,3 +58,14 @@ def test_the_worker_takes_its_scorer_from_the_engine_config_not_the_environment(
     monkeypatch.setenv("CDSERVE_VLLM_SCORER", str(scorer_dirs[2]))  # the route that no longer exists
     with pytest.raises(ValueError, match=r"additional_config\['cdserve_scorer'\]"):
         ScorerLogitsProcessor(VllmConfig(additional_config={}), torch.device("cpu"), False)
+
+
+def test_token_extra_args_carry_the_models_eos_ids_which_plausibility_never_holds(scorer_dirs):
+    from cdserve.backends.vllm.scorer_rows import parse_control
+
+    control = ResolvedControl(mode="token", weights=(1.0, 0.0), strength=1.0, top_k=5, block_size=8,
+                              num_candidates=4, selection="argmax", plausibility=0.05)
+    extra = token_extra_args(control, "req-0", scorer_dirs[2], {2, 0})
+    assert extra["cdserve"]["unheld"] == [0, 2]
+    parsed = parse_control(extra, num_heads=2, temperature=0.7)
+    assert (parsed.plausibility, parsed.unheld) == (0.05, (0, 2))

@@ -108,9 +108,9 @@ def test_parse_control_ignores_other_modes():
     c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 5, "tail": "keep"}}, 2, 0.7)
     assert c.keep_tail and not parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2,
                                                           "top_k": 5}}, 2, 0.7).keep_tail
-    c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 5, "plausibility": 0.05}},
-                      2, 0.7)
-    assert c.plausibility == 0.05
+    c = parse_control({"cdserve": {"mode": "token", "weights": [1, 0], "strength": 2, "top_k": 5, "plausibility": 0.05,
+                                   "unheld": [2, 0]}}, 2, 0.7)
+    assert c.plausibility == 0.05 and c.unheld == (2, 0)
 
 
 def test_measure_only_rows_keep_kl_without_scorer_state(scorer):
