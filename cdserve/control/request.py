@@ -54,8 +54,8 @@ class ControlRequest(BaseModel):
     plausibility: float | None = Field(
         None, description="token mode, 0 to <1: a token whose base probability (temperature 1) is below "
         "plausibility x the most likely token's may be lowered by steering but never raised above the expected "
-        "value of a base sample: strong steering cannot spell made-up words out of tokens the base model finds "
-        "implausible. 0: off.")
+        "value of a base sample (the model's end-of-sequence tokens excepted): strong steering cannot spell "
+        "made-up words out of tokens the base model finds implausible. 0: off.")
     block_size: int | None = Field(None, description="block mode: tokens per block (M).")
     num_candidates: int | None = Field(None, description="block/best_of_n: candidates per selection (K or N).")
     selection: Selection | None = Field(None, description="block/best_of_n: argmax, or sample by "
