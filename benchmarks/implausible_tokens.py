@@ -19,14 +19,14 @@ import torch
 
 from benchmarks.quality.runs import name
 from prefix_scorers.base_model import default_cache_dir, load_model, load_tokenizer, resolve_model
+from prefix_scorers.rollouts import chat_prompt_ids
 
 HERE = Path(__file__).resolve().parent
 
 
 def relative_logprobs(model, tok, prompt: str, text: str) -> torch.Tensor:
     """log p(token) - log p(top token) at each answer token, under the base model."""
-    head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-    head = list(head["input_ids"] if hasattr(head, "keys") else head)
+    head = chat_prompt_ids(tok, prompt)
     answer = tok(text, add_special_tokens=False)["input_ids"]
     if not answer:
         return torch.empty(0)

@@ -100,15 +100,14 @@ class Perplexity:
     def _score_batch(self, batch: list[tuple[str, tuple[str, str]]]) -> None:
         import torch
 
+        from prefix_scorers.rollouts import chat_prompt_ids
+
         if self.model is None:
             self._load()
         tok = self.tokenizer
         rows = []
         for key, (prompt, text) in batch:
-            head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           tokenize=True)
-            head = list(head["input_ids"] if isinstance(head, dict) or hasattr(head, "keys") else head)
-            rows.append((key, head, tok(text, add_special_tokens=False)["input_ids"]))
+            rows.append((key, chat_prompt_ids(tok, prompt), tok(text, add_special_tokens=False)["input_ids"]))
         width = max(len(h) + len(a) for _, h, a in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
