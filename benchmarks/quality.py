@@ -11,9 +11,9 @@ several N, steering one head at a time (weight 1), plus a weights sweep between 
   best_of_n: the bound log K - (K-1)/K per selection),
 - tokens the base model generated per accepted token (control.tokens_generated / completion tokens).
 
-For the first head it also runs (issues 14 and 15): 16 plain samples per prompt with the same
-seeds (choice j of a request with n=16 draws from generator row j, the row best_of_n's candidate
-j uses: the first N samples are best_of_n N's candidates), best_of_n and block with the true
+For the first head it also runs (issues 14 and 15): 64 plain samples per prompt with the same
+seeds (choice j of a request with n=64 draws from generator row j, the row best_of_n's candidate
+j uses: the first N samples are best_of_n N's candidates; the server it starts allows n=64), best_of_n and block with the true
 reward in the loop (`control.rewards`), early-pruned best_of_n (`prune_every`, `keep_fraction`)
 and `concise` at 128 tokens. benchmarks/quality/report.py then builds, from the stored runs, the
 GRUE-style report: true-reward best-of-N and scorer-ranked best-of-N computed client-side from
@@ -111,7 +111,9 @@ def plan(quick: bool, heads: list[str]) -> list[dict]:
 # best-of-N baseline and the base distributions the KL estimates need), the reward in the loop,
 # early-pruned best-of-N and the concise-length check at 128 tokens. In the order they run: an
 # interrupted pass has the rows that matter most. `reward` is the first head's reward function.
-SAMPLES = 16
+# 64 samples: true-reward best-of-N up to N=64 (measured KL about 3.2), so that block and strong
+# token runs, whose KL is past best-of-16's 1.8, meet a measured baseline instead of none.
+SAMPLES = 64
 
 
 def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
@@ -250,7 +252,8 @@ def scorer_identity(spec: str) -> str:
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
-    flags = ["--backend", args.backend, "--scorer", args.scorer, "--max-batch-rows", str(args.max_batch_rows)]
+    flags = ["--backend", args.backend, "--scorer", args.scorer, "--max-batch-rows", str(args.max_batch_rows),
+             "--max-n", str(max(16, SAMPLES))]
     threads = int(os.environ.get("OMP_NUM_THREADS", args.threads))
     return start_cdserve(flags, threads, HERE / "results" / "quality_server.log", args.start_timeout)
 

@@ -1,5 +1,5 @@
 """The scorer as a ranker, offline: scorer-ranked vs true-reward best-of-N on the quality
-benchmark's cached plain samples (results/quality.json, 16 per prompt), with any scorer.
+benchmark's cached plain samples (results/quality.json, 64 per prompt), with any scorer.
 
 The quality report's "scorer-ranked best-of-N (client, recomputed)" rows rank the samples by the
 `combined` value the server returned with each one (the server's scorer). This script recomputes
@@ -9,6 +9,7 @@ position, weights {head: 1}), and builds the same rows with the report's own `cl
 
     python -m benchmarks.ranker_rescore --scorer prefix_scorers/default        # today's ranking
     python -m benchmarks.ranker_rescore --scorer RUN/train/scorer --head positive
+    python -m benchmarks.ranker_rescore --scorer DIR --samples 16   # the first 16 per prompt: 4x faster
     python -m benchmarks.ranker_rescore --scorer DIR --update-cache   # the samples now carry DIR's values
 
 `--update-cache` writes the recomputed values into the cache's samples run, marked with the
@@ -75,13 +76,22 @@ def main() -> None:
     ap.add_argument("--results", default=str(HERE / "results" / "quality.json"), help="the quality benchmark's runs")
     ap.add_argument("--head", default="positive", help="the head that ranks (weight 1); the report's HEAD")
     ap.add_argument("--out", help="write the rows' numbers here (JSON)")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="rank only the first K samples of each prompt (best-of-N up to K; 0: all of them)")
     ap.add_argument("--update-cache", action="store_true",
                     help="store the recomputed values in --results' samples run (marked with the scorer's id)")
     args = ap.parse_args()
 
     data = json.loads(Path(args.results).read_text())
     runs = data["runs"]
-    samples = next(r for r in runs if r.get("samples_per_prompt"))
+    samples = max((r for r in runs if r.get("samples_per_prompt")), key=lambda r: r["samples_per_prompt"])
+    if args.samples and args.update_cache:
+        ap.error("--update-cache stores every sample's value: leave --samples out")
+    if 0 < args.samples < samples["samples_per_prompt"]:
+        k = args.samples
+        samples = {**samples, "samples_per_prompt": k, "per_prompt": [
+            {**p, **{f: p[f][:k] for f in ("texts", "finish_reasons", "controls")},
+             "rewards": {h: v[:k] for h, v in p["rewards"].items()}} for p in samples["per_prompt"]]}
     none = next(r for r in runs if r["mode"] == "none" and not r.get("samples_per_prompt") and "max_tokens" not in r)
     from prefix_scorers.rewards import score_texts
 
@@ -95,9 +105,10 @@ def main() -> None:
     ns = [n for n in NS if n <= samples["samples_per_prompt"]]
     rows = {r["label"]: r for r in client_rows(new, ns, heads=(args.head,))}
     result = {"scorer": args.scorer, "head": args.head, "prompts": len(samples["per_prompt"]),
-              "plain": round(base, 4), "same_best_of_16_pick_as_stored": round(agree, 4), "n": {}}
+              "plain": round(base, 4), f"same_best_of_{samples['samples_per_prompt']}_pick_as_stored": round(agree, 4),
+              "n": {}}
     print(f"{args.scorer}: {len(samples['per_prompt'])} prompts, plain decoding {args.head} {base:.3f}; "
-          f"best-of-16 pick equal to the stored values' for {agree:.0%} of prompts")
+          f"best-of-{samples['samples_per_prompt']} pick equal to the stored values' for {agree:.0%} of prompts")
     for n in NS:
         tr, sc = rows.get(f"true-reward best-of-{n} (client)"), rows.get(f"scorer-ranked best-of-{n} (client, recomputed)")
         if not tr:

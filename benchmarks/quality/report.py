@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent.parent
 RESULTS = HERE / "results"
 HEADS = tuple(h.name for h in DEFAULT_HEADS)  # the default scorer's heads
 HEAD = "positive"
-NS = (2, 4, 8, 16)
+NS = (2, 4, 8, 16, 32, 64)
 
 
 # -- rows ----------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def sample_tokens(control: dict | None, finish: str | None) -> tuple[int, int]:
 
 
 def client_rows(samples: dict, ns=NS, heads=HEADS, rankings=("reward", "scorer")) -> list[dict]:
-    """True-reward and scorer-ranked best-of-N from the plain samples, first N of each prompt's 16
+    """True-reward and scorer-ranked best-of-N from the plain samples, first N of each prompt's samples
     (the rows best_of_n N's candidates use); the rewards of `heads` are reported."""
     per = samples["per_prompt"]
     rows = []
@@ -92,7 +92,7 @@ def client_rows(samples: dict, ns=NS, heads=HEADS, rankings=("reward", "scorer")
                 label, "true-reward best-of-N" if rank_by == "reward" else "scorer best-of-N (client)",
                 [{"prompt": p["prompt"], "text": p["texts"][j]} for p, j in zip(per, win)],
                 {h: [p["rewards"][h][j] for p, j in zip(per, win)] for h in heads},
-                best_of_n_kl_bound(n), kl, "plug-in best-of-N over 16 base samples", gen / max(1, acc),
+                best_of_n_kl_bound(n), kl, f"plug-in best-of-N over {len(per[0]['texts'])} base samples", gen / max(1, acc),
                 samples["seconds"] * n / len(per[0]["texts"]), n=n, rank_by=rank_by, **mc))
     return rows
 
@@ -189,15 +189,15 @@ def server_row(run: dict, samples: dict | None, head_rewards: dict[str, str], bl
                 measured = rank_mixture_kl(ranks, n)
                 how = "rank mixture over its own N candidates: the final score's KL (a lower bound; log N the upper)"
                 extra["winner_rank_mean"] = statistics.fmean(ranks)
-            else:  # its candidates are not the samples' seeds: rank the winners among the 16 samples
+            else:  # its candidates are not the samples' seeds: rank the winners among the samples
                 won = rewards[HEAD] if by_reward else [a["control"]["combined"] for a in run["samples"]]
                 a = effective_n([pool_rank(pl, w) for pl, w in zip(pools, won)], len(pools[0]))
                 measured, extra["effective_n"] = effective_kl(a), a
-                how = (f"best-of-a law fitted to the winners' ranks among the 16 samples (a = {a:.2f}): "
+                how = (f"best-of-a law fitted to the winners' ranks among the {len(pools[0])} samples (a = {a:.2f}): "
                        "model-based; log N the upper bound")
         else:
             measured = statistics.fmean(best_of_n_kl(pl, n) for pl in pools)
-            how = "plug-in best-of-N over 16 base samples"
+            how = f"plug-in best-of-N over {len(pools[0])} base samples"
             # Monte Carlo check: each winner against the samples that were not its candidates
             hits = [(pl[k], pl[n:]) for pl, k in zip(pools, found) if k is not None]
             if hits and len(pools[0]) - n >= 4:
@@ -274,6 +274,14 @@ def _curve_at(points: list[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
+def _vs_curve(d: float, past: bool) -> str:
+    """A run's distance to a best-of-N curve; `past`: beyond its last point, where only a lower
+    bound of the curve is known (a run below it is below the curve by more; above it, undecided)."""
+    if not past:
+        return f"{d:+.3f}"
+    return f"{d:+.3f} or less (past the curve)" if d < 0 else f"{d:+.3f} vs its last point (past the curve: undecided)"
+
+
 def _fmt(x: float | None, d: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
@@ -317,18 +325,25 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
     curve_gen = [(1.0, base)] + [(r["gen_per_answer"], r["reward"][HEAD]) for r in tr.values() if r]
     steered = [r for r in rows if r["family"].startswith(("token", "block")) and r["run"]["weights"].get(HEAD, 0) > 0
                and len(r["run"]["weights"]) == 1 or r["family"].startswith("block, reward")]
-    at_kl = [(r, r["reward"][HEAD] - _curve_at(curve_kl, r["kl_measured"] if r["kl_measured"] is not None
-                                               else r["kl_reported"])) for r in steered]
-    best = max(at_kl, key=lambda x: x[1]) if at_kl else None
-    if best:
+    # Past the curve's last point (true-reward best-of-64) its value is unknown but at least that
+    # point's (best-of-N rises with N): a run below it there is below the curve by at least the
+    # gap; one above it is undecided, never counted as reaching it.
+    kl_end, last = max(x for x, _ in curve_kl), f"best-of-{max(tr)}" if tr else "plain decoding"
+    at_kl = [(r, r["reward"][HEAD] - _curve_at(curve_kl, kl), kl > kl_end)
+             for r in steered for kl in [r["kl_measured"] if r["kl_measured"] is not None else r["kl_reported"]]]
+    if at_kl:
+        reached = [r for r, d, past in at_kl if d >= 0 and not past]
         add("14", "at equal measured KL, token or block mode reaches true-reward best-of-N's reward",
-            best[1] >= 0, "; ".join(f"{r['label']}: {d:+.3f}" for r, d in at_kl) +
-            " (reward minus the true-reward best-of-N curve at the same KL; block: measured per block where "
-            "block_kl.py has run, else its bound)")
-    at_gen = [(r, r["reward"][HEAD] - _curve_at(curve_gen, r["gen_per_answer"])) for r in steered]
+            bool(reached), "; ".join(f"{r['label']}: {_vs_curve(d, past)}" for r, d, past in at_kl) +
+            f" (reward minus the true-reward best-of-N curve at the same KL, measured up to {last}'s "
+            f"{kl_end:.2f}; past it, minus {last}'s reward, a lower bound of the curve there; block: measured per block where block_kl.py has run, else its bound)")
+    gen_end = max(x for x, _ in curve_gen)
+    at_gen = [(r, r["reward"][HEAD] - _curve_at(curve_gen, r["gen_per_answer"]), r["gen_per_answer"] > gen_end)
+              for r in steered]
     if at_gen:
         add("14", "at equal base tokens per answer token, every steered mode beats true-reward best-of-N",
-            all(d > 0 for _, d in at_gen), "; ".join(f"{r['label']}: {d:+.3f}" for r, d in at_gen) +
+            all(d > 0 and not past for _, d, past in at_gen),
+            "; ".join(f"{r['label']}: {_vs_curve(d, past)}" for r, d, past in at_gen) +
             " (reward minus the true-reward best-of-N curve at the same cost; best-of-1 = none)")
     c_none = _pick(rows, "none max_tokens=128")
     c_tok = _pick(rows, f"token default strength top_k={DEFAULT_TOP_K} max_tokens=128 [concise=1]")
@@ -460,14 +475,18 @@ def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: boo
     none = _pick(rows, "none")
     fig, ax = plt.subplots(figsize=(9.6, 5.0))
     for fam, (color, marker, ls) in STYLE.items():
+        # pruned best-of-N's measured KL is a lower bound: a bar runs from it to its upper bound, log N
         pts = sorted((r[x] if r[x] is not None else r["kl_reported"], r["reward"][HEAD], r["reward_sem"][HEAD],
-                      r[x] is None) for r in rows if r["family"] == fam
+                      r[x] is None, r.get("kl_upper") if x == "kl_measured" else None) for r in rows if r["family"] == fam
                      and ("run" not in r or set(r["run"]["weights"]) <= {HEAD}))
         if not pts:
             continue
-        xs, ys, es, bound = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, ls=ls or "none", capsize=2, ms=6,
-                    mfc="none" if all(bound) else color, label=fam + (" (KL: bound)" if all(bound) and x == "kl_measured" else ""))
+        xs, ys, es, bound, upper = zip(*pts)
+        ranged = any(u is not None for u in upper)
+        xerr = [[0.0] * len(xs), [u - v if u is not None else 0.0 for u, v in zip(upper, xs)]] if ranged else None
+        note = " (KL: bound)" if all(bound) and x == "kl_measured" else " (KL: lower to upper bound)" if ranged else ""
+        ax.errorbar(xs, ys, yerr=es, xerr=xerr, color=color, marker=marker, ls=ls or "none", capsize=2, ms=6,
+                    mfc="none" if all(bound) or ranged else color, label=fam + note)
     ax.plot([1.0 if x == "gen_per_answer" else 0.0], [none["reward"][HEAD]], "k.", ms=12, label="none (plain)")
     if log:
         ax.set_xscale("symlog", linthresh=1.0)
@@ -487,7 +506,8 @@ def build(results: Path, ppl_cache: Path | None) -> dict:
     data = json.loads(results.read_text())
     scorer = data["meta"].get("scorer_id")  # None: a cache from before runs named their scorer
     ours = lambda r: scorer is None or r.get("scorer_id") == scorer
-    samples = next((r for r in data["runs"] if r.get("samples_per_prompt")), None)
+    samples = max((r for r in data["runs"] if r.get("samples_per_prompt")), default=None,
+                  key=lambda r: r["samples_per_prompt"])  # the most plain samples: the longest baseline
     runs = [r for r in data["runs"] if not uses_scorer(r) or ours(r) or r is samples]
     left_out = [f"{name(r)} (scorer {r.get('scorer_id', 'not recorded')})" for r in data["runs"] if r not in runs]
     head_rewards = {h.name: h.reward for h in DEFAULT_HEADS}

@@ -301,3 +301,33 @@ def test_block_runs_ranked_by_the_reward_and_the_scorer_are_their_own_family_and
     assert family(reward_only) == "block, reward in the loop (entropy)"
     assert family(both) == "block, reward + scorer (entropy)"  # not one line through both
     assert family({**both, "segment": "fixed"}) in STYLE and family(both) in STYLE
+
+
+def test_a_run_past_the_measured_best_of_n_curve_is_not_counted_as_reaching_it():
+    """The true-reward curve ends at best-of-4 (KL 0.64): a token run at KL 5 above best-of-4's
+    reward is undecided (best-of-N at KL 5 is unknown and higher), one below it is below the curve;
+    a run inside the curve and above it reaches it."""
+    from benchmarks.quality import report
+
+    s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])  # best-of-4 0.85 at KL 0.64
+    none = {"label": "none", "family": "none", "run": {"mode": "none", "weights": {"positive": 1.0}},
+            "kl_measured": 0.0, "gen_per_answer": 1.0, "reward": {"positive": 0.2}, "reward_sem": {"positive": 0.01}}
+
+    def token(reward, kl, gen=1.0):
+        run = {"mode": "token", "weights": {"positive": 1.0}, "strength": 4.0, "top_k": 100}
+        return {"label": f"token kl={kl}", "family": report.family(run), "run": run, "kl_measured": kl,
+                "kl_reported": kl, "gen_per_answer": gen, "reward": {"positive": reward},
+                "reward_sem": {"positive": 0.01}}
+
+    def kl_target(*runs):
+        [t] = [t for t in targets([none, *runs] + client_rows(s, [2, 4]), []) if "equal measured KL" in t["target"]]
+        return t
+
+    past_above = kl_target(token(0.95, 5.0))
+    assert past_above["met"] is False
+    assert "+0.100 vs its last point (past the curve: undecided)" in past_above["detail"]
+    assert "-0.050 or less (past the curve)" in kl_target(token(0.80, 5.0))["detail"]
+    assert kl_target(token(0.95, 5.0), token(0.90, 0.5))["met"] is True  # inside the curve and above it
+    [cost] = [t for t in targets([none, token(0.95, 9.0, gen=9.0)] + client_rows(s, [2, 4]), [])
+              if "equal base tokens" in t["target"]]
+    assert cost["met"] is False and "past the curve: undecided" in cost["detail"]
