@@ -85,6 +85,9 @@ def _param(loc: tuple) -> str | None:
 
 
 _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict"}
+# pydantic error types that say the input is not of a union branch's type at all
+_WRONG_TYPE = {"string_type", "list_type", "int_type", "float_type", "bool_type", "dict_type", "model_type",
+               "int_parsing", "float_parsing", "bool_parsing", "is_instance_of", "literal_error"}
 _LABEL_PREFIXES = ("constrained-", "function-", "literal", "nullable")
 
 
@@ -119,10 +122,11 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         param = f"{param}.{tag}"
         return APIError(400, f"{param}: {err.get('ctx', {}).get('tag', 'this value')!s} is not one of "
                         f"{err.get('ctx', {}).get('expected_tags', '')}", "invalid_request_error", param)
-    # a union (prompt, stop, ...): the branch that got furthest says most
+    # a union (prompt, stop, ...): the branch that got furthest says most; at equal depth, one whose
+    # type the input had (5 stop strings: "at most 4 items", not the str branch's "a valid string")
     same = [e for e in errors if _param(tuple(e.get("loc", ())))
             and _param(tuple(e.get("loc", ()))).split(".")[0] == top] or [err]
-    deepest = max(same, key=lambda e: len(e.get("loc", ())))
+    deepest = max(same, key=lambda e: (len(e.get("loc", ())), e.get("type") not in _WRONG_TYPE))
     msg = deepest.get("msg", "invalid value")
     return APIError(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param)
 

@@ -193,3 +193,13 @@ def test_no_client_input_gives_500(server, http, path):
         assert r.status_code < 500, (body, r.text)
         if r.status_code >= 400:
             assert_error(r, r.status_code, r.json()["error"]["param"])
+
+
+@pytest.mark.parametrize("stop, words", [
+    (["a", "b", "c", "d", "e"], "at most 4"),  # the list branch's reason, not the string branch's
+    ([""], "at least 1 character"),
+    (5, "valid string"),
+])
+def test_a_bad_union_value_gets_the_reason_of_the_branch_its_type_matched(server, http, stop, words):
+    err = assert_error(http.post("/v1/completions", json=completion(server, stop=stop)), 400, "stop")
+    assert words in err["message"], err["message"]
