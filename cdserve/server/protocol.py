@@ -55,7 +55,7 @@ _NEUTRAL: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1), "echo": (None, False), "frequency_penalty": (None, 0, 0.0),
     "logit_bias": (None, {}), "logprobs": (None, False, 0), "presence_penalty": (None, 0, 0.0),
     "suffix": (None, ""), "audio": (None,), "function_call": (None, "none"), "functions": (None, []),
-    "metadata": (None, {}), "modalities": (None, ["text"]), "parallel_tool_calls": (None,),
+    "metadata": (None, {}), "modalities": (None, ["text"]), "parallel_tool_calls": (None, True, False),
     "prediction": (None,), "reasoning_effort": (None,), "service_tier": (None, "auto", "default"),
     "store": (None, False), "tool_choice": (None, "none"), "tools": (None, []),
     "top_logprobs": (None, 0), "web_search_options": (None,), "response_format": (None, {"type": "text"}),
@@ -211,7 +211,8 @@ class ChatCompletionRequest(_GenerationRequest):
     modalities: Annotated[list[Literal["text"]], Field(min_length=1, max_length=1)] | None = \
         _unsupported("modalities")
     n: integer(ge=1) | None = Field(1, description="Choices (at most the server's max_n).")
-    parallel_tool_calls: None = _unsupported("parallel_tool_calls")
+    parallel_tool_calls: bool | None = _unsupported(  # without tools, either value changes nothing
+        "parallel_tool_calls", "Without tools (none are supported) it changes nothing.")
     prediction: None = _unsupported("prediction")
     presence_penalty: Zero | None = _unsupported("presence_penalty")
     reasoning_effort: None = _unsupported("reasoning_effort")

@@ -120,7 +120,7 @@ def test_unsupported_completion_parameters(server, http, fields, param):
 def test_neutral_values_of_unsupported_parameters_are_accepted(server, client):
     r = client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=2, presence_penalty=0, frequency_penalty=0, logprobs=False,
-                                       response_format={"type": "text"})
+                                       response_format={"type": "text"}, parallel_tool_calls=False)
     assert r.choices[0].message.content is not None
 
 
