@@ -52,6 +52,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality.runs import (
+    DEFAULT_STRENGTH,
     DEFAULT_TOP_K,
     SCORER_IN_REWARD_UNITS,
     label,
@@ -81,8 +82,9 @@ FINDINGS = "### Findings"
 # for the first head also the candidates for that default (top 20, top 100, the whole vocabulary).
 TOP_K_CHOICES = tuple(dict.fromkeys((DEFAULT_TOP_K, 20, 100, 0)))
 FULL = {"token": [0.5, 1.0, 2.0, 4.0], "top_ks": TOP_K_CHOICES, "block": [2, 4], "best_of_n": [8, 2, 4]}
-REDUCED = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": [4]}
-TOKEN_ONLY = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": []}
+OTHER_HEADS = sorted({1.0, DEFAULT_STRENGTH, 4.0})  # the other heads: the server's default strength among them
+REDUCED = {"token": OTHER_HEADS, "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": [4]}
+TOKEN_ONLY = {"token": OTHER_HEADS, "top_ks": (DEFAULT_TOP_K,), "block": [], "best_of_n": []}
 QUICK = {"token": [1.0, 4.0], "top_ks": (DEFAULT_TOP_K,), "block": [4], "best_of_n": [4]}
 PLAUSIBILITY = (0.05, 0.1)  # control.plausibility of each head's strongest token run (the default is 0)
 

@@ -36,7 +36,13 @@ from benchmarks.quality.kl import (
     winner_rank,
     winners_kl,
 )
-from benchmarks.quality.runs import DEFAULT_TOP_K, SCORER_IN_REWARD_UNITS, token_words, top_k_words
+from benchmarks.quality.runs import (
+    DEFAULT_STRENGTH,
+    DEFAULT_TOP_K,
+    SCORER_IN_REWARD_UNITS,
+    token_words,
+    top_k_words,
+)
 from prefix_scorers.checkpoint import DEFAULT_HEADS
 
 HERE = Path(__file__).resolve().parent.parent
@@ -274,6 +280,19 @@ def _curve_at(points: list[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
+def _less_fluent(rows: list[dict], none: dict) -> list[str]:
+    """The runs whose non-words or repetition per answer is above plain decoding's by more than
+    2 standard errors of the difference, with the numbers."""
+    worse = []
+    for r in rows:
+        for m in ("nonword", "repetition"):
+            d = statistics.fmean(r[f"{m}_per_answer"]) - statistics.fmean(none[f"{m}_per_answer"])
+            se = math.hypot(_sem(r[f"{m}_per_answer"]), _sem(none[f"{m}_per_answer"]))
+            if d > 2 * se:
+                worse.append(f"{r['label']} ({m} {statistics.fmean(r[f'{m}_per_answer']):.3f}, +{d:.3f} > 2 s.e.)")
+    return worse
+
+
 def _vs_curve(d: float, past: bool) -> str:
     """A run's distance to a best-of-N curve; `past`: beyond its last point, where only a lower
     bound of the curve is known (a run below it is below the curve by more; above it, undecided)."""
@@ -374,19 +393,20 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
         add("14", "the independent judge (AFINN) rises with the trained reward (VADER)", rho > 0.5,
             f"Spearman over {len(pos)} runs {rho:.2f}; Pearson over {len(pairs)} answers {corr:.2f}")
     if none and "nonword_share" in none:
-        worse = []
-        for r in rows:
-            if r is none or "nonword_share" not in r or "max_tokens" in r.get("run", {}):
-                continue
-            for m in ("nonword", "repetition"):
-                d = statistics.fmean(r[f"{m}_per_answer"]) - statistics.fmean(none[f"{m}_per_answer"])
-                se = math.hypot(_sem(r[f"{m}_per_answer"]), _sem(none[f"{m}_per_answer"]))
-                if d > 2 * se:
-                    worse.append(f"{r['label']} ({m} {statistics.fmean(r[f'{m}_per_answer']):.3f}, +{d:.3f} > 2 s.e.)")
+        judged = [r for r in rows if r is not none and "nonword_share" in r and "max_tokens" not in r.get("run", {})]
+        worse = _less_fluent(judged, none)
         add("14", "fluency no worse than plain decoding within noise (non-words, repetition: 2 s.e.)", not worse,
             f"none: non-words {none['nonword_share']:.3f}, repetition {none['repetition']:.3f}, distinct-2 "
             f"{none['distinct_2']:.3f}, perplexity {_fmt(none.get('perplexity'), 2)}; worse: "
             + ("; ".join(worse) if worse else "none of the runs (perplexity: see the table)"))
+        # the same test on what a request gets without control settings beyond its weights
+        default = [r for r in judged if r["family"] == default_family and len(r["run"]["weights"]) == 1
+                   and r["run"].get("strength") == DEFAULT_STRENGTH and not r["run"].get("plausibility")]
+        if default:
+            worse = _less_fluent(default, none)
+            add("14", f"fluency at the server's default token control (strength {DEFAULT_STRENGTH:g}, {default_family}), "
+                "each head", not worse, f"{len(default)} heads ({', '.join(h for r in default for h in r['run']['weights'])}); "
+                "worse: " + ("; ".join(worse) if worse else "none"))
     for chk in (r for r in rows if r["family"] == "best_of_n (reward, server)" and "same_as_client_best_of_n" in r):
         n = chk["run"]["num_candidates"]
         add("15", f"best_of_n N={n} with the reward in the loop equals client-side true-reward best-of-{n} (same seeds)",

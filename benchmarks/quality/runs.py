@@ -15,6 +15,7 @@ HEAD = "positive"  # the head the benchmark steers first (the report's HEAD)
 # reward it is added to in block mode with the reward in the loop.
 SCORER_IN_REWARD_UNITS = 0.4
 DEFAULT_TOP_K = ControlConfig().top_k  # the server's: token runs of every head use it
+DEFAULT_STRENGTH = ControlConfig().strength  # the server's: every head runs at it
 # The reward behind each head in runs stored before runs recorded theirs (`head_rewards`): the
 # default scorers up to 44ed424 (`concise` counted words, `specific` repeated words too).
 LEGACY_HEAD_REWARDS = {"positive": "vader_compound", "civil": "civility", "specific": "specificity",

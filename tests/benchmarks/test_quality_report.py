@@ -331,3 +331,27 @@ def test_a_run_past_the_measured_best_of_n_curve_is_not_counted_as_reaching_it()
     [cost] = [t for t in targets([none, token(0.95, 9.0, gen=9.0)] + client_rows(s, [2, 4]), [])
               if "equal base tokens" in t["target"]]
     assert cost["met"] is False and "past the curve: undecided" in cost["detail"]
+
+
+def test_fluency_is_also_judged_at_the_servers_default_strength_alone():
+    """A strength-4 run full of non-words fails the fluency target; the default-control row reads
+    only the runs at the server's default strength and top_k, one head each, without plausibility."""
+    from benchmarks.quality import report
+    from benchmarks.quality.runs import DEFAULT_STRENGTH, DEFAULT_TOP_K
+
+    def judged(label, run, nonwords):
+        return {"label": label, "family": report.family(run), "run": run, "kl_measured": 0.0, "gen_per_answer": 1.0,
+                "reward": dict.fromkeys(HEAD_REWARDS, 0.5), "reward_sem": dict.fromkeys(HEAD_REWARDS, 0.01), "nonword_share": 0.0,
+                "repetition": 0.0, "distinct_2": 0.9, "nonword_per_answer": nonwords, "repetition_per_answer": [0.0] * 8}
+
+    token = {"mode": "token", "weights": {"specific": 1.0}, "top_k": DEFAULT_TOP_K}
+    rows = [judged("none", {"mode": "none", "weights": {"positive": 1.0}}, [0.0] * 8),
+            judged("strong", {**token, "strength": 4.0}, [0.5] * 8),
+            judged("default", {**token, "strength": DEFAULT_STRENGTH}, [0.0] * 7 + [0.01]),
+            judged("held", {**token, "strength": DEFAULT_STRENGTH, "plausibility": 0.05}, [0.5] * 8)]
+    got = {t["target"].split(" (")[0] if "within noise" in t["target"] else t["target"]: t
+           for t in report.targets(rows, []) if "fluency" in t["target"]}
+    overall, default = got["fluency no worse than plain decoding within noise"], got.pop(
+        next(k for k in got if "default token control" in k))
+    assert overall["met"] is False and "strong" in overall["detail"] and "held" in overall["detail"]
+    assert default["met"] is True and default["detail"].startswith("1 heads (specific)")
