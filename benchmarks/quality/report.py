@@ -98,7 +98,8 @@ def client_rows(samples: dict, ns=NS, heads=HEADS, rankings=("reward", "scorer")
                 label, "true-reward best-of-N" if rank_by == "reward" else "scorer best-of-N (client)",
                 [{"prompt": p["prompt"], "text": p["texts"][j]} for p, j in zip(per, win)],
                 {h: [p["rewards"][h][j] for p, j in zip(per, win)] for h in heads},
-                best_of_n_kl_bound(n), kl, f"plug-in best-of-N over {len(per[0]['texts'])} base samples", gen / max(1, acc),
+                best_of_n_kl_bound(n), kl, f"plug-in best-of-N over {len(per[0]['texts'])} base samples",
+                gen / max(1, acc),
                 samples["seconds"] * n / len(per[0]["texts"]), n=n, rank_by=rank_by, **mc))
     return rows
 
@@ -355,7 +356,8 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
         add("14", "at equal measured KL, token or block mode reaches true-reward best-of-N's reward",
             bool(reached), "; ".join(f"{r['label']}: {_vs_curve(d, past)}" for r, d, past in at_kl) +
             f" (reward minus the true-reward best-of-N curve at the same KL, measured up to {last}'s "
-            f"{kl_end:.2f}; past it, minus {last}'s reward, a lower bound of the curve there; block: measured per block where block_kl.py has run, else its bound)")
+            f"{kl_end:.2f}; past it, minus {last}'s reward, a lower bound of the curve there; block: measured "
+            "per block where block_kl.py has run, else its bound)")
     gen_end = max(x for x, _ in curve_gen)
     at_gen = [(r, r["reward"][HEAD] - _curve_at(curve_gen, r["gen_per_answer"]), r["gen_per_answer"] > gen_end)
               for r in steered]
@@ -403,10 +405,10 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
         default = [r for r in judged if r["family"] == default_family and len(r["run"]["weights"]) == 1
                    and r["run"].get("strength") == DEFAULT_STRENGTH and not r["run"].get("plausibility")]
         if default:
-            worse = _less_fluent(default, none)
-            add("14", f"fluency at the server's default token control (strength {DEFAULT_STRENGTH:g}, {default_family}), "
-                "each head", not worse, f"{len(default)} heads ({', '.join(h for r in default for h in r['run']['weights'])}); "
-                "worse: " + ("; ".join(worse) if worse else "none"))
+            worse, heads = _less_fluent(default, none), ", ".join(h for r in default for h in r["run"]["weights"])
+            add("14", f"fluency at the server's default token control (strength {DEFAULT_STRENGTH:g}, "
+                f"{default_family}), each head", not worse,
+                f"{len(default)} heads ({heads}); worse: " + ("; ".join(worse) if worse else "none"))
     for chk in (r for r in rows if r["family"] == "best_of_n (reward, server)" and "same_as_client_best_of_n" in r):
         n = chk["run"]["num_candidates"]
         add("15", f"best_of_n N={n} with the reward in the loop equals client-side true-reward best-of-{n} (same seeds)",
@@ -497,8 +499,8 @@ def plot(rows: list[dict], x: str, path: Path, title: str, xlabel: str, log: boo
     for fam, (color, marker, ls) in STYLE.items():
         # pruned best-of-N's measured KL is a lower bound: a bar runs from it to its upper bound, log N
         pts = sorted((r[x] if r[x] is not None else r["kl_reported"], r["reward"][HEAD], r["reward_sem"][HEAD],
-                      r[x] is None, r.get("kl_upper") if x == "kl_measured" else None) for r in rows if r["family"] == fam
-                     and ("run" not in r or set(r["run"]["weights"]) <= {HEAD}))
+                      r[x] is None, r.get("kl_upper") if x == "kl_measured" else None)
+                     for r in rows if r["family"] == fam and ("run" not in r or set(r["run"]["weights"]) <= {HEAD}))
         if not pts:
             continue
         xs, ys, es, bound, upper = zip(*pts)
