@@ -21,7 +21,7 @@ the samples, an independent judge, fluency, perplexity, reported and measured KL
 (benchmarks/quality/kl.py), compute, and the issues' targets.
 
     python benchmarks/quality.py                        # starts `cdserve serve` itself (hf backend)
-    python benchmarks/quality.py --url http://host:8000 # or uses a running server
+    python benchmarks/quality.py --url http://host:8000 # or uses a running server (started with --max-n 64)
     python benchmarks/quality.py --quick                # 8 prompts, fewer settings (smoke run)
     python benchmarks/quality.py --only 'none;token s=1 top_k=20'   # these runs, in this order
 
@@ -440,7 +440,8 @@ async def main_async(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--url", help="a running server (default: start one)")
+    ap.add_argument("--url", help=f"a running server (default: start one); its --max-n must be at least {SAMPLES} "
+                    "for the plain-samples run")
     ap.add_argument("--out", default=str(HERE / "results" / "quality.json"), help="results JSON (the run cache)")
     ap.add_argument("--backend", default="hf")
     ap.add_argument("--scorer", default="default")
