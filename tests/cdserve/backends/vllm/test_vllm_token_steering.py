@@ -60,3 +60,36 @@ def test_apply_matches_the_whole_vocabulary_reference():
             torch.testing.assert_close(row.kl[-1].reshape(1), kl, atol=1e-5, rtol=1e-4)
         for i, (_, output) in seqs.items():  # the sampled token: the steered argmax
             output.append(int(out[i].argmax()))
+
+
+def test_the_plausibility_hold_spares_the_requests_unheld_ids_as_the_reference_does():
+    """Rows asking for plausibility carry the model's end-of-sequence ids (extra_args "unheld"):
+    the processor passes them to the shared step, which never holds them."""
+    from cdserve.backends.vllm.scorer_rows import parse_control
+
+    scorer = random_scorer(V, _Tok(), DEFAULT_HEADS[:2], hidden_size=32, num_layers=2, seed=0)
+    proc = ScorerLogitsProcessor.from_scorer(scorer, torch.device("cpu"))
+    unheld = tuple(range(0, V, 2))  # many ids, so that some are implausible candidates worth raising
+    controls = {i: parse_control({"cdserve": {"mode": "token", "weights": [1.0, -0.5], "strength": 4.0, "top_k": k,
+                                              "plausibility": 0.9, "unheld": list(unheld), "key": str(i)}}, 2, 0.7)
+                for i, k in enumerate((8, 0))}  # top-k and whole-vocabulary paths
+    assert controls[0].unheld == unheld
+    g = torch.Generator().manual_seed(3)
+    seqs = {i: ([int(t) for t in torch.randint(V, (4 + i,), generator=g)], []) for i in controls}
+    for i, c in controls.items():
+        proc.rows.add(i, c, *seqs[i])
+    differs = False
+    for _ in range(3):
+        logits = torch.randn(len(controls), V, generator=g) * 2
+        base = logits.clone()
+        out = proc.apply(logits)
+        for i, c in controls.items():
+            prompt, output = seqs[i]
+            q = scorer(torch.tensor([prompt + output])).queries[:, -1]
+            args = (scorer, base[i:i + 1], q, torch.tensor([c.weights]), torch.tensor([c.strength]), [c.top_k],
+                    torch.tensor([len(output)]))
+            expected = steer_rows(*args, plausibility=[c.plausibility], unheld=unheld)
+            torch.testing.assert_close(out[i:i + 1], expected, atol=1e-4, rtol=1e-4)
+            differs |= not torch.allclose(expected, steer_rows(*args, plausibility=[c.plausibility]), atol=1e-3)
+            output.append(int(out[i].argmax()))
+    assert differs  # the ids matter here: a processor that dropped them would fail above
