@@ -145,6 +145,11 @@ def issue_plan(head: str, reward: str, quick: bool) -> list[dict]:
         # block K=4 by the scorer alone at other block sizes (the half-compute target fixes K, not M)
         {"mode": "block", "weights": w, "num_candidates": 4, "block_size": 4, "segment": "fixed"},
         {"mode": "block", "weights": w, "num_candidates": 4, "block_size": 24, "segment": "entropy"},
+        # few long blocks by the reward: each selection costs KL, so fewer of them nearer best-of-N's curve
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 2, "block_size": 24, "segment": "fixed"},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 2, "block_size": 16, "segment": "fixed"},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 2, "block_size": 8, "segment": "fixed"},
+        {"mode": "block", "weights": {}, "rewards": rw, "num_candidates": 4, "block_size": 24, "segment": "fixed"},
     ]
     if quick:
         runs = [r for r in runs if r.get("num_candidates", 1) <= 8 and "max_tokens" not in r]

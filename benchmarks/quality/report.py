@@ -266,6 +266,20 @@ def paired_interval(a: dict, b: dict, resamples: int = 2000, seed: int = 0) -> t
     return _prompt_bootstrap([a, b], lambda x, y: x - y, resamples, seed)
 
 
+def curve_interval(run: dict, curve: list[tuple[float, dict]], x: float, resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float] | None:
+    """95% interval of run minus a best-of-N curve at x (inside it), paired over prompts: the curve
+    there is the mixture of its two neighbouring rows (weights by x between their KLs), a policy
+    that reaches it (mixing never adds KL: KL is convex). curve: (KL, row), (0, none) included."""
+    pts = sorted(curve, key=lambda c: c[0])
+    for (x0, r0), (x1, r1) in itertools.pairwise(pts):
+        if x0 <= x <= x1 and x1 > x0:
+            a = (x - x0) / (x1 - x0)
+            return _prompt_bootstrap([run, r0, r1], lambda v, lo, hi, a=a: v - ((1 - a) * lo + a * hi),
+                                     resamples, seed)
+    return None
+
+
 def _pick(rows: list[dict], label: str) -> dict | None:
     return next((r for r in rows if r["label"] == label), None)
 
@@ -353,8 +367,16 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
              for r in steered for kl in [r["kl_measured"] if r["kl_measured"] is not None else r["kl_reported"]]]
     if at_kl:
         reached = [r for r, d, past in at_kl if d >= 0 and not past]
+        inside = [(r, d) for r, d, past in at_kl if not past]
+        best = ""
+        if inside:  # the run nearest above (or least below) the curve, with a paired interval
+            r, d = max(inside, key=lambda x: x[1])
+            kl = r["kl_measured"] if r["kl_measured"] is not None else r["kl_reported"]
+            ci = curve_interval(r, [(0.0, none)] + [(t["kl_measured"], t) for t in tr.values()], kl)
+            best = (f"best: {r['label']} {d:+.3f} at KL {kl:.2f}"
+                    + (f", paired 95% interval over prompts [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + "; ")
         add("14", "at equal measured KL, token or block mode reaches true-reward best-of-N's reward",
-            bool(reached), "; ".join(f"{r['label']}: {_vs_curve(d, past)}" for r, d, past in at_kl) +
+            bool(reached), best + "; ".join(f"{r['label']}: {_vs_curve(d, past)}" for r, d, past in at_kl) +
             f" (reward minus the true-reward best-of-N curve at the same KL, measured up to {last}'s "
             f"{kl_end:.2f}; past it, minus {last}'s reward, a lower bound of the curve there; block: measured "
             "per block where block_kl.py has run, else its bound)")

@@ -311,13 +311,15 @@ def test_a_run_past_the_measured_best_of_n_curve_is_not_counted_as_reaching_it()
 
     s = samples_run([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.0]])  # best-of-4 0.85 at KL 0.64
     none = {"label": "none", "family": "none", "run": {"mode": "none", "weights": {"positive": 1.0}},
-            "kl_measured": 0.0, "gen_per_answer": 1.0, "reward": {"positive": 0.2}, "reward_sem": {"positive": 0.01}}
+            "kl_measured": 0.0, "gen_per_answer": 1.0, "reward": {"positive": 0.2}, "reward_sem": {"positive": 0.01},
+            "answers": [{"prompt": "p0"}, {"prompt": "p1"}], "positive_per_answer": [0.2, 0.2]}
 
     def token(reward, kl, gen=1.0):
         run = {"mode": "token", "weights": {"positive": 1.0}, "strength": 4.0, "top_k": 100}
         return {"label": f"token kl={kl}", "family": report.family(run), "run": run, "kl_measured": kl,
                 "kl_reported": kl, "gen_per_answer": gen, "reward": {"positive": reward},
-                "reward_sem": {"positive": 0.01}}
+                "reward_sem": {"positive": 0.01}, "answers": [{"prompt": "p0"}, {"prompt": "p1"}],
+                "positive_per_answer": [reward, reward]}
 
     def kl_target(*runs):
         [t] = [t for t in targets([none, *runs] + client_rows(s, [2, 4]), []) if "equal measured KL" in t["target"]]
@@ -355,3 +357,18 @@ def test_fluency_is_also_judged_at_the_servers_default_strength_alone():
         next(k for k in got if "default token control" in k))
     assert overall["met"] is False and "strong" in overall["detail"] and "held" in overall["detail"]
     assert default["met"] is True and default["detail"].startswith("1 heads (specific)")
+
+
+def test_a_run_is_compared_with_the_mixture_of_the_two_best_of_n_rows_around_its_kl():
+    from benchmarks.quality.report import curve_interval
+
+    def r(values):
+        return {"answers": [{"prompt": f"p{i}"} for i in range(len(values))], "positive_per_answer": values}
+
+    lo, hi = r([0.0, 0.2, 0.4, 0.1]), r([1.0, 1.2, 1.4, 1.1])
+    curve = [(0.0, r([0.0] * 4)), (0.2, lo), (0.6, hi)]
+    # at KL 0.4, halfway from 0.2 to 0.6: the curve is lo + 0.5 on every prompt
+    assert curve_interval(r([0.5, 0.7, 0.9, 0.6]), curve, 0.4) == pytest.approx((0.0, 0.0))
+    low, high = curve_interval(r([0.5, 0.7, 1.9, 0.6]), curve, 0.4)  # one prompt 1 above: mean +0.25
+    assert -1e-9 <= low < 0.25 < high <= 1.0
+    assert curve_interval(r([0.5] * 4), curve, 0.9) is None  # past the curve: no mixture reaches it
