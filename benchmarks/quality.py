@@ -291,6 +291,8 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
     base = next(r for r in results if r["mode"] == "none")
     heads = [h for h in HEADS if any(r["mode"] != "none" and steered_head(r) == h and not r.get("sweep")
                                      for r in results)]
+    if not heads:  # plain decoding alone (`--only 'none;<issue runs>'` into a new --out): nothing to plot
+        return
     cols = 2 if len(heads) > 1 else 1
     rows = (len(heads) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), squeeze=False)
