@@ -355,7 +355,8 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
                 f"tokens/answer token vs {tr8['reward'][HEAD]:.3f} at {tr8['gen_per_answer']:.2f} "
                 f"(half: {tr8['gen_per_answer'] / 2:.2f}); paired difference "
                 f"{b['reward'][HEAD] - tr8['reward'][HEAD]:+.3f}, 95% interval [{lo:+.3f}, {hi:+.3f}]")
-    curve_kl = [(0.0, base)] + [(r["kl_measured"], r["reward"][HEAD]) for r in tr.values() if r]
+    kl_rows = [(0.0, none)] + [(r["kl_measured"], r) for r in tr.values()]  # the curve's points, as rows
+    curve_kl = [(x, r["reward"][HEAD]) for x, r in kl_rows]
     curve_gen = [(1.0, base)] + [(r["gen_per_answer"], r["reward"][HEAD]) for r in tr.values() if r]
     steered = [r for r in rows if r["family"].startswith(("token", "block")) and r["run"]["weights"].get(HEAD, 0) > 0
                and len(r["run"]["weights"]) == 1 or r["family"].startswith("block, reward")]
@@ -363,20 +364,19 @@ def targets(rows: list[dict], runs: list[dict]) -> list[dict]:
     # point's (best-of-N rises with N): a run below it there is below the curve by at least the
     # gap; one above it is undecided, never counted as reaching it.
     kl_end, last = max(x for x, _ in curve_kl), f"best-of-{max(tr)}" if tr else "plain decoding"
-    at_kl = [(r, r["reward"][HEAD] - _curve_at(curve_kl, kl), kl > kl_end)
+    at_kl = [(r, kl, r["reward"][HEAD] - _curve_at(curve_kl, kl), kl > kl_end)
              for r in steered for kl in [r["kl_measured"] if r["kl_measured"] is not None else r["kl_reported"]]]
     if at_kl:
-        reached = [r for r, d, past in at_kl if d >= 0 and not past]
-        inside = [(r, d) for r, d, past in at_kl if not past]
+        reached = [r for r, _, d, past in at_kl if d >= 0 and not past]
+        inside = [(r, kl, d) for r, kl, d, past in at_kl if not past]
         best = ""
         if inside:  # the run nearest above (or least below) the curve, with a paired interval
-            r, d = max(inside, key=lambda x: x[1])
-            kl = r["kl_measured"] if r["kl_measured"] is not None else r["kl_reported"]
-            ci = curve_interval(r, [(0.0, none)] + [(t["kl_measured"], t) for t in tr.values()], kl)
+            r, kl, d = max(inside, key=lambda x: x[2])
+            ci = curve_interval(r, kl_rows, kl)
             best = (f"best: {r['label']} {d:+.3f} at KL {kl:.2f}"
                     + (f", paired 95% interval over prompts [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + "; ")
         add("14", "at equal measured KL, token or block mode reaches true-reward best-of-N's reward",
-            bool(reached), best + "; ".join(f"{r['label']}: {_vs_curve(d, past)}" for r, d, past in at_kl) +
+            bool(reached), best + "; ".join(f"{r['label']}: {_vs_curve(d, past)}" for r, _, d, past in at_kl) +
             f" (reward minus the true-reward best-of-N curve at the same KL, measured up to {last}'s "
             f"{kl_end:.2f}; past it, minus {last}'s reward, a lower bound of the curve there; block: measured "
             "per block where block_kl.py has run, else its bound)")

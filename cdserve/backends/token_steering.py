@@ -161,7 +161,7 @@ def steer_rows(scorer: PrefixScorer, base: torch.Tensor, queries: torch.Tensor, 
     E = scorer.ensemble_size
     risk = risk or [0.0] * len(top_k)
     plausibility = plausibility or [0.0] * len(top_k)
-    never = torch.tensor(unheld, device=dev, dtype=torch.long)
+    never = torch.tensor(unheld, device=dev, dtype=torch.long) if any(plausibility) else None  # only for the hold
     mean, std = scorer.norm_stats(positions)  # (N, H)
     steered = base.clone()
     full = [j for j, k in enumerate(top_k) if k == 0]
